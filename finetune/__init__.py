@@ -1,0 +1,1 @@
+"""Heads trained on top of an ssl-path encoder: segmentation, detection, classification."""

@@ -1,0 +1,1 @@
+"""Frozen-encoder evaluation: feature cache, kNN, linear and few-label probes, embeddings."""

@@ -1,0 +1,1 @@
+"""Launching ssl-path stages locally or on Slurm through submitit."""

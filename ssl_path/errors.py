@@ -1,0 +1,28 @@
+"""The one exception type for mistakes a user can make, and the CLI wrapper that reports it.
+
+A user error (missing file, wrong format, bad value) is one line on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error the user caused and can fix; the message says what and where."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a stage's ``main``; turn a :class:`UserError` into one stderr line and exit code 2."""
+    try:
+        code = main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)

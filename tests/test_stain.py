@@ -1,0 +1,138 @@
+"""Stain normalisation (Macenko, Reinhard) and the before/after preview, on real H&E and blood-smear images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssl_path.data.stain import lab_to_rgb, macenko_stain_matrix, make_normalizer, rgb_to_lab
+from ssl_path.errors import UserError, run_cli
+from ssl_path.stain_preview import main as preview_main
+
+MONUSEG = "monuseg_kumar_norm/NormalizedPNG/TCGA-21-5784-01Z-00-DX1.png"
+TARGET = "pypi_wheel_samples/tiatoolbox-2.1.3/target_image.png"
+BCCD = "bccd/BCCD/JPEGImages/BloodImage_00000.jpg"
+
+
+def rgb(path: Path, crop: int | None = None) -> np.ndarray:
+    img = np.asarray(Image.open(path).convert("RGB"))
+    return np.ascontiguousarray(img[:crop, :crop]) if crop else img
+
+
+@pytest.fixture(scope="module")
+def reference(shared_data: Path) -> np.ndarray:
+    return rgb(shared_data / TARGET, 512)
+
+
+@pytest.fixture(scope="module")
+def tile(shared_data: Path) -> np.ndarray:
+    return rgb(shared_data / MONUSEG, 512)
+
+
+def lab_stats(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lab = rgb_to_lab(img).reshape(-1, 3)
+    return lab.mean(axis=0), lab.std(axis=0)
+
+
+def test_lab_round_trip_and_white_point() -> None:
+    values = np.random.default_rng(0).integers(0, 256, (4096, 3), dtype=np.uint8)
+    assert np.abs(lab_to_rgb(rgb_to_lab(values)) * 255.0 - values).max() < 1e-6
+    np.testing.assert_allclose(rgb_to_lab(np.array([255, 255, 255], np.uint8)), [100.0, 0.0, 0.0], atol=1e-3)
+
+
+def test_reinhard_matches_reference_lab_statistics(tile: np.ndarray, reference: np.ndarray) -> None:
+    out = make_normalizer("reinhard", reference)(tile)
+    (m_out, s_out), (m_ref, s_ref), (m_in, _) = lab_stats(out), lab_stats(reference), lab_stats(tile)
+    assert np.abs(m_in - m_ref).max() > 5.0  # the input really differs ...
+    np.testing.assert_allclose(m_out, m_ref, atol=1.0)  # ... and the output does not
+    np.testing.assert_allclose(s_out, s_ref, rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        MONUSEG,
+        "monuseg_kumar_norm/NormalizedPNG/TCGA-B0-5711-01Z-00-DX1.png",
+        "pypi_wheel_samples/stardist-0.9.2/histo.jpg",
+    ],
+)
+def test_macenko_moves_stain_vectors_to_the_reference(shared_data: Path, reference: np.ndarray, source: str) -> None:
+    img = rgb(shared_data / source, 512)
+    out = make_normalizer("macenko", reference)(img)
+    ref_stains = macenko_stain_matrix(reference)
+    before = np.linalg.norm(macenko_stain_matrix(img) - ref_stains)
+    after = np.linalg.norm(macenko_stain_matrix(out) - ref_stains)
+    assert after < 0.5 * before, (before, after)
+    # Haematoxylin first: it absorbs red more than eosin.
+    assert ref_stains[0, 0] > ref_stains[1, 0]
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_strength_blends_between_input_and_full_normalisation(
+    method: str, shared_data: Path, reference: np.ndarray
+) -> None:
+    img = rgb(shared_data / BCCD)
+    none, half, full = (make_normalizer(method, reference, s)(img) for s in (0.0, 0.5, 1.0))
+    assert np.array_equal(none, img)
+    lo, hi = np.minimum(img, full).astype(int), np.maximum(img, full).astype(int)
+    assert ((half >= lo - 1) & (half <= hi + 1)).all()
+    moved_full = np.abs(full.astype(int) - img).mean()
+    moved_half = np.abs(half.astype(int) - img).mean()
+    assert moved_full > 10.0  # a blood smear is far from the H&E reference
+    assert 0.4 * moved_full < moved_half < 0.6 * moved_full
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_near_white_tile_is_returned_unchanged(method: str, tile: np.ndarray, reference: np.ndarray) -> None:
+    washed_out = (255 - (255 - tile.astype(np.int32)) // 24).astype(np.uint8)  # faint tissue on glass
+    normalize = make_normalizer(method, reference)
+    for img in (washed_out, np.full((256, 256, 3), 255, np.uint8)):
+        out = normalize(img)
+        assert out.dtype == np.uint8 and np.array_equal(out, img)
+
+
+def test_bad_arguments_raise_user_error(reference: np.ndarray) -> None:
+    with pytest.raises(UserError, match="method"):
+        make_normalizer("vahadane", reference)
+    for strength in (-0.1, 1.5, float("nan"), "1"):
+        with pytest.raises(UserError, match="strength"):
+            make_normalizer("macenko", reference, strength)  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="too little tissue"):
+        make_normalizer("macenko", np.full((64, 64, 3), 250, np.uint8))
+    with pytest.raises(UserError, match="uint8"):
+        make_normalizer("reinhard", reference.astype(np.float32))
+    with pytest.raises(UserError, match="uint8"):
+        make_normalizer("reinhard", reference)(reference[..., 0])
+
+
+def test_preview_writes_a_grid(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "preview.png"
+    args = ["--data", str(shared_data / BCCD), "--reference", str(shared_data / TARGET), "--method", "macenko",
+            "--strength", "0", "0.5", "1", "--max-side", "160", "--out", str(out)]
+    assert run_cli(preview_main, args) == 0
+    grid = np.asarray(Image.open(out).convert("RGB")).astype(float)
+    assert grid.shape[1] > 2.5 * grid.shape[0]  # one row of five panels
+    assert grid.std() > 20.0  # images, not a blank canvas
+    assert run_cli(preview_main, args) == 2  # exists, no --overwrite
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["--method", "vahadane"],
+        ["--strength", "2"],
+        ["--reference", "/nonexistent.png"],
+        ["--data", "/nonexistent"],
+        ["--bogus"],
+    ],
+)
+def test_preview_bad_arguments_exit_2_with_one_line(
+    change: list[str], shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--data", str(shared_data / MONUSEG), "--reference", str(shared_data / TARGET)]
+    assert run_cli(preview_main, args + ["--out", str(tmp_path / "p.png"), *change]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "p.png").exists()
