@@ -110,18 +110,22 @@ def feature_maps(model: nn.Module, images: torch.Tensor, blocks: Sequence[int], 
     )
 
 
-def encoder_state(model: nn.Module, architecture: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+def encoder_state(
+    model: nn.Module, architecture: str, model_kwargs: dict[str, Any], state_dict: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The checkpoint entry that :func:`load` reads back: architecture, kwargs, config and weights.
 
     Pretraining methods store this under ``checkpoint["encoder"]`` so the loop and the loader
-    need not know which method made the checkpoint.
+    need not know which method made the checkpoint. ``state_dict`` replaces the model's own (e.g.
+    whole tensors gathered from FSDP shards).
     """
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    weights = model.state_dict() if state_dict is None else state_dict
     return {
         "architecture": architecture,
         "model_kwargs": dict(model_kwargs),
         "pretrained_cfg": {k: cfg[k] for k in ("mean", "std", "input_size", "interpolation", "crop_pct") if k in cfg},
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in weights.items()},
     }
 
 

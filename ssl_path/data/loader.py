@@ -8,7 +8,10 @@ Two modes:
 
 - ``train``: an infinite stream; shards are resampled with replacement by every (node, worker)
   from a seed of its own, then shuffled in a buffer. Deterministic for a given seed, world size
-  and worker count.
+  and worker count, and resumable: given a :class:`StreamPosition` (batches already handed out),
+  each worker skips what it had produced before, so a resumed run sees the batches an
+  uninterrupted run would have seen next. Train samples also carry ``index``, their position in
+  their worker's stream, which augmentations use as a per-draw seed.
 - ``eval``: one exact pass; shards are split by node, then by worker, so every sample is seen
   exactly once across all processes, in shard order within a worker.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -33,6 +37,28 @@ Mode = Literal["train", "eval"]
 MANIFEST = "manifest.json"
 IMAGE_KEYS = ("img.jpg", "img.jpeg", "img.png", "jpg", "jpeg", "png", "img.webp", "webp")
 Transform = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a train stream stands: ``batches`` of ``batch_size`` samples handed out by its DataLoader.
+
+    A DataLoader over an iterable dataset takes batches from its workers in strict rotation
+    (batch i from worker i % W), so the position fixes how far every worker's own stream got.
+    """
+
+    batches: int = 0
+    batch_size: int = 1
+
+    def worker_stream(self, worker: int, num_workers: int) -> tuple[int, int]:
+        """(stream id, samples to skip) for ``worker`` of a loader that restarts at this position.
+
+        A new DataLoader asks worker 0 first, but batch ``batches`` belongs to stream
+        ``batches % W``; so worker j plays stream ``(j + batches) % W``.
+        """
+        stream = (worker + self.batches) % num_workers
+        produced = max(0, -(-(self.batches - stream) // num_workers))  # #{i < batches : i % W == stream}
+        return stream, produced * self.batch_size
 
 
 def shard_urls(data: str | Path | Sequence[str | Path]) -> list[str]:
@@ -67,18 +93,17 @@ def shard_dataset(
     transform: Transform | None = None,
     seed: int = 0,
     shuffle_buffer: int = 1000,
+    position: StreamPosition = StreamPosition(),
 ) -> IterableDataset:
-    """The WebDataset pipeline over ``data``: decoded RGB samples, then ``transform``."""
+    """The WebDataset pipeline over ``data``: decoded RGB samples, then ``transform``.
+
+    ``position`` (train mode) resumes the stream after the batches a previous loader handed out.
+    """
     if mode not in ("train", "eval"):
         raise UserError(f"shard mode must be 'train' or 'eval', not {mode!r}")
     urls = shard_urls(data)
     if mode == "train":
-        stages: list[Any] = [
-            wds.ResampledShards(urls, seed=seed, deterministic=True),
-            wds.tarfile_to_samples(),
-        ]
-        if shuffle_buffer > 1:
-            stages.append(_worker_shuffle(shuffle_buffer, seed))
+        stages: list[Any] = [_train_stream(urls, seed, shuffle_buffer, position)]
     else:
         stages = [
             wds.SimpleShardList(urls),
@@ -102,9 +127,14 @@ def shard_loader(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
+    start_batch: int = 0,
 ) -> DataLoader:
-    """A DataLoader over :func:`shard_dataset`; in eval mode the last short batch is kept."""
-    dataset = shard_dataset(data, mode, transform=transform, seed=seed, shuffle_buffer=shuffle_buffer)
+    """A DataLoader over :func:`shard_dataset`; in eval mode the last short batch is kept.
+
+    ``start_batch`` (train mode) resumes after that many batches of an identical loader.
+    """
+    position = StreamPosition(start_batch, batch_size)
+    dataset = shard_dataset(data, mode, transform=transform, seed=seed, shuffle_buffer=shuffle_buffer, position=position)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -113,6 +143,8 @@ def shard_loader(
         pin_memory=pin_memory,
         drop_last=mode == "train",
         persistent_workers=num_workers > 0 and mode == "train",
+        # Its own generator: creating an iterator must not draw from the global RNG a resumed run restores.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -123,16 +155,33 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     if name is None:
         raise ValueError(f"sample {key} in {sample.get('__url__', '?')} has no image (keys: {sorted(sample)})")
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    return {"key": key, "image": as_rgb_tensor(sample[name]), "meta": meta}
+    decoded = {"key": key, "image": as_rgb_tensor(sample[name]), "meta": meta}
+    if "__index__" in sample:
+        decoded["index"] = sample["__index__"]
+    return decoded
 
 
-def _worker_shuffle(bufsize: int, seed: int) -> Callable[[Iterable[Any]], Iterator[Any]]:
-    """A shuffle buffer whose RNG is seeded per (seed, rank, worker), created where it runs."""
+def _train_stream(urls: list[str], seed: int, bufsize: int, position: StreamPosition) -> Callable[[Iterable[Any]], Iterator[Any]]:
+    """Resampled shards -> samples -> shuffle buffer -> numbered samples, skipping what was consumed.
 
-    def stage(source: Iterable[Any]) -> Iterator[Any]:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"ssl-path-shuffle/{seed}/{rank}/{worker}")
-        return wds.shuffle(bufsize, min(bufsize, 100), rng=rng)(source)
+    Every random choice comes from generators seeded by (seed, rank, stream) and created where the
+    stage runs (in the worker), so the stream is a pure function of those and of the position.
+    Skipped samples are read but never decoded.
+    """
+
+    def stage(_: Iterable[Any] = ()) -> Iterator[Any]:
+        rank, _, worker, num_workers = wds.utils.pytorch_worker_info()
+        stream, skip = position.worker_stream(worker, num_workers)
+        shard_rng = random.Random(f"ssl-path-shards/{seed}/{rank}/{stream}")
+        shards = ({"url": shard_rng.choice(urls)} for _ in iter(int, 1))
+        samples = wds.tarfile_to_samples()(shards)
+        if bufsize > 1:
+            shuffle_rng = random.Random(f"ssl-path-shuffle/{seed}/{rank}/{stream}")
+            samples = wds.shuffle(bufsize, min(bufsize, 100), rng=shuffle_rng)(samples)
+        for index, sample in enumerate(samples):
+            if index >= skip:
+                sample["__index__"] = index
+                yield sample
 
     return stage
 

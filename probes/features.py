@@ -1,0 +1,452 @@
+"""Frozen-encoder features for a labelled set, cached on disk: what every probe starts from.
+
+:func:`extract_features` runs an encoder (any ref :func:`ssl_path.encoder.load` takes) over the images
+of a :class:`~ssl_path.data.readers.LabelledSet` with the evaluation transform and pools its tokens:
+
+- ``cls``       the class token (token 0) after the final norm, as DINO/DINOv2 kNN and linear probes use
+- ``mean``      the mean of the patch tokens (prefix tokens, i.e. class and registers, skipped); for a
+                CNN, the global average of its last feature map
+- ``cls+mean``  both, concatenated (DINOv2's linear-probe variant), twice the embed dim
+
+``tta=True`` averages the pooled features of the 8 dihedral views (4 rotations x horizontal flip),
+which tissue tiles have no preferred orientation to tell apart.
+
+Cache: one ``<key>.npy`` (float32 [N, D]) and ``<key>.json`` (meta) per extraction under ``cache_dir``
+(default ``$SSL_PATH_CACHE`` or ``~/.cache/ssl_path/features``). The key hashes the encoder's identity,
+the pool, TTA, the input size and the ordered image files with their sizes and mtimes, so a changed
+image or checkpoint is a miss, while relabelling the same images is a hit (labels are not cached; they
+come from the set each time). Encoder identity: the sha256 of the weights file for file refs (a
+checkpoint, a run directory's ``checkpoints/last.pt``, an exported folder's weights plus its config),
+the ref plus the timm and torch versions for ``timm:ARCH`` (random init, built with torch seeded to
+:data:`RANDOM_INIT_SEED` so the baseline is the same network every time), and the ref for ``hf-hub:``.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import timm
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import ssl_path
+from ssl_path import encoder as encoder_lib
+from ssl_path.data.augment import EvalTransform, eval_transform
+from ssl_path.data.readers import LabelledSet
+from ssl_path.errors import UserError
+from ssl_path.io import atomic_path, write_json
+
+__all__ = [
+    "POOLS",
+    "RANDOM_INIT_SEED",
+    "CACHE_ENV",
+    "DEFAULT_CACHE",
+    "FeatureSet",
+    "extract_features",
+    "default_cache_dir",
+    "encoder_identity",
+    "data_fingerprint",
+    "cache_key",
+    "pool_tokens",
+    "dihedral_views",
+]
+
+POOLS = ("cls", "mean", "cls+mean")
+RANDOM_INIT_SEED = 0
+CACHE_ENV = "SSL_PATH_CACHE"
+# Bump when the stored layout or the meaning of a key changes; old entries then simply miss.
+CACHE_VERSION = 1
+_HASH_CHUNK = 1 << 20
+# Weights of an exported folder, in the order timm's local-dir loader prefers them.
+_EXPORT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+class _Default(enum.Enum):
+    """Sentinel type: ``cache_dir=DEFAULT_CACHE`` means the default folder, ``None`` means no cache."""
+
+    CACHE = "default"
+
+
+DEFAULT_CACHE = _Default.CACHE
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureSet:
+    """Pooled features of a labelled set, row ``i`` for record ``i``, plus what a probe needs beside them.
+
+    ``labels`` are class indices into ``classes`` (-1 for an unlabeled record); ``encoder_hash`` and
+    ``data_hash`` identify the encoder and the image files, as the cache key does.
+    """
+
+    features: np.ndarray  # float32 [N, D]
+    labels: np.ndarray  # int64 [N]
+    classes: tuple[str, ...]
+    groups: list[str | None]
+    domains: list[str | None]
+    paths: list[str]
+    encoder_ref: str
+    encoder_hash: str
+    data_hash: str
+    pool: str
+    tta: bool = False
+    input_size: int = 224
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> FeatureSet:
+        """The rows at ``indices`` (e.g. the labelled rows), everything else unchanged."""
+        idx = np.asarray(indices, dtype=np.int64)
+        pick = idx.tolist()
+        return FeatureSet(
+            features=self.features[idx],
+            labels=self.labels[idx],
+            classes=self.classes,
+            groups=[self.groups[i] for i in pick],
+            domains=[self.domains[i] for i in pick],
+            paths=[self.paths[i] for i in pick],
+            encoder_ref=self.encoder_ref,
+            encoder_hash=self.encoder_hash,
+            data_hash=self.data_hash,
+            pool=self.pool,
+            tta=self.tta,
+            input_size=self.input_size,
+        )
+
+
+# ----------------------------------------------------------------------------- identities and keys
+
+
+def default_cache_dir() -> Path:
+    """``$SSL_PATH_CACHE`` if set, else ``~/.cache/ssl_path/features``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(os.path.expanduser(env)) if env else Path.home() / ".cache" / "ssl_path" / "features"
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# (realpath, size, mtime_ns) -> sha256; a weights file is hashed once per process and, with a cache
+# folder, once per change: a 1 GB checkpoint takes seconds to read.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path, cache_dir: Path | None = None) -> str:
+    """sha256 of a file, read in chunks; remembered per (path, size, mtime) in memory and under ``cache_dir``."""
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    key = (real, stat.st_size, stat.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    stored = None
+    if cache_dir is not None:
+        stored = cache_dir / "digests" / (_sha256_text(json.dumps(key))[:32] + ".txt")
+        if stored.is_file():
+            digest = stored.read_text().strip()
+            if len(digest) == 64:
+                _DIGESTS[key] = digest
+                return digest
+    sha = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            sha.update(chunk)
+    digest = sha.hexdigest()
+    _DIGESTS[key] = digest
+    if stored is not None:
+        try:
+            with atomic_path(stored) as tmp:
+                tmp.write_text(digest + "\n")
+        except OSError:
+            pass  # only a speed-up; the in-memory copy still serves this process
+    return digest
+
+
+def _weights_files(ref: str) -> list[Path] | None:
+    """The files whose bytes define a file ref's encoder; None if ``ref`` names none that exists."""
+    path = Path(os.path.expanduser(ref))
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return None
+    config = path / encoder_lib.EXPORT_CONFIG
+    if config.is_file():
+        weights = [path / name for name in _EXPORT_WEIGHTS if (path / name).is_file()]
+        # The config carries mean/std/input size, which change the features as much as the weights.
+        return [*weights[:1], config]
+    last = path / encoder_lib.RUN_DIR_CHECKPOINT
+    return [last] if last.is_file() else None
+
+
+def encoder_identity(ref: str, cache_dir: Path | None = None) -> str:
+    """A string that changes whenever the encoder ``ref`` names could compute different features."""
+    ref = str(ref)
+    if ref.startswith("timm:"):
+        return f"{ref}|seed={RANDOM_INIT_SEED}|timm={timm.__version__}|torch={torch.__version__}"
+    if ref.startswith("hf-hub:"):
+        return ref
+    files = _weights_files(ref)
+    if files is None:
+        # Let the loader say what is wrong with the ref, in its own words.
+        encoder_lib.load(ref)
+        raise UserError(f"encoder ref {ref!r} names no weights file")
+    return "file|" + "|".join(file_digest(f, cache_dir) for f in files)
+
+
+def data_fingerprint(paths: Sequence[str]) -> str:
+    """sha256 over the ordered image files with their sizes and mtimes; a missing file is a UserError."""
+    sha = hashlib.sha256()
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            raise UserError(f"image not found: {path}") from None
+        sha.update(f"{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return sha.hexdigest()
+
+
+def cache_key(identity: str, pool: str, tta: bool, input_size: int, data_hash: str) -> str:
+    """The cache file stem for one extraction."""
+    parts = {"v": CACHE_VERSION, "encoder": identity, "pool": pool, "tta": tta, "size": input_size, "data": data_hash}
+    return _sha256_text(json.dumps(parts, sort_keys=True))[:40]
+
+
+# ----------------------------------------------------------------------------- pooling and views
+
+
+def pool_tokens(out: Tensor, pool: str, num_prefix_tokens: int) -> Tensor:
+    """Pool ``forward_features`` output: ViT tokens [B, T, D] or a CNN map [B, C, H, W] -> [B, D'] ."""
+    if out.ndim == 4:  # a CNN: no tokens, only its spatial map
+        if pool != "mean":
+            raise UserError(f"pool {pool!r} needs a class token; this encoder is a CNN, use pool 'mean'")
+        return out.mean(dim=(2, 3))
+    if out.ndim != 3:
+        raise UserError(f"cannot pool encoder output of shape {tuple(out.shape)}")
+    if pool in ("cls", "cls+mean") and num_prefix_tokens < 1:
+        raise UserError(f"pool {pool!r} needs a class token; this encoder has none, use pool 'mean'")
+    cls = out[:, 0]
+    if pool == "cls":
+        return cls
+    patches = out[:, num_prefix_tokens:]
+    if patches.shape[1] == 0:
+        raise UserError("the encoder returned no patch tokens to average")
+    mean = patches.mean(dim=1)
+    return mean if pool == "mean" else torch.cat([cls, mean], dim=1)
+
+
+def dihedral_views(images: Tensor) -> list[Tensor]:
+    """The 8 symmetries of the square, [B, C, S, S] each: rotations by 0/90/180/270 deg, then each mirrored."""
+    rotations = [torch.rot90(images, k, dims=(-2, -1)) for k in range(4)]
+    return rotations + [view.flip(-1) for view in rotations]
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+class _ImageDataset(Dataset):
+    """Images through the eval transform; a read error travels back as text, so that it stays one line
+    from a worker process (the DataLoader would wrap a raised exception in a traceback)."""
+
+    def __init__(self, paths: Sequence[str], transform: EvalTransform) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+        try:
+            return self.transform(self.paths[index]), ""
+        except UserError as err:
+            size = self.transform.input_size
+            return torch.zeros(3, size, size), f"{self.paths[index]}: {err}"
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return dev
+
+
+def _load_encoder(ref: str, device: torch.device) -> tuple[nn.Module, encoder_lib.EncoderInfo]:
+    """Build the encoder with a fixed torch seed (a ``timm:`` baseline is the same network every time),
+    dynamic image size where the model takes it (any input size for a ViT), without touching the
+    caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        try:
+            return encoder_lib.load(ref, device=device, dynamic_img_size=True)
+        except UserError as err:
+            if "bad model argument" not in str(err):
+                raise
+        # Not a ViT (a CNN, say): its constructor refused the keyword before building anything.
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return encoder_lib.load(ref, device=device)
+
+
+def _compute(
+    model: nn.Module,
+    num_prefix_tokens: int,
+    paths: Sequence[str],
+    transform: EvalTransform,
+    pool: str,
+    tta: bool,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    progress: bool,
+) -> np.ndarray:
+    loader = DataLoader(
+        _ImageDataset(paths, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        # Its own generator: a loader otherwise draws its worker seed from the caller's global RNG.
+        generator=torch.Generator().manual_seed(RANDOM_INIT_SEED),
+    )
+    chunks: list[np.ndarray] = []
+    bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress, dynamic_ncols=True)
+    with torch.inference_mode(), bar:
+        for images, errors in loader:
+            failed = [e for e in errors if e]
+            if failed:
+                raise UserError(f"cannot read image {failed[0]}")
+            images = images.to(device, non_blocking=True)
+            views = dihedral_views(images) if tta else [images]
+            pooled = sum(pool_tokens(model.forward_features(v), pool, num_prefix_tokens).float() for v in views)
+            chunks.append((pooled / len(views)).cpu().numpy())
+            bar.update(len(images))
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _read_cache(stem: Path, n: int) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """A complete, well-formed cache entry, or None (missing or damaged entries are recomputed)."""
+    meta_path, array_path = stem.with_suffix(".json"), stem.with_suffix(".npy")
+    if not meta_path.is_file() or not array_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        features = np.load(array_path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if features.dtype != np.float32 or features.ndim != 2 or features.shape[0] != n:
+        return None
+    return features, meta
+
+
+def _write_cache(stem: Path, features: np.ndarray, meta: dict[str, Any]) -> None:
+    """Store an entry; a cache that cannot be written costs a warning, not the features just computed."""
+    try:
+        # The array goes first: the json is written last and so marks a complete entry.
+        with atomic_path(stem.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
+            np.save(f, features)  # a file object, since np.save adds ".npy" to a name that lacks it
+        write_json(stem.with_suffix(".json"), meta)
+    except OSError as err:
+        print(f"warning: cannot write the feature cache in {stem.parent}: {err}", file=sys.stderr)
+
+
+def extract_features(
+    ref: str,
+    data: LabelledSet,
+    pool: str = "cls",
+    tta: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "cpu",
+    input_size: int | None = None,
+    cache_dir: str | os.PathLike | None | _Default = DEFAULT_CACHE,
+    progress: bool = True,
+) -> FeatureSet:
+    """Pooled features of every record of ``data`` from the encoder ``ref``; see the module docstring.
+
+    Uses the encoder's own mean/std and input size (``input_size`` overrides the size; a ViT is built
+    with ``dynamic_img_size``). ``cache_dir=None`` disables the cache. A cache hit builds no model.
+    """
+    ref = str(ref)
+    if pool not in POOLS:
+        raise UserError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+    if batch_size < 1 or num_workers < 0:
+        raise UserError(f"batch size must be >= 1 and workers >= 0, got {batch_size} and {num_workers}")
+    if input_size is not None and input_size < 1:
+        raise UserError(f"input size must be >= 1, got {input_size}")
+    if len(data) == 0:
+        raise UserError(f"{data.name}: no images to extract features from")
+    cache = default_cache_dir() if cache_dir is DEFAULT_CACHE else (Path(cache_dir) if cache_dir is not None else None)
+    dev = _check_device(device)
+
+    paths = [r.path for r in data.records]
+    data_hash = data_fingerprint(paths)
+    identity = encoder_identity(ref, cache)
+    encoder_hash = _sha256_text(identity)[:16]
+    labels = np.asarray(data.targets(), dtype=np.int64)
+
+    def result(features: np.ndarray, size: int) -> FeatureSet:
+        return FeatureSet(
+            features=features,
+            labels=labels,
+            classes=tuple(data.classes),
+            groups=[r.group for r in data.records],
+            domains=[r.domain for r in data.records],
+            paths=paths,
+            encoder_ref=ref,
+            encoder_hash=encoder_hash,
+            data_hash=data_hash,
+            pool=pool,
+            tta=tta,
+            input_size=size,
+        )
+
+    # The input size is part of the key; without an override it is the encoder's own, known only
+    # after building it, so the key holds 0 ("native", fixed by the encoder identity) instead.
+    stem = None
+    if cache is not None:
+        stem = cache / cache_key(identity, pool, tta, input_size or 0, data_hash)
+        hit = _read_cache(stem, len(paths))
+        if hit is not None:
+            features, meta = hit
+            return result(features, int(meta.get("input_size", input_size or 0)))
+
+    model, info = _load_encoder(ref, dev)
+    size = int(input_size or info.input_size[-1])
+    transform = eval_transform(size, info.mean, info.std)
+    features = _compute(
+        model, info.num_prefix_tokens, paths, transform, pool, tta, batch_size, num_workers, dev, progress
+    )
+    if stem is not None:
+        meta = {
+            "cache_version": CACHE_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "ssl_path_version": ssl_path.__version__,
+            "encoder_ref": ref,
+            "encoder_identity": identity,
+            "encoder_hash": encoder_hash,
+            "architecture": info.architecture,
+            "data_name": data.name,
+            "data_source": data.source,
+            "data_hash": data_hash,
+            "pool": pool,
+            "tta": tta,
+            "input_size": size,
+            "shape": list(features.shape),
+            "paths": paths,
+        }
+        _write_cache(stem, features, meta)
+    return result(features, size)

@@ -1,0 +1,209 @@
+"""kNN probe of a frozen encoder, in the two protocols pathology papers report.
+
+- DINO (Caron et al. 2021): L2-normalised features, the k nearest training images by cosine
+  similarity, each voting for its class with weight ``exp(sim / T)`` (T = 0.07); the per-class sums,
+  normalised, are the class probabilities. Reported for several k (default 10, 20, 50).
+- UNI (Chen et al. 2024): features centred on the training mean, then L2-normalised; a plain
+  majority vote of the 20 nearest; ties go to the tied class whose neighbours are most similar
+  in sum; probabilities are the vote fractions.
+
+Search is exact inner product with faiss (``IndexFlatIP``), on every GPU faiss sees, else on the CPU.
+
+    python -m probes.knn --ckpt REF --train SPEC --test SPEC [--k 10 20 50] [--out results.json]
+
+Train and test are data SPECs (see :mod:`ssl_path.data.readers.spec`); keeping the slides of one
+split out of the other is up to them (e.g. ``?group=...`` or ``?domain=...``). The number of groups
+the two share is reported, never corrected.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+
+from probes.common import add_probe_arguments, align_labels, check_sets, format_table, probe_inputs, report, shared_groups
+from probes.features import FeatureSet
+from probes.metrics import classification_metrics
+from ssl_path.errors import UserError, run_cli
+
+__all__ = [
+    "DEFAULT_KS",
+    "DEFAULT_TEMPERATURE",
+    "UNI_K",
+    "l2_normalize",
+    "search",
+    "knn_predict",
+    "uni_knn_predict",
+    "run_knn",
+    "align_labels",
+    "clamp_ks",
+    "check_sets",
+    "shared_groups",
+    "format_table",
+    "build_parser",
+    "main",
+]
+
+DEFAULT_KS = (10, 20, 50)
+DEFAULT_TEMPERATURE = 0.07
+UNI_K = 20
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, float32 C-contiguous as faiss wants; zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def search(train: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner products: (similarities [M, k] descending, train indices [M, k])."""
+    if not 1 <= k <= len(train):
+        raise ValueError(f"k must lie in [1, {len(train)}] (the training set size), got {k}")
+    index = faiss.IndexFlatIP(train.shape[1])
+    if faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(np.ascontiguousarray(train, dtype=np.float32))
+    sims, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return sims.astype(np.float64), idx
+
+
+def _check_inputs(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray, n_classes: int) -> None:
+    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"features must be [N, D] and [M, D], got {train_feats.shape} and {test_feats.shape}")
+    if train_labels.shape != (len(train_feats),):
+        raise ValueError(f"{len(train_feats)} training rows but labels of shape {train_labels.shape}")
+    if len(train_labels) and (train_labels.min() < 0 or train_labels.max() >= n_classes):
+        raise ValueError(f"training labels must lie in [0, {n_classes}) (drop unlabeled rows first)")
+
+
+def knn_predict(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    test_feats: np.ndarray,
+    k: int,
+    temperature: float,
+    n_classes: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """DINO weighted kNN: (predicted class [M], class probabilities [M, n_classes])."""
+    train_feats, test_feats = np.asarray(train_feats), np.asarray(test_feats)
+    train_labels = np.asarray(train_labels, dtype=np.int64)
+    _check_inputs(train_feats, train_labels, test_feats, n_classes)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    sims, idx = search(l2_normalize(train_feats), l2_normalize(test_feats), k)
+    # Shifting by each row's best similarity leaves the vote ratios unchanged and exp() bounded.
+    weights = np.exp((sims - sims[:, :1]) / temperature)  # [M, k]
+    votes = np.zeros((len(test_feats), n_classes))
+    np.add.at(votes, (np.arange(len(test_feats))[:, None], train_labels[idx]), weights)
+    probs = votes / votes.sum(axis=1, keepdims=True)
+    return probs.argmax(axis=1), probs
+
+
+def uni_knn_predict(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    test_feats: np.ndarray,
+    k: int = UNI_K,
+    n_classes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """UNI majority-vote kNN: (predicted class [M], vote fractions [M, n_classes])."""
+    train_feats = np.asarray(train_feats, dtype=np.float64)
+    train_labels = np.asarray(train_labels, dtype=np.int64)
+    n_classes = int(train_labels.max()) + 1 if n_classes is None else n_classes
+    _check_inputs(train_feats, train_labels, np.asarray(test_feats), n_classes)
+    centre = train_feats.mean(axis=0, keepdims=True)
+    sims, idx = search(l2_normalize(train_feats - centre), l2_normalize(np.asarray(test_feats) - centre), k)
+    rows = np.arange(len(idx))[:, None]
+    counts = np.zeros((len(idx), n_classes))
+    np.add.at(counts, (rows, train_labels[idx]), 1.0)
+    sim_sums = np.zeros((len(idx), n_classes))
+    np.add.at(sim_sums, (rows, train_labels[idx]), sims)
+    # Among the classes with the most votes, the one whose voters are most similar in sum wins.
+    tied = counts == counts.max(axis=1, keepdims=True)
+    pred = np.where(tied, sim_sums, -np.inf).argmax(axis=1)
+    return pred, counts / k
+
+
+
+
+def clamp_ks(ks: Sequence[int], n_train: int, what: str = "kNN") -> list[int]:
+    """Each k, at most the training set size (with a warning on stderr), in the given order."""
+    used = []
+    for k in ks:
+        if k < 1:
+            raise UserError(f"k must be >= 1, got {k}")
+        if k > n_train:
+            print(f"warning: {what} k={k} is more than the {n_train} training images; using k={n_train}",
+                  file=sys.stderr)
+        used.append(min(k, n_train))
+    return used
+
+
+def run_knn(
+    train_set: FeatureSet,
+    test_set: FeatureSet,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> dict[str, dict[str, Any]]:
+    """Metrics rows ``{"k10": ..., "k20": ..., "uni_k20": ...}`` for the DINO kNN at each k and the UNI kNN.
+
+    Every row holds its protocol, the k asked for and the k used (clamped to the training set size),
+    and the :func:`probes.metrics.classification_metrics` of the test set. Unlabeled training rows are
+    left out; test labels are matched to the training classes by name.
+    """
+    labelled = np.flatnonzero(train_set.labels >= 0)
+    if len(labelled) == 0:
+        raise UserError("the training set has no labelled images")
+    train_feats, train_labels = train_set.features[labelled], train_set.labels[labelled]
+    classes = train_set.classes
+    y_true = align_labels(test_set, classes)
+    n_classes = len(classes)
+    runs = [(f"k{k}", k, used, "dino") for k, used in zip(ks, clamp_ks(ks, len(labelled), "DINO kNN"))]
+    runs.append((f"uni_k{UNI_K}", UNI_K, clamp_ks([UNI_K], len(labelled), "UNI kNN")[0], "uni"))
+    rows: dict[str, dict[str, Any]] = {}
+    for name, k, used, protocol in runs:
+        row: dict[str, Any] = {"protocol": protocol, "k": k, "k_used": used}
+        if protocol == "dino":
+            pred, probs = knn_predict(train_feats, train_labels, test_set.features, used, temperature, n_classes)
+            row["temperature"] = temperature
+        else:
+            pred, probs = uni_knn_predict(train_feats, train_labels, test_set.features, used, n_classes)
+        row.update(classification_metrics(y_true, pred, probs, classes=classes))
+        rows[name] = row
+    return rows
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m probes.knn",
+        description="kNN probe of a frozen encoder (DINO weighted vote at each k, and UNI's 20-NN majority vote).",
+    )
+    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS),
+                   help="neighbours for the DINO kNN (default 10 20 50)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help="DINO vote temperature (default %(default)s)")
+    return add_probe_arguments(p, seed_help="recorded in results.json; kNN itself is deterministic")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {args.temperature}")
+    if any(k < 1 for k in args.k):
+        raise UserError(f"--k values must be >= 1, got {args.k}")
+    inputs = probe_inputs(args, probe="kNN")
+    rows = run_knn(inputs.train, inputs.test, args.k, args.temperature)
+    report(args, "knn", inputs, rows, format_table(rows), split={},
+           config={"ks": args.k, "temperature": args.temperature, "uni_k": UNI_K})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,90 @@
+"""Classification metrics every probe reports, all computed by scikit-learn.
+
+One function, one dict: accuracy, balanced accuracy, macro F1, AUROC, Cohen's kappa, the confusion
+matrix and n. Class ids are fixed by ``classes`` (index = id), so a class missing from a small test
+split still has its row and column, and two probes of the same set give comparable matrices.
+Undefined values (AUROC with a class absent from ``y_true``, kappa of a constant labelling) are None,
+never NaN, so that the dict is valid JSON.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+from sklearn.exceptions import UndefinedMetricWarning
+
+__all__ = ["classification_metrics", "auroc"]
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def auroc(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> float | None:
+    """Binary: AUROC of the class-1 scores; multiclass: one-vs-rest macro average.
+
+    None when a class is absent from ``y_true`` (its one-vs-rest curve is undefined). For more than
+    two classes scikit-learn needs rows that sum to 1, i.e. probabilities, not logits.
+    """
+    labels = np.arange(n_classes)
+    if not np.isin(labels, y_true).all():
+        return None
+    if n_classes == 2:
+        return _finite(skm.roc_auc_score(y_true, probs[:, 1]))
+    return _finite(skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels))
+
+
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    probs: np.ndarray | None = None,
+    classes: Sequence[str] | None = None,
+    ordinal: bool = False,
+) -> dict[str, Any]:
+    """Metrics of predicted class ids against true ones.
+
+    ``probs`` [N, C] (optional) gives AUROC; ``classes`` fixes C (default: the ids seen, or the width of
+    ``probs``); ``ordinal`` makes kappa quadratic-weighted (grades), else plain Cohen's kappa.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) == 0:
+        raise ValueError(f"y_true and y_pred must be equal-length, 1-D, non-empty: {y_true.shape}, {y_pred.shape}")
+    if classes is not None:
+        n_classes = len(classes)
+    elif probs is not None:
+        n_classes = int(np.asarray(probs).shape[1])
+    else:
+        n_classes = int(max(y_true.max(), y_pred.max())) + 1
+    if min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= n_classes:
+        raise ValueError(f"class ids must lie in [0, {n_classes}); got {y_true.min()}..{y_true.max()} true, "
+                         f"{y_pred.min()}..{y_pred.max()} predicted")
+    labels = np.arange(n_classes)
+    with warnings.catch_warnings():
+        # Small test splits miss classes; the values sklearn still returns then are the ones we want.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found")  # from balanced_accuracy_score
+        result: dict[str, Any] = {
+            "n": int(len(y_true)),
+            "accuracy": _finite(skm.accuracy_score(y_true, y_pred)),
+            "balanced_accuracy": _finite(skm.balanced_accuracy_score(y_true, y_pred)),
+            "macro_f1": _finite(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+            "auroc": None,
+            "cohen_kappa": _finite(
+                skm.cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic" if ordinal else None)
+            ),
+            "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        }
+        if probs is not None:
+            probs = np.asarray(probs, dtype=np.float64)
+            if probs.shape != (len(y_true), n_classes):
+                raise ValueError(f"probs must be [{len(y_true)}, {n_classes}], got {list(probs.shape)}")
+            result["auroc"] = auroc(y_true, probs, n_classes)
+    if classes is not None:
+        result["classes"] = list(classes)
+    return result

@@ -1,0 +1,318 @@
+"""DINOv2 (Oquab et al. 2023, "DINOv2: Learning Robust Visual Features without Supervision") on a timm ViT.
+
+A student and an EMA teacher share one architecture: a timm ``VisionTransformer`` backbone, a DINO
+head on the class token and an iBOT head on patch tokens (the same head unless
+``ibot_separate_head``). Each step:
+
+1. the teacher sees the global crops; its class-token logits and its logits at the student's
+   masked patch positions are centred (Sinkhorn-Knopp, or softmax minus an EMA centre) at a
+   temperature warmed up from 0.04 to 0.07;
+2. the student sees the global crops with block-wise masked patches replaced by a learned mask
+   token (one backbone call) and the local crops (a second call, as they differ in size); all its
+   head inputs (global and local class tokens, masked patch tokens) go through the head in one call;
+3. loss = DINO class-token cross-entropy over all (student crop, other teacher global crop) pairs
+   + iBOT masked-patch cross-entropy + KoLeo on the student's global class tokens.
+
+The loop sees only :class:`DINOv2`'s ``forward(batch) -> dict(loss, ...)``, ``update_teacher(m)``,
+``set_step(step)`` and the data hooks ``data_transform()`` / ``collate_fn()``. The encoder it
+publishes is the teacher backbone, a plain timm model (``encoder_state``).
+Defaults are the paper's (``dinov2/configs/ssl_default_config.yaml``); each is a config value.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_path.data.augment import MultiCropAugment, MultiCropConfig, MultiCropPhotometric, _key_entropy, collate_multicrop
+from ssl_path.encoder import encoder_state
+from ssl_path.errors import UserError
+from ssl_path.methods.backbone import ModelConfig, build_vit, encoder_kwargs, patch_size
+from ssl_path.methods.losses import SoftmaxCentering, dino_clstoken_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
+from ssl_path.methods.masking import batch_masks
+from ssl_path.schedules import linear_warmup
+
+CENTERINGS = ("sinkhorn_knopp", "softmax")
+
+
+@dataclass(frozen=True)
+class DINOv2Config:
+    crops: MultiCropConfig = field(default_factory=MultiCropConfig)
+    # heads
+    n_prototypes: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_n_layers: int = 3
+    ibot_separate_head: bool = False
+    ibot_n_prototypes: int = 65536  # only with a separate iBOT head
+    # losses
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.07
+    warmup_teacher_temperature: float = 0.04
+    warmup_teacher_temperature_epochs: float = 30.0
+    centering: str = "sinkhorn_knopp"  # or "softmax" (DINO v1 centre)
+    center_momentum: float = 0.9  # softmax centering only
+    sinkhorn_iterations: int = 3
+    # iBOT masking of global crops
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = 0.5
+    # where the photometric augmentation runs: "workers", "device" (after collation), or "auto"
+    # (device on CUDA, workers otherwise)
+    photometric: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, not {self.centering!r}")
+        if self.photometric not in ("auto", "workers", "device"):
+            raise ValueError(f"photometric must be auto, workers or device, not {self.photometric!r}")
+        if self.crops.n_global < 2:
+            raise ValueError("DINOv2 needs at least 2 global crops")
+
+
+class DINOHead(nn.Module):
+    """MLP to a bottleneck, L2-normalised, then weight-normalised prototypes (norm fixed at 1)."""
+
+    def __init__(self, in_dim: int, n_prototypes: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, n_layers: int = 3) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (max(n_layers, 1) - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.apply(_init_linear)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, n_prototypes, bias=False))
+        magnitude = self.last_layer.parametrizations.weight.original0
+        magnitude.data.fill_(1.0)
+        magnitude.requires_grad = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.mlp(x)
+        # eps large enough for bf16; the prototypes see unit vectors, so logits are cosines.
+        x = F.normalize(x, dim=-1, p=2, eps=1e-6)
+        return self.last_layer(x)
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class MaskedViT(nn.Module):
+    """A timm ViT whose patch tokens can be replaced by a learned mask token before the position embedding."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        self.mask_token = nn.Parameter(torch.zeros(1, vit.embed_dim))
+
+    def forward(self, images: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """-> (class tokens [B, D], patch tokens [B, P, D]); ``masks`` is bool [B, P]."""
+        vit = self.vit
+        x = vit.patch_embed(images)  # [B, H, W, D] with dynamic_img_size, else [B, P, D]
+        if masks is not None:
+            x = torch.where(masks.view(*x.shape[:-1], 1), self.mask_token.to(x.dtype), x)
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+        x = vit.blocks(x)
+        x = vit.norm(x)
+        return x[:, 0], x[:, vit.num_prefix_tokens :]
+
+
+class DINOv2Transform:
+    """Per-sample multi-crop for the data workers; the stream ``index`` makes each draw's crops new."""
+
+    def __init__(self, crops: MultiCropConfig, photometric: bool) -> None:
+        self.augment = MultiCropAugment(crops, photometric=photometric)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        out = self.augment(sample["image"], sample["key"], epoch=sample.get("index", 0))
+        out["key"], out["index"] = sample["key"], sample.get("index", 0)
+        return out
+
+
+class DINOv2Collate:
+    """Crop-major collation plus the iBOT masks of the global crops, drawn from the batch's own seed."""
+
+    def __init__(self, seed: int, grid: tuple[int, int], n_global: int, ratio: tuple[float, float], probability: float) -> None:
+        self.seed, self.grid, self.n_global, self.ratio, self.probability = seed, grid, n_global, ratio, probability
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate_multicrop(samples)
+        first = samples[0]
+        rng = np.random.default_rng([self.seed, int(first["index"]), _key_entropy(first["key"])])
+        masks = batch_masks(rng, self.n_global * len(samples), self.grid, self.ratio, self.probability)
+        batch["collated_masks"] = torch.from_numpy(masks)  # [n_global * B, P], crop-major like the crops
+        return batch
+
+
+class DINOv2(nn.Module):
+    """Student, EMA teacher, heads and centring; see the module docstring."""
+
+    name = "dinov2"
+
+    def __init__(self, cfg: DINOv2Config, model: ModelConfig, steps_per_epoch: int, seed: int = 0, device_photometric: bool = False) -> None:
+        super().__init__()
+        self.cfg, self.model_cfg, self.seed = cfg, model, seed
+        vit = build_vit(model)
+        if vit.cls_token is None:
+            raise UserError(f"model.arch {model.arch!r} has no class token; DINOv2 needs one")
+        backbone = MaskedViT(vit)
+        embed_dim = backbone.vit.embed_dim
+        heads = {"dino_head": self._head(embed_dim, cfg.n_prototypes)}
+        if cfg.ibot_separate_head:
+            heads["ibot_head"] = self._head(embed_dim, cfg.ibot_n_prototypes)
+        self.student = nn.ModuleDict({"backbone": backbone, **heads})
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+        if cfg.centering == "softmax":
+            self.dino_center = SoftmaxCentering(cfg.n_prototypes, cfg.center_momentum)
+            ibot_k = cfg.ibot_n_prototypes if cfg.ibot_separate_head else cfg.n_prototypes
+            self.ibot_center = SoftmaxCentering(ibot_k, cfg.center_momentum)
+        self.warmup_temperature_steps = int(round(cfg.warmup_teacher_temperature_epochs * steps_per_epoch))
+        self.teacher_temperature = cfg.warmup_teacher_temperature
+        self.photometric = MultiCropPhotometric(cfg.crops) if device_photometric else None
+        self.patch_size = patch_size(vit)
+        if cfg.crops.global_size % self.patch_size or cfg.crops.local_size % self.patch_size:
+            raise UserError(
+                f"crop sizes {cfg.crops.global_size}/{cfg.crops.local_size} must be multiples of the patch size {self.patch_size}"
+            )
+
+    def _head(self, embed_dim: int, n_prototypes: int) -> DINOHead:
+        c = self.cfg
+        return DINOHead(embed_dim, n_prototypes, c.head_hidden_dim, c.head_bottleneck_dim, c.head_n_layers)
+
+    # ----------------------------------------------------------------- loop hooks
+
+    def data_transform(self) -> DINOv2Transform:
+        return DINOv2Transform(self.cfg.crops, photometric=self.photometric is None)
+
+    def collate_fn(self) -> DINOv2Collate:
+        grid = self.cfg.crops.global_size // self.patch_size
+        c = self.cfg
+        return DINOv2Collate(self.seed, (grid, grid), c.crops.n_global, c.mask_ratio, c.mask_probability)
+
+    def set_step(self, step: int) -> dict[str, float]:
+        c = self.cfg
+        self.teacher_temperature = linear_warmup(
+            step, self.warmup_temperature_steps, c.warmup_teacher_temperature, c.teacher_temperature
+        )
+        return {"teacher_temperature": self.teacher_temperature}
+
+    def train(self, mode: bool = True) -> DINOv2:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never drops paths
+        return self
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        # One fused update per tensor type: under FSDP most parameters are DTensor shards, but some
+        # (e.g. weight-norm parametrisations) stay plain tensors, and foreach ops cannot mix the two.
+        by_type: dict[type, tuple[list[Tensor], list[Tensor]]] = {}
+        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+            teacher, student = by_type.setdefault(type(t), ([], []))
+            teacher.append(t)
+            student.append(s.detach())
+        for teacher, student in by_type.values():
+            torch._foreach_mul_(teacher, momentum)
+            torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+
+    def encoder_state(self, model_state: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """The teacher backbone as the published encoder; ``model_state``: this module's whole state dict."""
+        prefix = "teacher.backbone.vit."
+        weights = None if model_state is None else {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+        vit = self.teacher["backbone"].vit
+        state = encoder_state(vit, self.model_cfg.arch, encoder_kwargs(self.model_cfg), state_dict=weights)
+        size = self.cfg.crops.global_size  # the resolution it learned at, whatever the timm default
+        state["pretrained_cfg"]["input_size"] = (3, size, size)
+        state["pretrained_cfg"]["mean"], state["pretrained_cfg"]["std"] = self.cfg.crops.mean, self.cfg.crops.std
+        return state
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Blocks first, then whole parts: student and teacher sharded alike, so the EMA acts on matching shards."""
+        units: list[nn.Module] = []
+        for root in (self.student, self.teacher):
+            units.extend(root["backbone"].vit.blocks)
+            units.extend(root.values())
+        return units
+
+    def compile_parts(self) -> None:
+        """Compile backbones and heads, not the step: masking gives the step data-dependent shapes."""
+        for part in (*self.student.values(), *self.teacher.values()):
+            part.compile()
+
+    # ----------------------------------------------------------------- step
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        if self.photometric is not None:
+            batch = self.photometric(batch)
+        c = self.cfg
+        global_crops, local_crops = batch["collated_global_crops"], batch["collated_local_crops"]
+        masks = batch["collated_masks"].to(global_crops.device)
+        n_global, n_local = int(batch["n_global_crops"]), int(batch["n_local_crops"])
+        batch_size = global_crops.shape[0] // n_global
+
+        teacher_cls, teacher_patch = self._teacher_targets(global_crops, masks, n_global)
+
+        student_cls, student_patch = self.student["backbone"](global_crops, masks)
+        cls_tokens = [student_cls]
+        if n_local:
+            cls_tokens.append(self.student["backbone"](local_crops)[0])
+        masked_tokens = student_patch[masks]  # [M, D]
+        n_cls = sum(t.shape[0] for t in cls_tokens)
+        if c.ibot_separate_head:
+            cls_logits = self.student["dino_head"](torch.cat(cls_tokens))
+            patch_logits = self.student["ibot_head"](masked_tokens)
+        else:
+            logits = self.student["dino_head"](torch.cat([*cls_tokens, masked_tokens]))
+            cls_logits, patch_logits = logits[:n_cls], logits[n_cls:]
+
+        student_views = cls_logits.view(n_global + n_local, batch_size, -1)
+        dino = dino_clstoken_loss(student_views, teacher_cls, c.student_temperature, n_global)
+        ibot = ibot_patch_loss(patch_logits, teacher_patch, masks, c.student_temperature)
+        koleo = sum(koleo_loss(v) for v in student_cls.view(n_global, batch_size, -1))
+        loss = c.dino_loss_weight * dino + c.ibot_loss_weight * ibot + c.koleo_loss_weight * koleo
+        return {"loss": loss, "dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach()}
+
+    @torch.no_grad()
+    def _teacher_targets(self, global_crops: Tensor, masks: Tensor, n_global: int) -> tuple[Tensor, Tensor]:
+        """Centred teacher probabilities: class tokens [n_global, B, K] and masked patches [M, K]."""
+        c, temperature = self.cfg, self.teacher_temperature
+        cls, patch = self.teacher["backbone"](global_crops)
+        masked = patch[masks]
+        if c.ibot_separate_head:
+            cls_logits, patch_logits = self.teacher["dino_head"](cls), self.teacher["ibot_head"](masked)
+        else:
+            logits = self.teacher["dino_head"](torch.cat([cls, masked]))
+            cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
+        # Called on every rank even with no masked patch here: both centrings all-reduce across ranks.
+        if c.centering == "sinkhorn_knopp":
+            n_masked = torch.tensor(float(masked.shape[0]), device=masked.device)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(n_masked)
+            cls_probs = sinkhorn_knopp(cls_logits, temperature, c.sinkhorn_iterations)
+            patch_probs = sinkhorn_knopp(patch_logits, temperature, c.sinkhorn_iterations, n_samples=n_masked)
+        else:
+            cls_probs = self.dino_center(cls_logits, temperature)
+            patch_probs = self.ibot_center(patch_logits, temperature)
+            self.dino_center.update(cls_logits)
+            self.ibot_center.update(patch_logits)
+        return cls_probs.view(n_global, cls.shape[0] // n_global, -1), patch_probs
+
+
+def build(cfg: DINOv2Config, model: ModelConfig, steps_per_epoch: int, seed: int, device: torch.device) -> DINOv2:
+    on_device = cfg.photometric == "device" or (cfg.photometric == "auto" and device.type == "cuda")
+    return DINOv2(cfg, model, steps_per_epoch, seed=seed, device_photometric=on_device)

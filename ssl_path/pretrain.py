@@ -1,0 +1,190 @@
+"""``python -m ssl_path.pretrain``: pretrain an encoder on WebDataset shards.
+
+    python -m ssl_path.pretrain --config dinov2_vits16 --data shards/ --out runs/vits16 [--max-steps N] [key=value ...]
+
+``--config`` is a shipped config name (``ssl_path/configs/*.yaml``) or a YAML file; ``key=value``
+overrides any entry (``seed=3``, ``optim.lr=0.001``, ``train.batch_size=32``,
+``dinov2.crops.n_local=4``). The resolved config is written to ``RUN_DIR/config.yaml``.
+Running the same command on an existing run directory resumes it from
+``RUN_DIR/checkpoints/last.pt``; a run directory is never reused with a different config.
+Several processes (torchrun, ``slurm/launch.py``) train with DDP, or FSDP with ``train.strategy=fsdp``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ssl_path.config import apply_overrides, config_path, dump_yaml, from_dict, read_yaml, to_dict
+from ssl_path.data.loader import shard_urls
+from ssl_path.distributed import DistInfo, barrier, init_distributed
+from ssl_path.errors import UserError, run_cli
+from ssl_path.io import atomic_path, write_json
+from ssl_path.methods import methods
+from ssl_path.methods.backbone import ModelConfig
+from ssl_path.train import OptimConfig, TrainConfig, TrainingDiverged, checkpoint_path, resolve_device, train
+
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+# Settings that may change between a run and its resumption without changing what it computes.
+RESUMABLE_CHANGES = ("train.num_workers", "train.log_every", "train.checkpoint_every", "train.keep_every", "train.compile")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    method: str
+    seed: int
+    model: ModelConfig
+    optim: OptimConfig
+    train: TrainConfig
+    method_cfg: Any  # the method's own config dataclass, from the section named after the method
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "seed": self.seed,
+            "model": to_dict(self.model),
+            self.method: to_dict(self.method_cfg),
+            "optim": to_dict(self.optim),
+            "train": to_dict(self.train),
+        }
+
+
+def resolve_config(name_or_path: str, overrides: Sequence[str] = ()) -> PretrainConfig:
+    """Read a config, apply ``key=value`` overrides, and check every key and value."""
+    data = apply_overrides(read_yaml(config_path(name_or_path)), overrides)
+    registry = methods()
+    method = data.get("method", "dinov2")
+    if method not in registry:
+        raise UserError(f"method {method!r} is not one of {', '.join(registry)}")
+    known = {"method", "seed", "model", "optim", "train", method}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"config: unknown section {unknown[0]!r} (sections: {', '.join(sorted(known))})")
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed must be an integer, not {seed!r}")
+    return PretrainConfig(
+        method=method,
+        seed=seed,
+        model=from_dict(ModelConfig, data.get("model", {}), "model"),
+        optim=from_dict(OptimConfig, data.get("optim", {}), "optim"),
+        train=from_dict(TrainConfig, data.get("train", {}), "train"),
+        method_cfg=from_dict(registry[method].config, data.get(method, {}), method),
+    )
+
+
+def prepare_run_dir(out: Path, config: dict[str, Any], is_main: bool) -> None:
+    """A new run dir gets the config; an existing one must be a run of the same config.
+
+    Every rank checks before any writes (so all of them fail alike), then rank 0 writes.
+    """
+    saved = out / CONFIG_FILE
+    if saved.is_file():
+        previous = read_yaml(saved)
+        difference = _first_difference(previous, config)
+        if difference is not None and difference not in RESUMABLE_CHANGES:
+            raise UserError(
+                f"--out {out} is a run with a different config ({difference}: "
+                f"{_lookup(previous, difference)!r} there, {_lookup(config, difference)!r} now); use another --out"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not a pretraining run directory (no {CONFIG_FILE})")
+    barrier()
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(saved) as tmp:
+            tmp.write_text(dump_yaml(config))
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return None if a == b else prefix.rstrip(".")
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def run(
+    cfg: PretrainConfig,
+    data: Any,
+    out: Path,
+    max_steps: int | None = None,
+    progress: bool = True,
+    dist_info: DistInfo | None = None,
+) -> torch.nn.Module:
+    """Build the method and train it; returns the trained method (unwrapped)."""
+    dist_info = dist_info or init_distributed()
+    shard_urls(data)  # bad --data fails here, before any model is built
+    config = cfg.to_dict()
+    prepare_run_dir(out, config, dist_info.is_main)
+    barrier()
+    if dist_info.is_main and not checkpoint_path(out).exists():
+        write_json(out / RUN_FILE, {
+            "data": [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data),
+            "command": " ".join(sys.argv),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "world_size": dist_info.world_size,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "torch": str(torch.__version__),
+        })
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = resolve_device(cfg.train.device, dist_info)
+    method = methods()[cfg.method].build(cfg.method_cfg, cfg.model, cfg.train.steps_per_epoch, cfg.seed, device)
+    return train(method, data, out, cfg.optim, cfg.train, config, seed=cfg.seed, dist_info=dist_info,
+                 max_steps=max_steps, progress=progress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ssl_path.pretrain",
+        description="Pretrain an encoder (DINOv2) on WebDataset shards; rerun the same command to resume.",
+    )
+    parser.add_argument("--config", required=True, help="shipped config name (e.g. dinov2_vits16) or a YAML file")
+    parser.add_argument("--data", required=True, nargs="+", help="shard folder(s), manifest, .tar or brace pattern")
+    parser.add_argument("--out", required=True, type=Path, help="run directory (created, or resumed)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this step (schedules still span the full run)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. seed=1 optim.lr=1e-3")
+    args, extra = parser.parse_known_args(argv)
+    # key=value items may follow --data's list; argparse files them under --data.
+    data = [d for d in args.data if "=" not in d or Path(d).exists()]
+    overrides = [d for d in args.data if d not in data] + list(args.overrides) + extra
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise UserError(f"unexpected argument {bad[0]!r} (overrides are key=value)")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, not {args.max_steps}")
+    cfg = resolve_config(args.config, overrides)
+    try:
+        run(cfg, data if len(data) > 1 else data[0], args.out, args.max_steps, progress=not args.no_progress)
+    except TrainingDiverged as err:
+        print(f"error: {err}; last good checkpoint: {checkpoint_path(args.out)}", file=sys.stderr)
+        return 1
+    if init_distributed().is_main:
+        print(json.dumps({"run_dir": str(args.out), "checkpoint": str(checkpoint_path(args.out))}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,246 @@
+"""The DINOv2 engine end to end on real tiles: steps, resume after SIGKILL, DDP, failures, the encoder it publishes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ssl_path import encoder, run_log
+from ssl_path.data.loader import StreamPosition, shard_loader
+from ssl_path.errors import run_cli
+from ssl_path.pretrain import resolve_config, run
+from ssl_path.shards import TilingParams, make_shards
+
+REPO = Path(__file__).resolve().parents[1]
+# A very small DINOv2: 2 blocks of width 64, 64 px global and 32 px local crops, 8 steps of 4 tiles.
+TINY = [
+    "model.arch=vit_tiny_patch16_224",
+    "model.kwargs={img_size: 64, depth: 2, embed_dim: 64, num_heads: 2, reg_tokens: 2, init_values: 1.0e-5, drop_path_rate: 0.1}",
+    "dinov2.crops.global_size=64", "dinov2.crops.local_size=32", "dinov2.crops.n_local=2",
+    "dinov2.n_prototypes=256", "dinov2.head_hidden_dim=64", "dinov2.head_bottleneck_dim=32",
+    "train.batch_size=4", "train.steps_per_epoch=4", "train.epochs=2", "train.num_workers=0",
+    "train.shuffle_buffer=20", "train.log_every=1", "train.checkpoint_every=2",
+    "optim.warmup_epochs=0.5", "optim.freeze_last_layer_epochs=0.25", "optim.lr=0.01", "optim.lr_scaling=none",
+]
+
+
+@pytest.fixture(scope="module")
+def tiles(shared_data, tmp_path_factory) -> Path:
+    """64 px tiles of 12 AMi-Br patches and one MoNuSeg image, in two shards."""
+    patches = sorted((shared_data / "amibr_midog21" / "patches" / "normal").glob("*.png"))[:12]
+    monuseg = sorted((shared_data / "monuseg_kumar_norm").rglob("*.png"))[:1]
+    out = tmp_path_factory.mktemp("tiles") / "shards"
+    make_shards([*patches, *monuseg], out, TilingParams(tile_size=64, min_tissue=0.0, samples_per_shard=40), progress=False)
+    return out
+
+
+def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ssl_path.pretrain", "--no-progress", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def test_a_step_on_real_tiles_is_finite_and_moves_student_and_teacher(tiles, tmp_path):
+    cfg = resolve_config("dinov2_tiny_cpu", [*TINY, "train.keep_every=2"])
+    method = run(cfg, tiles, tmp_path / "run", max_steps=2, progress=False)
+    state = method.state_dict()
+    torch.manual_seed(cfg.seed)
+    from ssl_path.methods import methods
+
+    fresh = methods()["dinov2"].build(cfg.method_cfg, cfg.model, cfg.train.steps_per_epoch, cfg.seed, torch.device("cpu"))
+    before = fresh.state_dict()
+    moved = [k for k in state if not torch.equal(state[k], before[k])]
+    assert any(k.startswith("student.backbone.vit.blocks") for k in moved)
+    assert any(k.startswith("teacher.backbone.vit.blocks") for k in moved)
+    # the last layer is frozen for the first step (freeze_last_layer_epochs=0.25 of 4 steps) but moves at step 2
+    assert any("student.dino_head.last_layer" in k for k in moved)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        for key in ("loss", "dino", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temperature", "img_per_s", "data_wait"):
+            assert key in r and r[key] == r[key] and abs(r[key]) < 1e6, (key, r)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    kept = tmp_path / "run" / "checkpoints" / "step_0000002.pt"
+    assert torch.load(kept, weights_only=True)["step"] == 2  # the retained history
+    (tmp_path / "run" / "loss.png").unlink()
+    assert run_cli(run_log.main, [str(tmp_path / "run")]) == 0  # the PNG on demand
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert run_cli(run_log.main, [str(tmp_path)]) == 2
+
+
+def test_encoder_load_of_a_run_returns_the_teacher_backbone(tiles, tmp_path):
+    cfg = resolve_config("dinov2_tiny_cpu", TINY)
+    method = run(cfg, tiles, tmp_path / "run", max_steps=2, progress=False)
+    model, info = encoder.load(tmp_path / "run")
+    assert (info.embed_dim, info.patch_size, info.num_blocks, info.num_prefix_tokens) == (64, 16, 2, 3)
+    images = torch.randn(2, 3, 64, 64)
+    teacher = method.teacher["backbone"].vit.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(images), teacher.forward_features(images), atol=1e-6)
+        # dynamic_img_size travels with the encoder: another input size works too
+        assert model.forward_features(torch.randn(1, 3, 96, 96)).shape == (1, 36 + 3, 64)
+
+
+def test_resume_after_sigkill_reaches_the_uninterrupted_weights(tiles, tmp_path):
+    common = ["--config", "dinov2_tiny_cpu", "--data", str(tiles), *TINY]
+    whole = _cli(*common, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+
+    killed_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ssl_path.pretrain", "--no-progress", *common, "--out", str(killed_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 180
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    step_at_kill = torch.load(last, weights_only=True)["step"]
+    assert 0 < step_at_kill < 8
+
+    resumed = _cli(*common, "--out", str(killed_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _model_state(tmp_path / "whole"), _model_state(killed_dir)
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel())
+    assert worst <= 1e-6
+    steps = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # steps redone after the kill are logged once
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiles, tmp_path):
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        cfg = resolve_config("dinov2_tiny_cpu", [*TINY, f"seed={seed}"])
+        runs[name] = run(cfg, tiles, tmp_path / name, max_steps=2, progress=False).state_dict()
+    key = "teacher.backbone.vit.blocks.0.attn.qkv.weight"
+    assert torch.equal(runs["a"][key], runs["b"][key])
+    assert not torch.equal(runs["a"][key], runs["c"][key])
+
+
+def test_train_stream_resumes_at_any_batch_with_workers(tiles):
+    def keys(start: int, n: int) -> list[list[str]]:
+        loader = shard_loader(tiles, "train", 3, collate_fn=lambda s: [x["key"] for x in s], num_workers=2,
+                              seed=1, shuffle_buffer=10, start_batch=start)
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    whole = keys(0, 7)
+    for start in (1, 2, 5):
+        assert keys(start, 7 - start) == whole[start:]
+    assert StreamPosition(5, 3).worker_stream(0, 2) == (1, 6)
+
+
+def test_corrupt_checkpoint_is_refused_in_one_line(tiles, tmp_path):
+    cfg = resolve_config("dinov2_tiny_cpu", TINY)
+    run(cfg, tiles, tmp_path / "run", max_steps=2, progress=False)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    result = _cli("--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "run"), *TINY)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and str(last) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_non_finite_loss_stops_naming_step_and_term_and_keeps_good_checkpoints(tiles, tmp_path):
+    result = _cli("--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "run"), *TINY,
+                  "optim.lr=1.0e+30", "optim.warmup_epochs=0", "optim.clip_grad=0", "train.checkpoint_every=1")
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "non-finite loss term" in line and "at step" in line
+    assert any(f"'{t}'" in line for t in ("dino", "ibot", "koleo", "loss"))
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    if last.exists():
+        saved = torch.load(last, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--config", "no_such_config"], "not a YAML file nor a shipped config"),
+        (["--config", "dinov2_tiny_cpu", "optim.lrr=1"], "unknown key 'lrr'"),
+        (["--config", "dinov2_tiny_cpu", "train.batch_size=many"], "expected an integer"),
+        (["--config", "dinov2_tiny_cpu", "dinov2.centering=mean"], "centering must be one of"),
+    ],
+)
+def test_bad_config_fails_in_one_line(tiles, tmp_path, args, words):
+    result = _cli(*args, "--data", str(tiles), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and words in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_run_dir_is_never_reused_with_another_config(tiles, tmp_path):
+    cfg = resolve_config("dinov2_tiny_cpu", TINY)
+    run(cfg, tiles, tmp_path / "run", max_steps=1, progress=False)
+    result = _cli("--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "run"), *TINY, "optim.lr=0.5")
+    assert result.returncode == 2 and "different config (optim.lr" in result.stderr
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    result = _cli("--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "other"), *TINY)
+    assert result.returncode == 2 and "not a pretraining run directory" in result.stderr
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def _ddp_worker(rank: int, world: int, port: int, tiles: str, out: str, overrides: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
+    torch.set_num_threads(1)
+    method = run(resolve_config("dinov2_tiny_cpu", overrides), tiles, Path(out) / "run", max_steps=3, progress=False)
+    torch.save(method.state_dict(), Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
+def test_ddp_with_two_gloo_processes_keeps_ranks_identical(tiles, tmp_path, centering):
+    port = 29500 + os.getpid() % 1000 + (centering == "softmax")
+    mp.spawn(_ddp_worker, args=(2, port, str(tiles), str(tmp_path), [*TINY, f"dinov2.centering={centering}"]), nprocs=2)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["data"]["world_size"] == 2 and saved["step"] == 3
+    # the ranks saw different tiles, yet training moved them identically
+    assert not torch.equal(a["student.backbone.vit.pos_embed"], resolve_and_build_pos_embed())
+
+
+def resolve_and_build_pos_embed() -> torch.Tensor:
+    cfg = resolve_config("dinov2_tiny_cpu", TINY)
+    torch.manual_seed(cfg.seed)
+    from ssl_path.methods import methods
+
+    method = methods()["dinov2"].build(cfg.method_cfg, cfg.model, cfg.train.steps_per_epoch, cfg.seed, torch.device("cpu"))
+    return method.state_dict()["student.backbone.vit.pos_embed"]
+
+
+def _fsdp_worker(rank: int, world: int, port: int, tiles: str, out: str, overrides: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
+    torch.set_num_threads(1)
+    run(resolve_config("dinov2_tiny_cpu", overrides), tiles, Path(out) / "run", max_steps=2, progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_checkpoint_resumes_in_one_process_and_loads_on_cpu(tiles, tmp_path):
+    overrides = [*TINY, "train.strategy=fsdp"]
+    mp.spawn(_fsdp_worker, args=(2, 29400 + os.getpid() % 100, str(tiles), str(tmp_path), overrides), nprocs=2)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["step"] == 2 and saved["data"]["world_size"] == 2
+    # whole tensors, not shards: the first block's qkv has its full shape
+    assert saved["model"]["student.backbone.vit.blocks.0.attn.qkv.weight"].shape == (192, 64)
+    model, _ = encoder.load(tmp_path / "run")  # one CPU, no process group
+    assert model.forward_features(torch.randn(1, 3, 64, 64)).isfinite().all()
+    method = run(resolve_config("dinov2_tiny_cpu", overrides), tiles, tmp_path / "run", max_steps=4, progress=False)
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["step"] == 4 and resumed["data"]["world_size"] == 1
+    assert not torch.equal(resumed["model"]["student.backbone.vit.pos_embed"], saved["model"]["student.backbone.vit.pos_embed"])
+    assert method.state_dict().keys() == saved["model"].keys()

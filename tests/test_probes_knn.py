@@ -1,0 +1,236 @@
+"""kNN probe: both protocols on synthetic features, metrics against scikit-learn, the results schema,
+and the command line on a few real AMi-Br patches."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+from probes import knn
+from probes.metrics import classification_metrics
+from probes.results import SCHEMA, make_results, read_results, write_results
+from ssl_path import encoder
+from ssl_path.errors import UserError, run_cli
+from synthetic_features import blobs, feature_set
+
+# ----------------------------------------------------------------------------- synthetic features
+
+
+def test_separable_clusters_are_classified_perfectly_by_both_protocols():
+    train_x, train_y = blobs(100, seed=0)
+    test_x, test_y = blobs(200, seed=1)
+    pred, probs = knn.knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, n_classes=3)
+    assert (pred == test_y).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    pred, probs = knn.uni_knn_predict(train_x, train_y, test_x)
+    assert (pred == test_y).all() and (probs[np.arange(600), test_y] == 1.0).all()
+
+
+def test_shuffled_labels_give_chance_accuracy():
+    train_x, train_y = blobs(100, seed=0)
+    test_x, test_y = blobs(200, seed=1)
+    shuffled = np.random.default_rng(2).permutation(train_y)
+    for pred, _ in (
+        knn.knn_predict(train_x, shuffled, test_x, k=20, temperature=0.07, n_classes=3),
+        knn.uni_knn_predict(train_x, shuffled, test_x, n_classes=3),
+    ):
+        assert abs((pred == test_y).mean() - 1 / 3) < 0.15
+
+
+# Six training points, mean zero (so UNI's centring leaves them), unit query along x:
+# similarities A 1.0 (class 0), B and C 0.8 (class 1), D -1.0, E and F -0.8 (class 0).
+HAND_TRAIN = np.array([[1, 0], [0.8, 0.6], [0.8, -0.6], [-1, 0], [-0.8, 0.6], [-0.8, -0.6]], dtype=np.float32)
+HAND_LABELS = np.array([0, 1, 1, 0, 0, 0])
+HAND_QUERY = np.array([[1.0, 0.0]], dtype=np.float32)
+
+
+def test_dino_votes_are_weighted_by_exp_similarity_over_temperature():
+    pred, probs = knn.knn_predict(HAND_TRAIN, HAND_LABELS, HAND_QUERY, k=3, temperature=0.5, n_classes=2)
+    w_a, w_bc = math.exp(1.0 / 0.5), math.exp(0.8 / 0.5)
+    np.testing.assert_allclose(probs[0], [w_a / (w_a + 2 * w_bc), 2 * w_bc / (w_a + 2 * w_bc)], rtol=1e-5)
+    assert pred[0] == 1  # two votes of 4.95 beat one of 7.39
+    # a sharper temperature lets the single closest neighbour win; scaling features changes nothing
+    pred, probs = knn.knn_predict(HAND_TRAIN * 7, HAND_LABELS, HAND_QUERY * 3, k=3, temperature=0.07, n_classes=2)
+    w_bc = math.exp(-0.2 / 0.07)
+    np.testing.assert_allclose(probs[0], [1 / (1 + 2 * w_bc), 2 * w_bc / (1 + 2 * w_bc)], rtol=1e-5)
+    assert pred[0] == 0
+
+
+def test_uni_is_a_majority_vote_with_ties_to_the_more_similar_class():
+    pred, probs = knn.uni_knn_predict(HAND_TRAIN, HAND_LABELS, HAND_QUERY, k=3)
+    assert pred[0] == 1 and probs[0].tolist() == pytest.approx([1 / 3, 2 / 3])
+    pred, probs = knn.uni_knn_predict(HAND_TRAIN, HAND_LABELS, HAND_QUERY, k=2)  # A vs B or C: 1 vote each
+    assert pred[0] == 0 and probs[0].tolist() == pytest.approx([0.5, 0.5])
+    # centring on the train mean makes a shared offset irrelevant (without it, all would point along it)
+    offset = np.array([[50.0, 50.0]], dtype=np.float32)
+    pred, _ = knn.uni_knn_predict(HAND_TRAIN + offset, HAND_LABELS, HAND_QUERY + offset, k=3)
+    assert pred[0] == 1
+
+
+def test_run_knn_rows_and_clamped_k(capsys):
+    train_x, train_y = blobs(5, n_classes=2, seed=0)
+    test_x, test_y = blobs(10, n_classes=2, seed=1)
+    classes = ("a", "b")
+    # the test set lists its classes in another order: labels are matched by name
+    test = feature_set(test_x, 1 - test_y, ("b", "a"))
+    rows = knn.run_knn(feature_set(train_x, train_y, classes), test, ks=[3, 50], temperature=0.07)
+    assert list(rows) == ["k3", "k50", "uni_k20"]
+    assert rows["k50"]["k_used"] == 10 and rows["uni_k20"]["k_used"] == 10 and rows["k3"]["k_used"] == 3
+    assert all(row["accuracy"] == 1.0 and row["n"] == 20 for row in rows.values())
+    assert rows["k3"]["protocol"] == "dino" and rows["uni_k20"]["protocol"] == "uni"
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: ") for w in warnings)
+    with pytest.raises(UserError, match="not among the training classes"):
+        knn.run_knn(feature_set(train_x, train_y, classes), feature_set(test_x, test_y, ("a", "c")), ks=[3])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_auroc_matches_sklearn_binary_and_multiclass():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 50)
+    p1 = np.clip(0.3 * y + rng.random(50) * 0.7, 0, 1)
+    probs = np.stack([1 - p1, p1], axis=1)
+    m = classification_metrics(y, probs.argmax(1), probs, classes=("n", "a"))
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, p1))
+    y3 = rng.integers(0, 3, 90)
+    logits = rng.normal(size=(90, 3)) + 1.5 * np.eye(3)[y3]
+    probs3 = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = classification_metrics(y3, probs3.argmax(1), probs3, classes=("x", "y", "z"))
+    assert m["auroc"] == pytest.approx(roc_auc_score(y3, probs3, multi_class="ovr", average="macro"))
+    assert m["n"] == 90 and np.asarray(m["confusion_matrix"]).sum() == 90
+    # a class missing from y_true: AUROC is undefined, the matrix keeps its row
+    absent = classification_metrics(y3[y3 < 2], probs3[y3 < 2].argmax(1), probs3[y3 < 2], classes=("x", "y", "z"))
+    assert absent["auroc"] is None and len(absent["confusion_matrix"]) == 3
+
+
+def test_kappa_quadratic_when_ordinal_and_constant_labels_give_none():
+    y = np.array([0, 1, 2, 2, 1, 0, 2])
+    p = np.array([0, 2, 2, 1, 1, 0, 0])
+    assert classification_metrics(y, p, ordinal=True)["cohen_kappa"] == pytest.approx(
+        cohen_kappa_score(y, p, weights="quadratic"))
+    plain = classification_metrics(y, p)
+    assert plain["cohen_kappa"] == pytest.approx(cohen_kappa_score(y, p))
+    # recalls: class 0 2/2, class 1 1/2, class 2 1/3
+    assert plain["accuracy"] == pytest.approx(4 / 7)
+    assert plain["balanced_accuracy"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    assert classification_metrics([0, 0], [0, 0], classes=("a", "b"))["cohen_kappa"] is None
+
+
+# ----------------------------------------------------------------------------- results schema
+
+
+def _results(**metrics):
+    return make_results(
+        probe="knn", encoder={"ref": "timm:x", "hash": "abc"},
+        dataset={"train": "a", "test": "b", "n_train": 3, "n_test": 2, "classes": ("n", "a")},
+        split={"method": "given"}, seeds=[np.int64(0)],
+        metrics=metrics or {"k10": {"accuracy": np.float32(0.5), "auroc": float("nan")}},
+        config={"ks": (10,)},
+    )
+
+
+def test_results_round_trip_and_refuse_overwrite(tmp_path):
+    path = tmp_path / "results.json"
+    results = _results()
+    write_results(path, results)
+    back = read_results(path)
+    assert back["schema"] == SCHEMA and back["metrics"]["k10"] == {"accuracy": 0.5, "auroc": None}
+    assert back["seeds"] == [0] and back["dataset"]["classes"] == ["n", "a"] and back["created"] == results["created"]
+    json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    with pytest.raises(UserError, match="already exists"):
+        write_results(path, results)
+    write_results(path, _results(k20={"accuracy": 1.0}), overwrite=True)
+    assert read_results(path)["metrics"] == {"k20": {"accuracy": 1.0}}
+
+
+def test_read_results_names_a_missing_or_foreign_file(tmp_path):
+    with pytest.raises(UserError, match="missing.json does not exist"):
+        read_results(tmp_path / "missing.json")
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"schema": "other/v9", "accuracy": 1}))
+    with pytest.raises(UserError, match="foreign.json is not an ssl-path results file"):
+        read_results(foreign)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(UserError, match="broken.json"):
+        read_results(broken)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def specs(shared_data) -> tuple[str, str]:
+    """Two disjoint slide sets of AMi-Br: 3 atypical + 6 normal patches each."""
+    root = shared_data / "amibr_midog21"
+    return f"amibr:{root}?group=005.tiff,006.tiff", f"amibr:{root}?group=008.tiff,011.tiff"
+
+
+def cli(argv: list[str]) -> int:
+    return run_cli(knn.main, argv)
+
+
+def common(train: str, test: str, tmp_path) -> list[str]:
+    return ["--ckpt", "timm:vit_tiny_patch16_224", "--train", train, "--test", test, "--input-size", "64",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+
+
+def test_cli_writes_results_and_reuses_the_cache(specs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "results.json"
+    assert cli([*common(*specs, tmp_path), "--k", "3", "20", "--out", str(out), "--seed", "7"]) == 0
+    captured = capsys.readouterr()
+    assert "k3" in captured.out and "uni_k20" in captured.out and "Traceback" not in captured.err
+    results = read_results(out)
+    assert results["probe"] == "knn" and results["seeds"] == [7]
+    assert results["dataset"]["n_train"] == 9 and results["dataset"]["n_test"] == 9
+    assert results["dataset"]["classes"] == ["normal", "atypical"] and results["split"]["shared_groups"] == 0
+    assert set(results["metrics"]) == {"k3", "k20", "uni_k20"} and results["metrics"]["k20"]["k_used"] == 9
+    assert results["encoder"]["ref"] == "timm:vit_tiny_patch16_224" and results["config"]["input_size"] == 64
+    first = results["metrics"]["k3"]["accuracy"]
+    # the same sets again: features come from the cache, so no encoder may be built
+    monkeypatch.setattr(encoder, "load", lambda *a, **k: pytest.fail("encoder built despite the cache"))
+    assert cli([*common(*specs, tmp_path), "--k", "3", "--out", str(out), "--overwrite"]) == 0
+    assert read_results(out)["metrics"]["k3"]["accuracy"] == first
+
+
+def _assert_one_line_error(capsys, *fragments: str) -> None:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_cli_bad_inputs_are_one_line_errors(specs, shared_data, tmp_path, capsys, monkeypatch):
+    # none of these may get as far as building an encoder
+    monkeypatch.setattr(encoder, "load", lambda *a, **k: pytest.fail("encoder built for a bad input"))
+    train, test = specs
+    assert cli(common(f"amibr:{tmp_path / 'nowhere'}", test, tmp_path)) == 2
+    _assert_one_line_error(capsys, "nowhere", "does not exist")
+
+    only_normal = f"amibr:{shared_data / 'amibr_midog21'}?group=003.tiff"
+    assert cli(common(only_normal, test, tmp_path)) == 2
+    _assert_one_line_error(capsys, "003.tiff", "no images of class 'atypical'")
+
+    one_class = tmp_path / "one_class" / "normal"
+    one_class.mkdir(parents=True)
+    for path in sorted((shared_data / "amibr_midog21" / "patches" / "normal").glob("*.png"))[:2]:
+        shutil.copy(path, one_class)
+    assert cli(common(str(one_class.parent), test, tmp_path)) == 2
+    _assert_one_line_error(capsys, "1 class", "at least 2")
+
+    out = tmp_path / "results.json"
+    out.write_text("{}")
+    assert cli([*common(train, test, tmp_path), "--out", str(out)]) == 2
+    _assert_one_line_error(capsys, "already exists", "--overwrite")
+    assert out.read_text() == "{}"
+
+    assert cli([*common(train, test, tmp_path), "--temperature", "0"]) == 2
+    _assert_one_line_error(capsys, "--temperature")
