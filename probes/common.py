@@ -16,12 +16,13 @@ import numpy as np
 
 from probes.features import DEFAULT_CACHE, POOLS, FeatureSet, extract_features
 from probes.results import make_results, write_results
+from probes.splits import domain_folds, group_split
 from ssl_path.data.readers import LabelledSet, read_spec
 from ssl_path.errors import UserError
 
 __all__ = [
     "align_labels", "check_sets", "shared_groups", "format_table",
-    "add_probe_arguments", "ProbeInputs", "probe_inputs", "report",
+    "add_feature_arguments", "add_probe_arguments", "ProbeInputs", "probe_inputs", "probe_splits", "prefixed", "report",
 ]
 
 
@@ -76,24 +77,23 @@ def format_table(
     cells_param = [format(row[key], spec) for row in rows.values()]
     width = max([4, len(header_name), *(len(c) for c in cells_param)])
     columns = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "cohen_kappa")
-    header = f"{'probe':<10}{header_name:>{width}}  " + "  ".join(f"{c:>17}" for c in columns)
+    name_width = max([10, *(len(name) + 2 for name in rows)])
+    header = f"{'probe':<{name_width}}{header_name:>{width}}  " + "  ".join(f"{c:>17}" for c in columns)
     lines = [header]
     for (name, row), value in zip(rows.items(), cells_param):
         cells = "  ".join(f"{'-' if row[c] is None else format(row[c], '.4f'):>17}" for c in columns)
-        lines.append(f"{name:<10}{value:>{width}}  {cells}")
+        lines.append(f"{name:<{name_width}}{value:>{width}}  {cells}")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the shared command line
 
 
-def add_probe_arguments(parser: argparse.ArgumentParser, seed_help: str) -> argparse.ArgumentParser:
-    """The arguments every frozen-feature probe takes: encoder, sets, features, output."""
+def add_feature_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """How features are made: the encoder, pooling, test-time averaging, size, batching, device, cache."""
     p = parser
     p.add_argument("--ckpt", required=True, metavar="REF",
                    help="encoder: timm:ARCH, hf-hub:ORG/NAME, a checkpoint, a run directory or an exported folder")
-    p.add_argument("--train", required=True, metavar="SPEC", help="training set, e.g. amibr:DATA?domain=hamamatsu_xr")
-    p.add_argument("--test", required=True, metavar="SPEC", help="test set, e.g. amibr:DATA?domain=hamamatsu_s360")
     p.add_argument("--pool", choices=POOLS, default="cls", help="token pooling (default %(default)s)")
     p.add_argument("--tta", action="store_true", help="average the features of the 8 flips and rotations")
     p.add_argument("--input-size", type=int, default=None, help="image side in pixels (default: the encoder's)")
@@ -102,53 +102,124 @@ def add_probe_arguments(parser: argparse.ArgumentParser, seed_help: str) -> argp
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="feature cache folder (default $SSL_PATH_CACHE or ~/.cache/ssl_path/features)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser, seed_help: str) -> argparse.ArgumentParser:
+    """The arguments every frozen-feature probe takes: features, sets and splits, output."""
+    p = add_feature_arguments(parser)
+    p.add_argument("--train", required=True, metavar="SPEC", help="training set, e.g. amibr:DATA?domain=hamamatsu_xr")
+    p.add_argument("--test", metavar="SPEC",
+                   help="test set, e.g. amibr:DATA?domain=hamamatsu_s360 (or carve it from --train, below)")
+    p.add_argument("--leave-one-domain-out", action="store_true",
+                   help="no --test: for every domain of --train, train on the others and test on it")
+    p.add_argument("--split-by", choices=("group",), default=None,
+                   help="no --test: hold out whole groups (patients/slides) of --train as the test set")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="with --split-by group: share of the images held out (default %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="write results.json here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 @dataclass(frozen=True)
 class ProbeInputs:
-    """The two labelled sets a probe command named, their features, and how many groups they share."""
+    """The two labelled sets a probe command named, their features, and how many groups they share.
+
+    ``name`` names the split when one command runs several (a left-out domain); "" otherwise.
+    """
 
     train_data: LabelledSet
     test_data: LabelledSet
     train: FeatureSet
     test: FeatureSet
     shared: int
+    name: str = ""
 
 
 def probe_inputs(args: argparse.Namespace, probe: str) -> ProbeInputs:
     """Check ``--out`` and the sets, then extract (or reuse cached) features of both."""
-    # Refuse an existing --out before spending minutes on features.
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise UserError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    _refuse_existing_out(args)
+    if args.test is None:
+        raise UserError("--test SPEC is required (or --leave-one-domain-out, or --split-by group)")
     train_data, test_data = read_spec(args.train), read_spec(args.test)
     check_sets(train_data, test_data, args.train, args.test, probe=probe)
-
-    def features(data: LabelledSet) -> FeatureSet:
-        return extract_features(
-            args.ckpt, data, pool=args.pool, tta=args.tta, batch_size=args.batch_size, num_workers=args.workers,
-            device=args.device, input_size=args.input_size,
-            cache_dir=DEFAULT_CACHE if args.cache_dir is None else args.cache_dir, progress=not args.no_progress,
-        )
-
-    train, test = features(train_data), features(test_data)
+    train, test = _features(args, train_data), _features(args, test_data)
     shared = shared_groups(train, test)
     if shared:
         print(f"warning: {shared} groups (slides/patients) have images in both train and test", file=sys.stderr)
     return ProbeInputs(train_data, test_data, train, test, shared)
 
 
+def probe_splits(args: argparse.Namespace, probe: str) -> tuple[list[ProbeInputs], dict[str, Any]]:
+    """The train/test pairs a probe command asked for, and the ``split`` entry of its results.json.
+
+    ``--test SPEC``: one given pair. ``--split-by group``: one pair carved from ``--train`` in whole
+    groups. ``--leave-one-domain-out``: one pair per domain of ``--train``. Features of ``--train`` are
+    extracted once and split, never re-extracted.
+    """
+    carved = args.leave_one_domain_out or args.split_by is not None
+    if args.leave_one_domain_out and args.split_by is not None:
+        raise UserError("--leave-one-domain-out and --split-by are two ways to make a test set; give one")
+    if carved and args.test is not None:
+        raise UserError("--test is given, so there is nothing to carve: drop --leave-one-domain-out / --split-by")
+    if not carved:
+        return [probe_inputs(args, probe)], {}
+    _refuse_existing_out(args)
+    data = read_spec(args.train)
+    check_sets(data, data, args.train, args.train, probe=probe)
+    if args.leave_one_domain_out:
+        folds = domain_folds([r.domain for r in data.records])  # before the encoder is built
+        features = _features(args, data)
+        splits = []
+        for domain, train_idx, test_idx in folds:
+            train, test = features.select(train_idx), features.select(test_idx)
+            if len(set(train.labels.tolist())) < 2:
+                raise UserError(f"--leave-one-domain-out: without domain {domain!r} the training set has one class")
+            splits.append(ProbeInputs(data, data, train, test, shared_groups(train, test), domain))
+        folds_info = [{"domain": s.name, "n_train": len(s.train), "n_test": len(s.test), "shared_groups": s.shared} for s in splits]
+        return splits, {"method": "leave-one-domain-out", "folds": folds_info}
+    train_idx, test_idx = group_split(data.targets(), [r.group for r in data.records], args.test_fraction, args.seed)
+    features = _features(args, data)
+    train, test = features.select(train_idx), features.select(test_idx)
+    split = {"method": "group", "test_fraction": args.test_fraction, "seed": args.seed,
+             "train_groups": len(set(train.groups)), "test_groups": len(set(test.groups))}
+    return [ProbeInputs(data, data, train, test, shared_groups(train, test))], split
+
+
+def prefixed(name: str, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Rows of one split of several, keyed ``"<split>/<row>"``."""
+    return {f"{name}/{key}" if name else key: row for key, row in rows.items()}
+
+
+def _refuse_existing_out(args: argparse.Namespace) -> None:
+    # Before spending minutes on features.
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise UserError(f"--out {args.out} already exists; pass --overwrite to replace it")
+
+
+def _features(args: argparse.Namespace, data: LabelledSet) -> FeatureSet:
+    return extract_features(
+        args.ckpt, data, pool=args.pool, tta=args.tta, batch_size=args.batch_size, num_workers=args.workers,
+        device=args.device, input_size=args.input_size,
+        cache_dir=DEFAULT_CACHE if args.cache_dir is None else args.cache_dir, progress=not args.no_progress,
+    )
+
+
 def report(
     args: argparse.Namespace, probe: str, inputs: ProbeInputs, rows: dict[str, dict[str, Any]],
-    table: str, split: dict[str, Any], config: dict[str, Any],
+    table: str, split: dict[str, Any], config: dict[str, Any], seeds: Sequence[int] | None = None,
 ) -> None:
-    """Print the table and, with ``--out``, write the probe's results.json."""
+    """Print the table and, with ``--out``, write the probe's results.json (``seeds``: default ``[--seed]``)."""
     train, test = inputs.train, inputs.test
-    print(f"{args.ckpt} | train {len(train)} | test {len(test)} | classes {', '.join(train.classes)}")
+    folds = split.get("folds")
+    sizes = (
+        " | ".join(f"{f['domain']} left out: train {f['n_train']}, test {f['n_test']}" for f in folds)
+        if folds else f"train {len(train)} | test {len(test)}"
+    )
+    print(f"{args.ckpt} | {sizes} | classes {', '.join(train.classes)}")
     print(table)
     if args.out is None:
         return
@@ -161,7 +232,7 @@ def report(
             "test_data_hash": test.data_hash,
         },
         split={"method": "given", "train": args.train, "test": args.test, "shared_groups": inputs.shared, **split},
-        seeds=[args.seed],
+        seeds=list(seeds) if seeds is not None else [args.seed],
         metrics=rows,
         config={**config, "pool": args.pool, "tta": args.tta, "input_size": train.input_size,
                 "batch_size": args.batch_size, "device": args.device},

@@ -24,7 +24,9 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-from probes.common import add_probe_arguments, align_labels, check_sets, format_table, probe_inputs, report, shared_groups
+from probes.common import (
+    add_probe_arguments, align_labels, check_sets, format_table, prefixed, probe_splits, report, shared_groups,
+)
 from probes.features import FeatureSet
 from probes.metrics import classification_metrics
 from ssl_path.errors import UserError, run_cli
@@ -198,9 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--temperature must be > 0, got {args.temperature}")
     if any(k < 1 for k in args.k):
         raise UserError(f"--k values must be >= 1, got {args.k}")
-    inputs = probe_inputs(args, probe="kNN")
-    rows = run_knn(inputs.train, inputs.test, args.k, args.temperature)
-    report(args, "knn", inputs, rows, format_table(rows), split={},
+    splits, split_info = probe_splits(args, probe="kNN")
+    rows: dict[str, dict[str, Any]] = {}
+    for inputs in splits:
+        rows.update(prefixed(inputs.name, run_knn(inputs.train, inputs.test, args.k, args.temperature)))
+    report(args, "knn", splits[0], rows, format_table(rows), split=split_info,
            config={"ks": args.k, "temperature": args.temperature, "uni_k": UNI_K})
     return 0
 

@@ -29,7 +29,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from probes.common import add_probe_arguments, align_labels, format_table, probe_inputs, report
+from probes.common import add_probe_arguments, align_labels, format_table, prefixed, probe_splits, report
 from probes.features import FeatureSet
 from probes.metrics import classification_metrics
 from ssl_path.errors import UserError, run_cli
@@ -190,16 +190,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--c-grid values must be > 0, got {bad}")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
-    inputs = probe_inputs(args, probe="linear probe")
-    row = run_linear(inputs.train, inputs.test, args.c_grid, args.val_fraction, args.seed)
-    if not row["converged"]:
-        print(f"warning: logistic regression did not converge in {MAX_ITER} iterations at C={row['c']:g}",
-              file=sys.stderr)
-    rows = {"linear": row}
-    split = {
-        "validation": "grouped" if row["val_grouped"] else "stratified", "val_fraction": args.val_fraction,
-        "n_fit": row["n_fit"], "n_val": row["n_val"],
-    }
+    splits, split = probe_splits(args, probe="linear probe")
+    rows: dict[str, dict[str, Any]] = {}
+    for inputs in splits:
+        row = run_linear(inputs.train, inputs.test, args.c_grid, args.val_fraction, args.seed)
+        if not row["converged"]:
+            print(f"warning: logistic regression did not converge in {MAX_ITER} iterations at C={row['c']:g}"
+                  f"{' (' + inputs.name + ')' if inputs.name else ''}", file=sys.stderr)
+        rows.update(prefixed(inputs.name, {"linear": row}))
+    split = {**split, "validation": "grouped" if row["val_grouped"] else "stratified",
+             "val_fraction": args.val_fraction}
     config = {
         "c_grid": sorted(args.c_grid), "val_fraction": args.val_fraction, "selection": "balanced_accuracy",
         "solver": "lbfgs", "max_iter": MAX_ITER, "standardize": True,

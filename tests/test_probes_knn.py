@@ -15,7 +15,7 @@ from probes.metrics import classification_metrics
 from probes.results import SCHEMA, make_results, read_results, write_results
 from ssl_path import encoder
 from ssl_path.errors import UserError, run_cli
-from synthetic_features import blobs, feature_set
+from probe_helpers import blobs, feature_set, probe_args as common, assert_one_line_error
 
 # ----------------------------------------------------------------------------- synthetic features
 
@@ -176,11 +176,6 @@ def cli(argv: list[str]) -> int:
     return run_cli(knn.main, argv)
 
 
-def common(train: str, test: str, tmp_path) -> list[str]:
-    return ["--ckpt", "timm:vit_tiny_patch16_224", "--train", train, "--test", test, "--input-size", "64",
-            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
-
-
 def test_cli_writes_results_and_reuses_the_cache(specs, tmp_path, capsys, monkeypatch):
     out = tmp_path / "results.json"
     assert cli([*common(*specs, tmp_path), "--k", "3", "20", "--out", str(out), "--seed", "7"]) == 0
@@ -199,38 +194,29 @@ def test_cli_writes_results_and_reuses_the_cache(specs, tmp_path, capsys, monkey
     assert read_results(out)["metrics"]["k3"]["accuracy"] == first
 
 
-def _assert_one_line_error(capsys, *fragments: str) -> None:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 def test_cli_bad_inputs_are_one_line_errors(specs, shared_data, tmp_path, capsys, monkeypatch):
     # none of these may get as far as building an encoder
     monkeypatch.setattr(encoder, "load", lambda *a, **k: pytest.fail("encoder built for a bad input"))
     train, test = specs
     assert cli(common(f"amibr:{tmp_path / 'nowhere'}", test, tmp_path)) == 2
-    _assert_one_line_error(capsys, "nowhere", "does not exist")
+    assert_one_line_error(capsys, "nowhere", "does not exist")
 
     only_normal = f"amibr:{shared_data / 'amibr_midog21'}?group=003.tiff"
     assert cli(common(only_normal, test, tmp_path)) == 2
-    _assert_one_line_error(capsys, "003.tiff", "no images of class 'atypical'")
+    assert_one_line_error(capsys, "003.tiff", "no images of class 'atypical'")
 
     one_class = tmp_path / "one_class" / "normal"
     one_class.mkdir(parents=True)
     for path in sorted((shared_data / "amibr_midog21" / "patches" / "normal").glob("*.png"))[:2]:
         shutil.copy(path, one_class)
     assert cli(common(str(one_class.parent), test, tmp_path)) == 2
-    _assert_one_line_error(capsys, "1 class", "at least 2")
+    assert_one_line_error(capsys, "1 class", "at least 2")
 
     out = tmp_path / "results.json"
     out.write_text("{}")
     assert cli([*common(train, test, tmp_path), "--out", str(out)]) == 2
-    _assert_one_line_error(capsys, "already exists", "--overwrite")
+    assert_one_line_error(capsys, "already exists", "--overwrite")
     assert out.read_text() == "{}"
 
     assert cli([*common(train, test, tmp_path), "--temperature", "0"]) == 2
-    _assert_one_line_error(capsys, "--temperature")
+    assert_one_line_error(capsys, "--temperature")

@@ -9,7 +9,7 @@ from probes import linear
 from probes.results import read_results
 from ssl_path import encoder
 from ssl_path.errors import UserError, run_cli
-from synthetic_features import blobs, feature_set
+from probe_helpers import blobs, feature_set, probe_args as common, assert_one_line_error
 
 
 CLASSES = ("a", "b", "c")
@@ -106,11 +106,6 @@ def cli(argv: list[str]) -> int:
     return run_cli(linear.main, argv)
 
 
-def common(train: str, test: str, tmp_path) -> list[str]:
-    return ["--ckpt", "timm:vit_tiny_patch16_224", "--train", train, "--test", test, "--input-size", "64",
-            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
-
-
 def test_cli_writes_results(specs, tmp_path, capsys):
     out = tmp_path / "results.json"
     assert cli([*common(*specs, tmp_path), "--c-grid", "0.1", "1", "--out", str(out), "--seed", "3"]) == 0
@@ -125,22 +120,13 @@ def test_cli_writes_results(specs, tmp_path, capsys):
     assert results["config"]["c_grid"] == [0.1, 1.0] and results["config"]["input_size"] == 64
 
 
-def _assert_one_line_error(capsys, *fragments: str) -> None:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 def test_cli_bad_inputs_are_one_line_errors(specs, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(encoder, "load", lambda *a, **k: pytest.fail("encoder built for a bad input"))
     train, test = specs
     assert cli(common(f"amibr:{tmp_path / 'nowhere'}", test, tmp_path)) == 2
-    _assert_one_line_error(capsys, "nowhere", "does not exist")
+    assert_one_line_error(capsys, "nowhere", "does not exist")
     for grid in (["0"], ["1", "-0.5"]):
         assert cli([*common(train, test, tmp_path), "--c-grid", *grid]) == 2
-        _assert_one_line_error(capsys, "--c-grid")
+        assert_one_line_error(capsys, "--c-grid")
     assert cli([*common(train, test, tmp_path), "--val-fraction", "1"]) == 2
-    _assert_one_line_error(capsys, "--val-fraction")
+    assert_one_line_error(capsys, "--val-fraction")

@@ -1,4 +1,4 @@
-"""Synthetic feature sets with a known answer, shared by the probe tests."""
+"""Shared by the probe tests: synthetic feature sets with a known answer, and command-line checks."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,3 +21,19 @@ def feature_set(feats: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
         domains=[None] * n, paths=[f"{i}.png" for i in range(n)], encoder_ref="synthetic", encoder_hash="0",
         data_hash="0", pool="cls",
     )
+
+
+def probe_args(train: str, test: str, tmp_path) -> list[str]:
+    """A probe command line on real images with a tiny random ViT at 64 px and a private feature cache."""
+    return ["--ckpt", "timm:vit_tiny_patch16_224", "--train", train, "--test", test, "--input-size", "64",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+
+
+def assert_one_line_error(capsys, *fragments: str) -> None:
+    """The command failed as a user error should: one ``error:`` line on stderr, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

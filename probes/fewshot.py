@@ -1,0 +1,497 @@
+"""Few-shot and label-efficiency curves of a frozen encoder.
+
+How good is an encoder when only a few labels exist? For each label budget the training set (TRAIN
+only; TEST is never sampled) is cut down to a stratified subset, three cheap probes are fitted on it
+and evaluated on the whole TEST set, and this is repeated over several seeds:
+
+- regimes: a *fraction* of each class (default 1, 10, 50, 100 %, at least one image per class) and
+  *k shots*, exactly k images per class (default 1, 2, 4, 8, 16, 32; a class with fewer images gives
+  all it has, and the row records which classes fell short);
+- probes:
+  - ``knn``: the DINO weighted vote of :func:`probes.knn.knn_predict`, k = min(20, subset size), T = 0.07;
+  - ``linear``: :mod:`probes.linear`'s standardised logistic regression. C is chosen on a validation
+    split of the subset (:func:`probes.linear.run_linear`) when every class has at least two images (and
+    two groups, when there are groups) to split; otherwise a fixed C = 1.0, and the row says how often;
+  - ``prototype``: SimpleShot (Wang et al. 2019, "SimpleShot: Revisiting Nearest-Neighbor
+    Classification for Few-Shot Learning") with CL2N features: subtract the subset's mean, L2-normalise,
+    assign each test image to the nearest class mean (Euclidean on the normalised features). Class
+    probabilities are a softmax of the negative distances (temperature 1); they only serve AUROC,
+    which depends on their order, not their scale. In the k-shot regime the prototype probe is cheap
+    enough to draw ``--episodes`` subsets per seed (episode 0 is the seed's shared draw) and report
+    their mean as that seed's value.
+
+Each row, keyed ``"<regime>_<value>/<probe>"`` (e.g. ``"fraction_0.1/knn"``, ``"shots_4/prototype"``),
+holds for balanced accuracy, AUROC, macro F1 and accuracy the mean over seeds, the sample standard
+deviation and a 95 % confidence interval from the t-distribution with ``n_seeds - 1`` degrees of freedom
+(as computed, not clipped to [0, 1]), plus the per-seed values. A learning-curve PNG (balanced accuracy against label fraction and shots, one
+line per probe, the 95 % CI shaded) is written beside ``--out`` as ``fewshot_curves.png``, or in the
+current directory without ``--out``.
+
+    python -m probes.fewshot --ckpt REF --train SPEC --test SPEC [--fractions 0.01 0.1 0.5 1.0]
+        [--shots 1 2 4 8 16 32] [--seeds 5] [--probes knn linear prototype] [--episodes 100] [--out results.json]
+
+The seeds are ``--seed`` .. ``--seed + --seeds - 1`` (default 0..4).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+from probes.common import add_probe_arguments, align_labels, prefixed, probe_splits, report
+from probes.features import FeatureSet
+from probes.knn import DEFAULT_TEMPERATURE, knn_predict, l2_normalize
+from probes.linear import DEFAULT_C_GRID, DEFAULT_VAL_FRACTION, fit_probe, run_linear
+from probes.metrics import classification_metrics
+from ssl_path.errors import UserError, run_cli
+from ssl_path.io import atomic_path
+
+__all__ = [
+    "DEFAULT_FRACTIONS",
+    "DEFAULT_SHOTS",
+    "DEFAULT_SEEDS",
+    "DEFAULT_EPISODES",
+    "PROBES",
+    "METRICS",
+    "KNN_K",
+    "FIXED_C",
+    "CURVES_NAME",
+    "sample_subset",
+    "prototype_predict",
+    "can_validate",
+    "probe_subset",
+    "summarize",
+    "aggregate",
+    "run_fewshot",
+    "format_curves",
+    "plot_curves",
+    "curves_path",
+    "build_parser",
+    "main",
+]
+
+DEFAULT_FRACTIONS = (0.01, 0.1, 0.5, 1.0)
+DEFAULT_SHOTS = (1, 2, 4, 8, 16, 32)
+DEFAULT_SEEDS = 5
+DEFAULT_EPISODES = 100
+PROBES = ("knn", "linear", "prototype")
+METRICS = ("balanced_accuracy", "auroc", "macro_f1", "accuracy")
+KNN_K = 20
+FIXED_C = 1.0
+CURVES_NAME = "fewshot_curves.png"
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_subset(
+    labels: np.ndarray,
+    fraction: float | None = None,
+    shots: int | None = None,
+    seed: int | Sequence[int] = 0,
+    n_classes: int | None = None,
+) -> np.ndarray:
+    """Sorted row indices of a stratified random subset of the labelled rows of ``labels``.
+
+    Exactly one of ``fraction`` (each class keeps ``round(fraction * its size)`` rows, at least one, so
+    the class proportions stay within one image of the full set's) or ``shots`` (``min(shots, its size)``
+    rows per class). Rows labelled -1 are never drawn. ``seed`` goes to ``np.random.default_rng`` (an int
+    or a sequence of ints, e.g. ``(seed, episode)``); the same seed gives the same subset. With
+    ``n_classes``, a class in ``range(n_classes)`` without any row is a UserError.
+    """
+    if (fraction is None) == (shots is None):
+        raise ValueError("give exactly one of fraction and shots")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise UserError(f"a label fraction must lie in (0, 1], got {fraction}")
+    if shots is not None and shots < 1:
+        raise UserError(f"shots per class must be >= 1, got {shots}")
+    labels = np.asarray(labels, dtype=np.int64)
+    present = np.unique(labels[labels >= 0])
+    if n_classes is not None:
+        empty = sorted(set(range(n_classes)) - set(present.tolist()))
+        if empty:
+            raise UserError(f"classes {empty} have no training images; every class needs at least one")
+    if len(present) == 0:
+        raise UserError("the training set has no labelled images")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in present:  # ascending class order, so one seed always makes the same draws
+        members = np.flatnonzero(labels == c)
+        n = max(1, round(fraction * len(members))) if fraction is not None else min(shots, len(members))
+        picked.append(rng.permutation(members)[:n])
+    return np.sort(np.concatenate(picked))
+
+
+def _shortfall(labels: np.ndarray, shots: int, classes: Sequence[str]) -> dict[str, int]:
+    """Classes with fewer than ``shots`` labelled rows, and how many they have."""
+    counts = np.bincount(labels[labels >= 0], minlength=len(classes))
+    return {classes[c]: int(n) for c, n in enumerate(counts) if n < shots}
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def prototype_predict(
+    train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleShot nearest class mean on CL2N features: (predicted class [M], probabilities [M, n_classes]).
+
+    Centring on the training mean removes the direction all features share, which otherwise dominates
+    cosine similarity of frozen features. A class without training rows gets probability 0.
+    """
+    train = np.asarray(train_feats, dtype=np.float64)
+    labels = np.asarray(train_labels, dtype=np.int64)
+    centre = train.mean(axis=0, keepdims=True)
+    train = l2_normalize(train - centre).astype(np.float64)
+    test = l2_normalize(np.asarray(test_feats, dtype=np.float64) - centre).astype(np.float64)
+    dist = np.full((len(test), n_classes), np.inf)
+    for c in np.unique(labels):
+        proto = train[labels == c].mean(axis=0)
+        dist[:, c] = np.linalg.norm(test - proto, axis=1)
+    logits = -dist
+    # Shift by the row maximum so exp() stays bounded; exp(-inf) = 0 for absent classes.
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return probs.argmax(axis=1), probs
+
+
+def can_validate(
+    labels: np.ndarray, groups: Sequence[str | None], val_fraction: float = DEFAULT_VAL_FRACTION
+) -> bool:
+    """Whether a subset can spare a validation part to choose C (:func:`probes.linear.validation_split`):
+    every class has two or more images and, when the rows have groups, two or more groups, so that the
+    fit part keeps every class, and at least as many images as the grouped split has folds
+    (scikit-learn's ``StratifiedGroupKFold`` refuses fewer)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)[np.unique(labels)]
+    if len(counts) == 0 or counts.min() < 2:
+        return False
+    named = [g for g in groups if g is not None]
+    if not named:
+        return True
+    for c in np.unique(labels):
+        if len({groups[i] for i in np.flatnonzero(labels == c)}) < 2:
+            return False
+    # As linear.validation_split counts them: an ungrouped row is a group of its own.
+    n_groups = len(set(named)) + (len(groups) - len(named))
+    n_splits = min(max(2, round(1 / val_fraction)), n_groups)
+    return bool(counts.min() >= n_splits)
+
+
+def _linear_row(
+    train: FeatureSet, test: FeatureSet, y_true: np.ndarray, c_grid: Sequence[float], val_fraction: float, seed: int
+) -> dict[str, Any]:
+    if can_validate(train.labels, train.groups, val_fraction):
+        try:
+            row = run_linear(train, test, c_grid, val_fraction, seed)
+            return {**row, "c_selection": "validation"}
+        except (UserError, ValueError):
+            # The split still left one class to fit on (UserError) or scikit-learn could not split
+            # (ValueError): one small subset must not end a long run; use the fixed C below.
+            pass
+    pipe = fit_probe(train.features, train.labels, FIXED_C)
+    # predict_proba only has columns for the classes fitted on; widen to all of them.
+    probs = np.zeros((len(test), len(train.classes)))
+    probs[:, pipe.classes_] = pipe.predict_proba(np.asarray(test.features, dtype=np.float64))
+    row = classification_metrics(y_true, probs.argmax(axis=1), probs, classes=train.classes)
+    return {**row, "c": FIXED_C, "c_selection": "fixed"}
+
+
+def probe_subset(
+    probe: str,
+    train: FeatureSet,
+    test: FeatureSet,
+    y_true: np.ndarray,
+    seed: int = 0,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+) -> dict[str, Any]:
+    """Test metrics of one probe fitted on ``train`` (an already drawn subset); ``y_true`` are the test
+    labels as ids into ``train.classes``."""
+    n_classes = len(train.classes)
+    if probe == "knn":
+        k = min(KNN_K, len(train))
+        pred, probs = knn_predict(train.features, train.labels, test.features, k, DEFAULT_TEMPERATURE, n_classes)
+        return {**classification_metrics(y_true, pred, probs, classes=train.classes), "k_used": k}
+    if probe == "prototype":
+        pred, probs = prototype_predict(train.features, train.labels, test.features, n_classes)
+        return classification_metrics(y_true, pred, probs, classes=train.classes)
+    if probe == "linear":
+        return _linear_row(train, test, y_true, c_grid, val_fraction, seed)
+    raise UserError(f"unknown probe {probe!r}; choose from {', '.join(PROBES)}")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def summarize(values: Sequence[float | None], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean, sample std (ddof 1) and the two-sided t confidence interval of per-seed values.
+
+    None values (e.g. AUROC of a test set missing a class) are left out and ``n`` counts the rest;
+    std and CI need two values and are None otherwise.
+    """
+    kept = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    n = len(kept)
+    if n == 0:
+        return {"mean": None, "std": None, "ci95": None, "n": 0}
+    mean = float(kept.mean())
+    if n < 2:
+        return {"mean": mean, "std": None, "ci95": None, "n": 1}
+    std = float(kept.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": n}
+
+
+def aggregate(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row from per-seed metric dicts: ``<metric>`` (the mean), ``<metric>_std``, ``<metric>_ci95``
+    for each of :data:`METRICS`, the per-seed values under ``per_seed`` and ``n_seeds``."""
+    row: dict[str, Any] = {"n_seeds": len(per_seed)}
+    for metric in METRICS:
+        summary = summarize([r.get(metric) for r in per_seed])
+        row[metric] = summary["mean"]
+        row[f"{metric}_std"] = summary["std"]
+        row[f"{metric}_ci95"] = summary["ci95"]
+    row["per_seed"] = {metric: [r.get(metric) for r in per_seed] for metric in METRICS}
+    return row
+
+
+# ----------------------------------------------------------------------------- the curves
+
+
+def _regimes(fractions: Sequence[float], shots: Sequence[int]) -> list[tuple[str, float | int]]:
+    return [("fraction", float(f)) for f in fractions] + [("shots", int(k)) for k in shots]
+
+
+def _episode_seed(seed: int, episode: int) -> int | list[int]:
+    # Episode 0 is the seed's shared draw, so the prototype's first episode sees what kNN and linear see.
+    return seed if episode == 0 else [seed, episode]
+
+
+def run_fewshot(
+    train: FeatureSet,
+    test: FeatureSet,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS)),
+    probes: Sequence[str] = PROBES,
+    episodes: int = DEFAULT_EPISODES,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+) -> dict[str, dict[str, Any]]:
+    """Rows ``{"fraction_0.1/knn": ..., "shots_4/prototype": ...}``: each probe on stratified subsets of
+    ``train`` at each fraction and shot count, one draw per seed, evaluated on all of ``test``."""
+    unknown = [p for p in probes if p not in PROBES]
+    if unknown:
+        raise UserError(f"unknown probes {unknown}; choose from {', '.join(PROBES)}")
+    if episodes < 1:
+        raise UserError(f"episodes must be >= 1, got {episodes}")
+    if not seeds:
+        raise UserError("at least one seed is needed")
+    classes = train.classes
+    y_true = align_labels(test, classes, probe="few-shot probe")
+    rows: dict[str, dict[str, Any]] = {}
+    for regime, value in _regimes(fractions, shots):
+        draw = {"fraction": value} if regime == "fraction" else {"shots": value}
+
+        def subset(seed: int | list[int]) -> FeatureSet:
+            return train.select(sample_subset(train.labels, seed=seed, n_classes=len(classes), **draw))
+
+        for probe in probes:
+            per_seed, sizes, extra = [], [], []
+            for seed in seeds:
+                if probe == "prototype" and regime == "shots":
+                    runs = [probe_subset(probe, subset(_episode_seed(seed, e)), test, y_true) for e in range(episodes)]
+                    per_seed.append({m: _mean_or_none([r[m] for r in runs]) for m in METRICS})
+                    sizes.append(len(subset(seed)))
+                    continue
+                part = subset(seed)
+                result = probe_subset(probe, part, test, y_true, seed, c_grid, val_fraction)
+                per_seed.append(result)
+                sizes.append(len(part))
+                extra.append(result)
+            row: dict[str, Any] = {"regime": regime, "value": value, "probe": probe, "seeds": list(seeds),
+                                   "n_train": sizes, "n_test": len(test)}
+            if regime == "shots":
+                row["episodes"] = episodes if probe == "prototype" else 1
+                row["short_classes"] = _shortfall(train.labels, int(value), classes)
+            if probe == "knn":
+                row["k_used"] = [r["k_used"] for r in extra]
+            if probe == "linear":
+                row["c"] = [r["c"] for r in extra]
+                row["c_selection"] = [r["c_selection"] for r in extra]
+                row["n_fixed_c"] = sum(r["c_selection"] == "fixed" for r in extra)
+            row.update(aggregate(per_seed))
+            rows[f"{regime}_{value:g}/{probe}"] = row
+    return rows
+
+
+def format_curves(rows: dict[str, dict[str, Any]]) -> str:
+    """A fixed-width table: each row's mean and 95 % CI half-width of the four metrics."""
+    name_width = max([4, *(len(name) for name in rows)])
+    width = max(len(m) for m in METRICS)
+
+    def cell(row: dict[str, Any], metric: str) -> str:
+        mean, ci = row[metric], row[f"{metric}_ci95"]
+        if mean is None:
+            return f"{'-':>{width}}"
+        half = "" if ci is None else f"±{(ci[1] - ci[0]) / 2:.3f}"
+        return f"{mean:.3f}{half:>7}".rjust(width)
+
+    header = f"{'row':<{name_width}}  {'n_train':>8}  " + "  ".join(f"{m:>{width}}" for m in METRICS)
+    lines = [header]
+    for name, row in rows.items():
+        n = f"{np.mean(row['n_train']):.0f}"
+        lines.append(f"{name:<{name_width}}  {n:>8}  " + "  ".join(cell(row, m) for m in METRICS))
+    return "\n".join(lines)
+
+
+def curves_path(out: Path | None, split: str = "") -> Path:
+    """Where the learning-curve PNG goes: beside ``--out``, else in the current directory; one per split."""
+    name = CURVES_NAME if not split else CURVES_NAME.replace(".png", f"_{split}.png")
+    return (Path(".") if out is None else Path(out).parent) / name
+
+
+def plot_curves(rows: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Two panels of balanced accuracy (label fraction, log x; shots per class, log2 x), one line per
+    probe with its 95 % CI shaded; written atomically to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training nodes
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, regime, label in ((axes[0], "fraction", "label fraction"), (axes[1], "shots", "shots per class")):
+        probes = list(dict.fromkeys(r["probe"] for r in rows.values() if r["regime"] == regime))
+        for probe in probes:
+            points = sorted((r["value"], r["balanced_accuracy"], r["balanced_accuracy_ci95"])
+                            for r in rows.values() if r["regime"] == regime and r["probe"] == probe
+                            and r["balanced_accuracy"] is not None)
+            if not points:
+                continue
+            x = [p[0] for p in points]
+            y = [p[1] for p in points]
+            (line,) = ax.plot(x, y, marker="o", label=probe)
+            # A CI needs two seeds; without it the band collapses onto the line.
+            lo = [p[1] if p[2] is None else p[2][0] for p in points]
+            hi = [p[1] if p[2] is None else p[2][1] for p in points]
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        if regime == "fraction":
+            ax.set_xscale("log")
+        else:
+            ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4 and 0.1 read better than 2^0 and 10^-1
+        ax.set_xlabel(label)
+        ax.grid(True, alpha=0.3)
+        if probes:
+            ax.legend()
+    axes[0].set_ylabel("balanced accuracy (mean, 95% CI)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m probes.fewshot",
+        description="Label-efficiency curves of a frozen encoder: kNN, linear and prototype probes on "
+                    "stratified subsets of the training set (label fractions and k shots per class).",
+    )
+    p.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS), metavar="F",
+                   help="label fractions in (0, 1] (default 0.01 0.1 0.5 1.0)")
+    p.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS), metavar="K",
+                   help="images per class (default 1 2 4 8 16 32)")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help="draws per setting, seeds --seed .. --seed + N - 1 (default %(default)s)")
+    p.add_argument("--probes", nargs="+", default=list(PROBES), metavar="PROBE",
+                   help="any of knn, linear, prototype (default all three)")
+    p.add_argument("--episodes", type=int, default=DEFAULT_EPISODES,
+                   help="k-shot draws per seed for the prototype probe (default %(default)s)")
+    p.add_argument("--c-grid", type=float, nargs="+", default=list(DEFAULT_C_GRID), metavar="C",
+                   help="linear probe C grid when a subset allows a validation split (default 1e-4 ... 1e2)")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help="linear probe validation share of a subset (default %(default)s)")
+    return add_probe_arguments(p, seed_help="first seed of the subset draws (default %(default)s)")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad settings before any encoder is built."""
+    bad = [f for f in args.fractions if not 0 < f <= 1]  # also catches nan
+    if bad:
+        raise UserError(f"--fractions must lie in (0, 1], got {bad}")
+    bad = [k for k in args.shots if k < 1]
+    if bad:
+        raise UserError(f"--shots must be >= 1, got {bad}")
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.episodes < 1:
+        raise UserError(f"--episodes must be >= 1, got {args.episodes}")
+    unknown = [p for p in args.probes if p not in PROBES]
+    if unknown:
+        raise UserError(f"--probes {unknown} unknown; choose from {', '.join(PROBES)}")
+    bad = [c for c in args.c_grid if not c > 0]
+    if bad:
+        raise UserError(f"--c-grid values must be > 0, got {bad}")
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
+    png = curves_path(args.out)
+    if args.out is not None and png.exists() and not args.overwrite:
+        raise UserError(f"{png} already exists; pass --overwrite to replace it")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    # Duplicates would only repeat rows; sorted so the curves and table run left to right.
+    fractions = sorted(set(args.fractions))
+    shots = sorted(set(args.shots))
+    probes = list(dict.fromkeys(args.probes))
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    splits, split_info = probe_splits(args, probe="few-shot probe")
+    rows: dict[str, dict[str, Any]] = {}
+    curves: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    for inputs in splits:
+        split_rows = run_fewshot(inputs.train, inputs.test, fractions, shots, seeds, probes, args.episodes,
+                                 args.c_grid, args.val_fraction)
+        curves.append((inputs.name, split_rows))
+        rows.update(prefixed(inputs.name, split_rows))
+    fixed = sum(r.get("n_fixed_c", 0) for r in rows.values())
+    if fixed:
+        print(f"note: {fixed} linear-probe subsets were too small for a validation split; "
+              f"they used a fixed C = {FIXED_C:g}", file=sys.stderr)
+    config = {
+        "fractions": fractions, "shots": shots, "seeds": seeds, "episodes": args.episodes, "probes": probes,
+        "knn": {"k": f"min({KNN_K}, subset size)", "temperature": DEFAULT_TEMPERATURE},
+        "linear": {"c_grid": sorted(args.c_grid), "val_fraction": args.val_fraction, "fixed_c": FIXED_C,
+                   "standardize": True},
+        "prototype": {"features": "CL2N", "distance": "euclidean", "probs": "softmax(-distance)"},
+        "ci": "95% t-distribution over seeds",
+    }
+    split = {**split_info, "subsets": "stratified draws from train only", "n_seeds": len(seeds)}
+    report(args, "fewshot", splits[0], rows, format_curves(rows), split, config, seeds=seeds)
+    for name, split_rows in curves:
+        title = f"{args.ckpt}, {name} left out" if name else str(args.ckpt)
+        png = plot_curves(split_rows, curves_path(args.out, name), title=title)
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,170 @@
+"""Few-shot probe: stratified seeded sampling, the three probes on synthetic features, the t confidence
+interval, and the command line on a few real AMi-Br patches."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from probes import fewshot
+from probes.results import read_results
+from ssl_path import encoder
+from ssl_path.errors import UserError, run_cli
+from probe_helpers import blobs, feature_set, probe_args as common, assert_one_line_error
+
+CLASSES = ("a", "b", "c")
+
+
+def unbalanced_labels() -> np.ndarray:
+    # 50 / 30 / 7 rows, interleaved, plus unlabelled rows that must never be drawn
+    labels = np.concatenate([np.zeros(50), np.ones(30), np.full(7, 2), np.full(5, -1)]).astype(np.int64)
+    return np.random.default_rng(0).permutation(labels)
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.33, 0.5, 1.0])
+def test_fraction_sampling_is_stratified_and_seeded(fraction):
+    labels = unbalanced_labels()
+    idx = fewshot.sample_subset(labels, fraction=fraction, seed=0)
+    assert len(set(idx.tolist())) == len(idx) and (labels[idx] >= 0).all()
+    counts = np.bincount(labels[idx], minlength=3)
+    full = np.bincount(labels[labels >= 0])
+    assert (counts >= 1).all()
+    assert (np.abs(counts - np.maximum(1, fraction * full)) <= 1).all()
+    np.testing.assert_array_equal(idx, fewshot.sample_subset(labels, fraction=fraction, seed=0))
+    if fraction < 1:
+        assert not np.array_equal(idx, fewshot.sample_subset(labels, fraction=fraction, seed=1))
+
+
+def test_only_train_indices_are_returned():
+    train_x, train_y = blobs(10, seed=0)
+    train = feature_set(train_x, train_y, CLASSES)
+    for seed in range(5):
+        for draw in ({"fraction": 0.5}, {"shots": 3}, {"shots": 100}):
+            idx = fewshot.sample_subset(train.labels, seed=seed, **draw)
+            assert idx.min() >= 0 and idx.max() < len(train)
+
+
+def test_shots_are_exact_or_all_the_class_has():
+    labels = unbalanced_labels()
+    for k in (1, 4, 7, 16):
+        idx = fewshot.sample_subset(labels, shots=k, seed=3)
+        assert np.bincount(labels[idx], minlength=3).tolist() == [k, k, min(k, 7)]
+    assert fewshot._shortfall(labels, 16, CLASSES) == {"c": 7}
+
+
+def test_bad_draws_and_empty_class():
+    labels = unbalanced_labels()
+    for draw, match in (({"fraction": 0.0}, "fraction"), ({"fraction": 1.5}, "fraction"), ({"shots": 0}, "shots")):
+        with pytest.raises(UserError, match=match):
+            fewshot.sample_subset(labels, seed=0, **draw)
+    with pytest.raises(UserError, match=r"\[3\]"):
+        fewshot.sample_subset(labels, shots=1, seed=0, n_classes=4)
+    with pytest.raises(ValueError):
+        fewshot.sample_subset(labels, fraction=0.5, shots=1)
+
+
+def test_separable_blobs_are_perfect_at_four_shots():
+    # 4 dimensions, all informative: with 16 (13 pure noise) a 12-image logistic regression overfits the noise.
+    train_x, train_y = blobs(40, dim=4, seed=0)
+    test_x, test_y = blobs(30, dim=4, seed=1)
+    rows = fewshot.run_fewshot(feature_set(train_x, train_y, CLASSES), feature_set(test_x, test_y, CLASSES),
+                               fractions=(), shots=(4,), seeds=(0, 1), episodes=3, c_grid=(1.0,))
+    assert set(rows) == {"shots_4/knn", "shots_4/linear", "shots_4/prototype"}
+    for row in rows.values():
+        assert row["balanced_accuracy"] == 1.0 and row["n_train"] == [12, 12] and row["short_classes"] == {}
+    # 4 per class can spare a validation split; 1 per class cannot and falls back to the fixed C
+    assert rows["shots_4/linear"]["c_selection"] == ["validation", "validation"]
+    one = fewshot.run_fewshot(feature_set(train_x, train_y, CLASSES), feature_set(test_x, test_y, CLASSES),
+                              fractions=(), shots=(1,), seeds=(0,), probes=("linear",), c_grid=(1.0,))
+    assert one["shots_1/linear"]["c_selection"] == ["fixed"] and one["shots_1/linear"]["n_fixed_c"] == 1
+
+
+def test_validation_split_needs_enough_images_and_groups():
+    labels = np.array([0, 0, 1, 1])
+    assert fewshot.can_validate(labels, [None] * 4)
+    assert not fewshot.can_validate(np.array([0, 1, 1]), [None] * 3)
+    assert fewshot.can_validate(labels, ["s1", "s2", "s1", "s2"])
+    assert not fewshot.can_validate(labels, ["s1", "s1", "s2", "s2"])  # each class on one slide only
+    # three slides make three grouped folds, more than class 0's two images: scikit-learn would refuse
+    assert not fewshot.can_validate(np.array([0, 0, 1, 1, 1]), ["a", "b", "a", "b", "c"])
+
+
+def test_shuffled_labels_are_near_chance():
+    train_x, train_y = blobs(60, seed=0)
+    test_x, test_y = blobs(100, seed=1)
+    shuffled = np.random.default_rng(2).permutation(train_y)
+    rows = fewshot.run_fewshot(feature_set(train_x, shuffled, CLASSES), feature_set(test_x, test_y, CLASSES),
+                               fractions=(0.5,), shots=(), seeds=(0, 1, 2), c_grid=(1.0,))
+    for name, row in rows.items():
+        assert abs(row["balanced_accuracy"] - 1 / 3) < 0.15, name
+
+
+def test_prototype_is_cl2n_nearest_mean():
+    # A shared offset that dominates raw cosine similarity disappears after centring.
+    train_x, train_y = blobs(5, seed=0)
+    test_x, test_y = blobs(20, seed=1)
+    pred, probs = fewshot.prototype_predict(train_x + 100.0, train_y, test_x + 100.0, 4)
+    assert (pred == test_y).all() and probs.shape == (60, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    assert (probs[:, 3] == 0).all()  # no training rows of class 3
+
+
+def test_summary_matches_hand_computed_t_interval():
+    values = [0.6, 0.7, 0.8, 0.65, 0.75]
+    mean = sum(values) / 5
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 4)
+    half = 2.7764451051977987 * std / math.sqrt(5)  # t_{0.975, 4}
+    s = fewshot.summarize(values)
+    assert s["n"] == 5 and s["mean"] == pytest.approx(0.7) and s["std"] == pytest.approx(std)
+    assert s["ci95"] == pytest.approx([mean - half, mean + half])
+    assert fewshot.summarize([0.5, None]) == {"mean": 0.5, "std": None, "ci95": None, "n": 1}
+    row = fewshot.aggregate([{m: v for m in fewshot.METRICS} for v in values])
+    assert row["balanced_accuracy"] == pytest.approx(0.7) and row["auroc_ci95"] == pytest.approx(s["ci95"])
+    assert row["per_seed"]["accuracy"] == values and row["n_seeds"] == 5
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def specs(shared_data) -> tuple[str, str]:
+    """Two training slides of AMi-Br (3 atypical + 6 normal patches), two others (2 + 3) to test on."""
+    root = shared_data / "amibr_midog21"
+    return f"amibr:{root}?group=005.tiff,006.tiff", f"amibr:{root}?group=029.tiff,031.tiff"
+
+
+def cli(argv: list[str]) -> int:
+    return run_cli(fewshot.main, argv)
+
+
+def test_cli_writes_results_and_curves(specs, tmp_path, capsys):
+    out = tmp_path / "run" / "results.json"
+    argv = [*common(*specs, tmp_path), "--seeds", "2", "--fractions", "0.5", "1.0", "--shots", "1", "2",
+            "--episodes", "3", "--c-grid", "0.1", "1", "--out", str(out)]
+    assert cli(argv) == 0
+    captured = capsys.readouterr()
+    assert "fraction_0.5/knn" in captured.out and "Traceback" not in captured.err
+    results = read_results(out)
+    assert results["probe"] == "fewshot" and results["dataset"]["n_train"] == 9
+    config = results["config"]
+    assert config["fractions"] == [0.5, 1.0] and config["shots"] == [1, 2] and config["seeds"] == [0, 1]
+    assert config["episodes"] == 3 and config["probes"] == ["knn", "linear", "prototype"]
+    names = {f"{r}/{p}" for r in ("fraction_0.5", "fraction_1", "shots_1", "shots_2")
+             for p in ("knn", "linear", "prototype")}
+    assert set(results["metrics"]) == names
+    row = results["metrics"]["shots_2/prototype"]
+    assert row["n_train"] == [4, 4] and row["episodes"] == 3 and len(row["per_seed"]["balanced_accuracy"]) == 2
+    assert results["metrics"]["shots_1/linear"]["c_selection"] == ["fixed", "fixed"]
+    png = out.parent / fewshot.CURVES_NAME
+    assert png.is_file() and png.stat().st_size > 1024
+
+
+def test_cli_bad_inputs_are_one_line_errors(specs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(encoder, "load", lambda *a, **k: pytest.fail("encoder built for a bad input"))
+    base = common(*specs, tmp_path)
+    for extra, fragment in ((["--fractions", "0"], "--fractions"), (["--fractions", "1.5"], "--fractions"),
+                            (["--shots", "0"], "--shots"), (["--seeds", "0"], "--seeds"),
+                            (["--probes", "svm"], "--probes"), (["--episodes", "0"], "--episodes")):
+        assert cli([*base, *extra]) == 2
+        assert_one_line_error(capsys, fragment)

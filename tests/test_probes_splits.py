@@ -1,0 +1,105 @@
+"""Splits carved from one labelled set: whole groups held out, every domain left out once; and the probe
+command lines that use them on real AMi-Br patches of both scanners."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from probes import fewshot, knn, linear
+from probes.results import read_results
+from probes.splits import domain_folds, group_ids, group_split
+from ssl_path.errors import UserError, run_cli
+
+
+def test_group_split_holds_out_whole_groups_stratified_and_seeded():
+    rng = np.random.default_rng(0)
+    groups = [f"slide{g}" for g in rng.integers(0, 40, 600)]
+    labels = [int(g[5:]) % 3 for g in groups]  # every slide has one label
+    train, test = group_split(labels, groups, 0.2, seed=1)
+    assert not {groups[i] for i in train} & {groups[i] for i in test}
+    assert sorted([*train, *test]) == list(range(600))
+    assert 0.1 < len(test) / 600 < 0.3
+    assert {labels[i] for i in test} == {0, 1, 2}  # stratified: every class is tested
+    again, _ = group_split(labels, groups, 0.2, seed=1)
+    other, _ = group_split(labels, groups, 0.2, seed=2)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+
+
+def test_records_without_a_group_are_groups_of_their_own():
+    assert group_ids(["a", None, "a", None]).tolist() == [0, 1, 0, 2]
+    train, test = group_split([0, 1] * 10, [None] * 20, 0.5, seed=0)
+    assert len(train) and len(test)
+    with pytest.raises(UserError, match="at least 2 groups"):
+        group_split([0, 1], ["a", "a"], 0.5, seed=0)
+    with pytest.raises(UserError, match="strictly between 0 and 1"):
+        group_split([0, 1], ["a", "b"], 1.0, seed=0)
+
+
+def test_domain_folds_leave_each_domain_out_once():
+    domains = ["xr", "s360", "xr", "cs2", "s360"]
+    folds = domain_folds(domains)
+    assert [name for name, _, _ in folds] == ["cs2", "s360", "xr"]
+    for name, train, test in folds:
+        assert all(domains[i] == name for i in test) and all(domains[i] != name for i in train)
+        assert sorted([*train, *test]) == list(range(5))
+    with pytest.raises(UserError, match="have no domain"):
+        domain_folds(["xr", None])
+    with pytest.raises(UserError, match="at least 2 domains"):
+        domain_folds(["xr", "xr"])
+
+
+@pytest.fixture(scope="module")
+def both_scanners(shared_data) -> str:
+    """22 patches: slides 005, 006, 008 (Hamamatsu XR) and 054 (Hamamatsu S360), both classes in each scanner."""
+    return f"amibr:{shared_data / 'amibr_midog21'}?group=005.tiff,006.tiff,008.tiff,052.tiff,053.tiff,054.tiff"
+
+
+def _args(spec: str, tmp_path, *extra: str) -> list[str]:
+    return ["--ckpt", "timm:vit_tiny_patch16_224", "--train", spec, "--input-size", "64",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", *extra]
+
+
+def test_knn_leave_one_scanner_out(both_scanners, tmp_path):
+    out = tmp_path / "lodo.json"
+    assert run_cli(knn.main, _args(both_scanners, tmp_path, "--leave-one-domain-out", "--k", "5", "--out", str(out))) == 0
+    results = read_results(out)
+    assert results["split"]["method"] == "leave-one-domain-out"
+    folds = {f["domain"]: f for f in results["split"]["folds"]}
+    assert folds["hamamatsu_s360"]["n_test"] == 7 and folds["hamamatsu_s360"]["n_train"] == 15
+    assert folds["hamamatsu_xr"]["n_test"] == 15 and all(f["shared_groups"] == 0 for f in folds.values())
+    assert {"hamamatsu_s360/k5", "hamamatsu_xr/uni_k20", "hamamatsu_xr/k5"} <= set(results["metrics"])
+    assert results["metrics"]["hamamatsu_s360/k5"]["n"] == 7
+
+
+def test_linear_split_by_group_never_shares_a_slide(both_scanners, tmp_path):
+    out = tmp_path / "group.json"
+    argv = _args(both_scanners, tmp_path, "--split-by", "group", "--test-fraction", "0.3", "--c-grid", "1", "--out", str(out))
+    assert run_cli(linear.main, argv) == 0
+    results = read_results(out)
+    assert results["split"]["method"] == "group" and results["split"]["shared_groups"] == 0
+    assert results["split"]["train_groups"] >= 1 and results["split"]["test_groups"] >= 1
+    assert results["metrics"]["linear"]["n"] < 22
+
+
+def test_fewshot_leave_one_scanner_out_draws_curves_per_scanner(both_scanners, tmp_path):
+    out = tmp_path / "fewshot.json"
+    argv = _args(both_scanners, tmp_path, "--leave-one-domain-out", "--fractions", "1.0", "--shots", "1", "--seeds", "2",
+                 "--episodes", "2", "--probes", "knn", "prototype", "--out", str(out))
+    assert run_cli(fewshot.main, argv) == 0
+    results = read_results(out)
+    assert results["seeds"] == [0, 1] and results["split"]["method"] == "leave-one-domain-out"
+    assert {"hamamatsu_s360/shots_1/prototype", "hamamatsu_xr/fraction_1/knn"} <= set(results["metrics"])
+    for scanner in ("hamamatsu_s360", "hamamatsu_xr"):
+        assert (tmp_path / f"fewshot_curves_{scanner}.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--leave-one-domain-out", "--split-by", "group"], "give one"),
+    (["--split-by", "group", "--test", "SPEC"], "nothing to carve"),
+    ([], "--test SPEC is required"),
+])
+def test_split_options_that_contradict_fail_in_one_line(both_scanners, tmp_path, capsys, extra, words):
+    extra = [both_scanners if e == "SPEC" else e for e in extra]
+    assert run_cli(knn.main, _args(both_scanners, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]
