@@ -7,14 +7,16 @@ L2-normalised), top ``--k`` by inner product (= cosine):
 - ``sklearn_brute``     ``NearestNeighbors(metric="cosine", algorithm="brute")``, exact
 - ``torch_fp32``        chunked ``queries @ train.T`` + ``topk`` in float32, exact
 - ``torch_bf16``        the same matmul in bfloat16 (scores rounded; recall against exact reported)
-- ``faiss_hnsw``        ``IndexHNSWFlat`` (inner product, M=32), approximate; build time reported apart
-- ``faiss_ivf``         ``IndexIVFFlat`` (inner product, sqrt(N)*4 lists, nprobe 16), approximate
+- ``faiss_hnsw_efN``    what ``probes.knn --index hnsw`` builds (HNSW, M=32), searched at efSearch N; build
+                        time reported apart
+- ``faiss_ivf``         what ``probes.knn --index ivf`` builds (sqrt(N)*4 cells, nprobe 16), approximate
 
 recall@k is the share of the exact top-k (faiss_flat) each method returns. Times are the best of
 ``--repeats`` (other processes on the machine inflate single runs); ``cpu s`` is the process CPU time
 of that run, so ``cpu s / threads`` estimates the wall time on otherwise idle cores.
 Uniform random unit vectors in 384 dims have no cluster structure (every similarity is near 0), the
-worst case for HNSW and IVF: their recall here is a lower bound for real, clustered features. Extraction: images/s of
+worst case for HNSW and IVF; ``--data clustered`` draws them around ``--clusters`` centres instead,
+closer to encoder features of tissue tiles. Extraction: images/s of
 ``timm:vit_small_patch16_224`` at 224 px on the CPU over ``--n-images`` real AMi-Br patches, through
 :func:`probes.features.extract_features` with the cache off.
 
@@ -38,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.neighbors import NearestNeighbors  # noqa: E402
 
+from probes.knn import HNSW_EF_SEARCH, build_index  # noqa: E402
 from ssl_path.io import write_json  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("SSL_PATH_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -45,8 +48,12 @@ GOAL_EXACT_S = 3.0
 Search = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 
-def random_features(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+def random_features(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray | None = None) -> np.ndarray:
+    """Unit vectors: uniform on the sphere, or around ``centres`` (cluster structure, like encoder features)."""
     x = rng.standard_normal((n, dim), dtype=np.float32)
+    if centres is not None:
+        # Noise of norm ~0.7 around unit centres: neighbours mostly share a cluster, as tiles of one tissue do.
+        x = centres[rng.integers(0, len(centres), n)] + x * np.float32(0.7 / np.sqrt(dim))
     return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True))
 
 
@@ -74,26 +81,17 @@ def torch_topk(dtype: torch.dtype, chunk: int = 1024) -> Search:
     return search
 
 
-def hnsw(m: int = 32, ef_search: int = 64) -> tuple[Callable[[np.ndarray], Any], Callable[[Any, np.ndarray, int], np.ndarray]]:
-    def build(train: np.ndarray) -> Any:
-        index = faiss.IndexHNSWFlat(train.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 40
-        index.add(train)
-        index.hnsw.efSearch = ef_search
-        return index
-    return build, lambda index, q, k: index.search(q, k)[1]
+def hnsw(ef_search: int = HNSW_EF_SEARCH) -> tuple[Callable[[np.ndarray], Any], Callable[[Any, np.ndarray, int], np.ndarray]]:
+    """The index ``probes.knn --index hnsw`` builds, searched with ``ef_search``."""
+    def search(index: Any, q: np.ndarray, k: int) -> np.ndarray:
+        index.hnsw.efSearch = max(ef_search, k)
+        return index.search(q, k)[1]
+    return lambda train: build_index(train, "hnsw"), search
 
 
-def ivf(nprobe: int = 16) -> tuple[Callable[[np.ndarray], Any], Callable[[Any, np.ndarray, int], np.ndarray]]:
-    def build(train: np.ndarray) -> Any:
-        nlist = int(4 * np.sqrt(len(train)))
-        quantizer = faiss.IndexFlatIP(train.shape[1])
-        index = faiss.IndexIVFFlat(quantizer, train.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(train)
-        index.add(train)
-        index.nprobe = nprobe
-        return index
-    return build, lambda index, q, k: index.search(q, k)[1]
+def ivf() -> tuple[Callable[[np.ndarray], Any], Callable[[Any, np.ndarray, int], np.ndarray]]:
+    """The index ``probes.knn --index ivf`` builds."""
+    return lambda train: build_index(train, "ivf"), lambda index, q, k: index.search(q, k)[1]
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
@@ -141,13 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--n-images", type=int, default=64, help="AMi-Br patches for the extraction rate (0: skip)")
     p.add_argument("--skip-sklearn", action="store_true", help="leave out the slowest exact method")
+    p.add_argument("--data", choices=("uniform", "clustered"), default="uniform",
+                   help="uniform unit vectors (worst case for HNSW/IVF) or --clusters gaussian clusters")
+    p.add_argument("--clusters", type=int, default=2000)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "bench_knn.json")
     args = p.parse_args(argv)
 
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    train, queries = random_features(args.n_train, args.dim, rng), random_features(args.n_query, args.dim, rng)
+    centres = random_features(args.clusters, args.dim, rng) if args.data == "clustered" else None
+    train = random_features(args.n_train, args.dim, rng, centres)
+    queries = random_features(args.n_query, args.dim, rng, centres)
 
     rows: list[dict[str, Any]] = []
     exact_seconds, cpu, exact = best_of(lambda: faiss_flat(train, queries, args.k), args.repeats)
@@ -163,9 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         seconds, cpu, found = best_of(lambda: fn(train, queries, args.k), 1 if name == "sklearn_brute" else args.repeats)
         rows.append({"method": name, "exact": is_exact, "search_s": seconds, "cpu_s": cpu, "build_s": 0.0,
                      "recall": recall(found, exact)})
-    for name, (build, search) in (("faiss_hnsw", hnsw()), ("faiss_ivf", ivf())):
+    approximate = [(f"faiss_hnsw_ef{ef}", hnsw(ef)) for ef in (HNSW_EF_SEARCH, 4 * HNSW_EF_SEARCH)] + [("faiss_ivf", ivf())]
+    built: dict[str, Any] = {}
+    for name, (build, search) in approximate:
+        kind = name.rsplit("_ef", 1)[0]
         t0 = time.perf_counter()
-        index = build(train)
+        index = built[kind] if kind in built else build(train)  # one HNSW graph, searched at two ef values
+        built[kind] = index
         build_s = time.perf_counter() - t0
         seconds, cpu, found = best_of(lambda: search(index, queries, args.k), args.repeats)
         rows.append({"method": name, "exact": False, "search_s": seconds, "cpu_s": cpu, "build_s": build_s,
@@ -173,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
 
     extraction = extraction_rate(args.n_images, args.threads) if args.n_images > 0 else None
 
-    print(f"kNN top-{args.k}: {args.n_query} queries x {args.n_train} train x {args.dim} dims, "
+    print(f"kNN top-{args.k}: {args.n_query} queries x {args.n_train} train x {args.dim} dims ({args.data}), "
           f"{args.threads} threads (goal: exact <= {GOAL_EXACT_S:.0f} s)")
-    print(f"{'method':<15}{'exact':>6}{'search s':>10}{'cpu s':>8}{'build s':>9}{'recall@' + str(args.k):>11}")
+    print(f"{'method':<18}{'exact':>6}{'search s':>10}{'cpu s':>8}{'build s':>9}{'recall@' + str(args.k):>11}")
     for r in rows:
-        print(f"{r['method']:<15}{'yes' if r['exact'] else 'no':>6}{r['search_s']:>10.2f}{r['cpu_s']:>8.2f}"
+        print(f"{r['method']:<18}{'yes' if r['exact'] else 'no':>6}{r['search_s']:>10.2f}{r['cpu_s']:>8.2f}"
               f"{r['build_s']:>9.2f}"
               f"{r['recall']:>11.4f}")
     if extraction:

@@ -7,7 +7,9 @@
   majority vote of the 20 nearest; ties go to the tied class whose neighbours are most similar
   in sum; probabilities are the vote fractions.
 
-Search is exact inner product with faiss (``IndexFlatIP``), on every GPU faiss sees, else on the CPU.
+Search is exact inner product with faiss (``IndexFlatIP``), on every GPU faiss sees, else on the CPU;
+``--index hnsw`` or ``ivf`` trade exactness for speed on memories of millions of tiles (recall in
+``benchmarks/RESULTS.md``).
 
     python -m probes.knn --ckpt REF --train SPEC --test SPEC [--k 10 20 50] [--out results.json]
 
@@ -52,6 +54,9 @@ __all__ = [
 DEFAULT_KS = (10, 20, 50)
 DEFAULT_TEMPERATURE = 0.07
 UNI_K = 20
+INDEXES = ("flat", "hnsw", "ivf")
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+IVF_NPROBE = 16
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -61,15 +66,41 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def search(train: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` inner products: (similarities [M, k] descending, train indices [M, k])."""
+def build_index(train: np.ndarray, kind: str = "flat") -> faiss.Index:
+    """A faiss inner-product index over ``train`` rows.
+
+    ``flat``: exact, on every GPU faiss sees. For memories of millions of tiles, where exact search
+    is too slow, two approximate ones: ``hnsw`` (graph search, M=32) and ``ivf`` (k-means cells,
+    4 sqrt(N) of them, 16 probed per query). Their recall is measured by ``benchmarks/bench_knn.py``.
+    """
+    train = np.ascontiguousarray(train, dtype=np.float32)
+    if kind == "flat":
+        index = faiss.IndexFlatIP(train.shape[1])
+        if faiss.get_num_gpus() > 0:
+            index = faiss.index_cpu_to_all_gpus(index)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(train.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    elif kind == "ivf":
+        n_cells = max(1, min(int(4 * np.sqrt(len(train))), len(train) // 39))  # faiss wants >= 39 rows per cell
+        cells = faiss.IndexFlatIP(train.shape[1])
+        index = faiss.IndexIVFFlat(cells, train.shape[1], n_cells, faiss.METRIC_INNER_PRODUCT)
+        index.train(train)
+        index.nprobe = min(IVF_NPROBE, n_cells)
+    else:
+        raise ValueError(f"index must be one of {INDEXES}, not {kind!r}")
+    index.add(train)
+    return index
+
+
+def search(train: np.ndarray, queries: np.ndarray, k: int, index: str = "flat") -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner products: (similarities [M, k] descending, train indices [M, k]); exact with ``flat``."""
     if not 1 <= k <= len(train):
         raise ValueError(f"k must lie in [1, {len(train)}] (the training set size), got {k}")
-    index = faiss.IndexFlatIP(train.shape[1])
-    if faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(train, dtype=np.float32))
-    sims, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    built = build_index(train, index)
+    if index == "hnsw":
+        built.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+    sims, idx = built.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return sims.astype(np.float64), idx
 
 
@@ -89,6 +120,7 @@ def knn_predict(
     k: int,
     temperature: float,
     n_classes: int,
+    index: str = "flat",
 ) -> tuple[np.ndarray, np.ndarray]:
     """DINO weighted kNN: (predicted class [M], class probabilities [M, n_classes])."""
     train_feats, test_feats = np.asarray(train_feats), np.asarray(test_feats)
@@ -96,7 +128,7 @@ def knn_predict(
     _check_inputs(train_feats, train_labels, test_feats, n_classes)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    sims, idx = search(l2_normalize(train_feats), l2_normalize(test_feats), k)
+    sims, idx = search(l2_normalize(train_feats), l2_normalize(test_feats), k, index)
     # Shifting by each row's best similarity leaves the vote ratios unchanged and exp() bounded.
     weights = np.exp((sims - sims[:, :1]) / temperature)  # [M, k]
     votes = np.zeros((len(test_feats), n_classes))
@@ -111,6 +143,7 @@ def uni_knn_predict(
     test_feats: np.ndarray,
     k: int = UNI_K,
     n_classes: int | None = None,
+    index: str = "flat",
 ) -> tuple[np.ndarray, np.ndarray]:
     """UNI majority-vote kNN: (predicted class [M], vote fractions [M, n_classes])."""
     train_feats = np.asarray(train_feats, dtype=np.float64)
@@ -118,7 +151,7 @@ def uni_knn_predict(
     n_classes = int(train_labels.max()) + 1 if n_classes is None else n_classes
     _check_inputs(train_feats, train_labels, np.asarray(test_feats), n_classes)
     centre = train_feats.mean(axis=0, keepdims=True)
-    sims, idx = search(l2_normalize(train_feats - centre), l2_normalize(np.asarray(test_feats) - centre), k)
+    sims, idx = search(l2_normalize(train_feats - centre), l2_normalize(np.asarray(test_feats) - centre), k, index)
     rows = np.arange(len(idx))[:, None]
     counts = np.zeros((len(idx), n_classes))
     np.add.at(counts, (rows, train_labels[idx]), 1.0)
@@ -150,6 +183,8 @@ def run_knn(
     test_set: FeatureSet,
     ks: Sequence[int] = DEFAULT_KS,
     temperature: float = DEFAULT_TEMPERATURE,
+    index: str = "flat",
+    ordinal: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Metrics rows ``{"k10": ..., "k20": ..., "uni_k20": ...}`` for the DINO kNN at each k and the UNI kNN.
 
@@ -170,11 +205,11 @@ def run_knn(
     for name, k, used, protocol in runs:
         row: dict[str, Any] = {"protocol": protocol, "k": k, "k_used": used}
         if protocol == "dino":
-            pred, probs = knn_predict(train_feats, train_labels, test_set.features, used, temperature, n_classes)
+            pred, probs = knn_predict(train_feats, train_labels, test_set.features, used, temperature, n_classes, index)
             row["temperature"] = temperature
         else:
-            pred, probs = uni_knn_predict(train_feats, train_labels, test_set.features, used, n_classes)
-        row.update(classification_metrics(y_true, pred, probs, classes=classes))
+            pred, probs = uni_knn_predict(train_feats, train_labels, test_set.features, used, n_classes, index)
+        row.update(classification_metrics(y_true, pred, probs, classes=classes, ordinal=ordinal))
         rows[name] = row
     return rows
 
@@ -191,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neighbours for the DINO kNN (default 10 20 50)")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                    help="DINO vote temperature (default %(default)s)")
+    p.add_argument("--index", choices=INDEXES, default="flat",
+                   help="flat: exact search; hnsw or ivf: approximate, for millions of training tiles (default %(default)s)")
+    p.add_argument("--ordinal", action="store_true",
+                   help="the classes are ordered grades, in class order: Cohen's kappa is quadratic-weighted")
     return add_probe_arguments(p, seed_help="recorded in results.json; kNN itself is deterministic")
 
 
@@ -203,9 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits, split_info = probe_splits(args, probe="kNN")
     rows: dict[str, dict[str, Any]] = {}
     for inputs in splits:
-        rows.update(prefixed(inputs.name, run_knn(inputs.train, inputs.test, args.k, args.temperature)))
+        split_rows = run_knn(inputs.train, inputs.test, args.k, args.temperature, args.index, args.ordinal)
+        rows.update(prefixed(inputs.name, split_rows))
     report(args, "knn", splits[0], rows, format_table(rows), split=split_info,
-           config={"ks": args.k, "temperature": args.temperature, "uni_k": UNI_K})
+           config={"ks": args.k, "temperature": args.temperature, "uni_k": UNI_K, "index": args.index,
+                   "ordinal": args.ordinal})
     return 0
 
 

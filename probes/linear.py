@@ -128,6 +128,7 @@ def run_linear(
     c_grid: Sequence[float] = DEFAULT_C_GRID,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
+    ordinal: bool = False,
 ) -> dict[str, Any]:
     """The metrics row of the linear probe: protocol, chosen C, the validation balanced accuracy for
     each C, split sizes, and the :func:`probes.metrics.classification_metrics` of the test set.
@@ -164,7 +165,7 @@ def run_linear(
         "protocol": "linear", "c": best, "val_balanced_accuracy": val_scores, "val_grouped": grouped,
         "n_fit": len(fit), "n_val": len(val), "converged": _converged(final),
     }
-    row.update(classification_metrics(y_true, probs.argmax(axis=1), probs, classes=classes))
+    row.update(classification_metrics(y_true, probs.argmax(axis=1), probs, classes=classes, ordinal=ordinal))
     return row
 
 
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inverse regularisation strengths to choose from (default 1e-4 ... 1e2, 7 log-spaced)")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                    help="share of the training images (whole groups) held out to choose C (default %(default)s)")
+    p.add_argument("--ordinal", action="store_true",
+                   help="the classes are ordered grades, in class order: Cohen's kappa is quadratic-weighted")
     return add_probe_arguments(p, seed_help="seed of the validation split (default %(default)s)")
 
 
@@ -193,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits, split = probe_splits(args, probe="linear probe")
     rows: dict[str, dict[str, Any]] = {}
     for inputs in splits:
-        row = run_linear(inputs.train, inputs.test, args.c_grid, args.val_fraction, args.seed)
+        row = run_linear(inputs.train, inputs.test, args.c_grid, args.val_fraction, args.seed, args.ordinal)
         if not row["converged"]:
             print(f"warning: logistic regression did not converge in {MAX_ITER} iterations at C={row['c']:g}"
                   f"{' (' + inputs.name + ')' if inputs.name else ''}", file=sys.stderr)
@@ -202,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "val_fraction": args.val_fraction}
     config = {
         "c_grid": sorted(args.c_grid), "val_fraction": args.val_fraction, "selection": "balanced_accuracy",
-        "solver": "lbfgs", "max_iter": MAX_ITER, "standardize": True,
+        "solver": "lbfgs", "max_iter": MAX_ITER, "standardize": True, "ordinal": args.ordinal,
     }
     report(args, "linear", inputs, rows, format_table(rows, ("C", "c", ".0e")), split, config)
     return 0

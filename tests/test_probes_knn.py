@@ -30,6 +30,35 @@ def test_separable_clusters_are_classified_perfectly_by_both_protocols():
     assert (pred == test_y).all() and (probs[np.arange(600), test_y] == 1.0).all()
 
 
+def test_approximate_indexes_find_the_exact_neighbours_of_clustered_features():
+    train_x, train_y = blobs(300, seed=0)
+    test_x, _ = blobs(50, seed=1)
+    exact_sims, exact_idx = knn.search(knn.l2_normalize(train_x), knn.l2_normalize(test_x), 10)
+    for kind in ("hnsw", "ivf"):
+        sims, idx = knn.search(knn.l2_normalize(train_x), knn.l2_normalize(test_x), 10, index=kind)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx.tolist(), exact_idx.tolist())])
+        assert recall > 0.95, kind
+        assert (sims[:, :-1] >= sims[:, 1:] - 1e-6).all()  # descending, like the exact search
+    flat = knn.knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, n_classes=3)[0]
+    approx = knn.knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, n_classes=3, index="hnsw")[0]
+    assert (flat == approx).all()
+    with pytest.raises(ValueError, match="index must be one of"):
+        knn.search(train_x, test_x, 5, index="annoy")
+
+
+def test_ordinal_grades_get_quadratic_weighted_kappa():
+    train_x, train_y = blobs(60, seed=0)
+    test_x, test_y = blobs(40, seed=1)
+    noisy = np.where(np.random.default_rng(3).random(len(train_y)) < 0.4, (train_y + 1) % 3, train_y)
+    train, test = feature_set(train_x, noisy, ("G1", "G2", "G3")), feature_set(test_x, test_y, ("G1", "G2", "G3"))
+    plain, graded = knn.run_knn(train, test, [20]), knn.run_knn(train, test, [20], ordinal=True)
+    pred = np.asarray(graded["k20"]["confusion_matrix"])
+    y_pred = knn.knn_predict(train_x, noisy, test_x, 20, 0.07, 3)[0]
+    assert graded["k20"]["cohen_kappa"] == pytest.approx(cohen_kappa_score(test_y, y_pred, weights="quadratic"))
+    assert plain["k20"]["cohen_kappa"] == pytest.approx(cohen_kappa_score(test_y, y_pred))
+    assert plain["k20"]["cohen_kappa"] != pytest.approx(graded["k20"]["cohen_kappa"]) and pred.sum() == 120
+
+
 def test_shuffled_labels_give_chance_accuracy():
     train_x, train_y = blobs(100, seed=0)
     test_x, test_y = blobs(200, seed=1)
