@@ -55,6 +55,7 @@ __all__ = [
     "extract_features",
     "default_cache_dir",
     "encoder_identity",
+    "encoder_hash",
     "data_fingerprint",
     "cache_key",
     "pool_tokens",
@@ -205,6 +206,11 @@ def encoder_identity(ref: str, cache_dir: Path | None = None) -> str:
         encoder_lib.load(ref)
         raise UserError(f"encoder ref {ref!r} names no weights file")
     return "file|" + "|".join(file_digest(f, cache_dir) for f in files)
+
+
+def encoder_hash(ref: str, cache_dir: Path | None = None) -> str:
+    """The short hash of :func:`encoder_identity` that features, caches and results.json carry."""
+    return _sha256_text(encoder_identity(ref, cache_dir))[:16]
 
 
 def data_fingerprint(paths: Sequence[str]) -> str:
@@ -395,7 +401,7 @@ def extract_features(
     paths = [r.path for r in data.records]
     data_hash = data_fingerprint(paths)
     identity = encoder_identity(ref, cache)
-    encoder_hash = _sha256_text(identity)[:16]
+    ref_hash = _sha256_text(identity)[:16]
     labels = np.asarray(data.targets(), dtype=np.int64)
 
     def result(features: np.ndarray, size: int) -> FeatureSet:
@@ -407,7 +413,7 @@ def extract_features(
             domains=[r.domain for r in data.records],
             paths=paths,
             encoder_ref=ref,
-            encoder_hash=encoder_hash,
+            encoder_hash=ref_hash,
             data_hash=data_hash,
             pool=pool,
             tta=tta,
@@ -437,7 +443,7 @@ def extract_features(
             "ssl_path_version": ssl_path.__version__,
             "encoder_ref": ref,
             "encoder_identity": identity,
-            "encoder_hash": encoder_hash,
+            "encoder_hash": ref_hash,
             "architecture": info.architecture,
             "data_name": data.name,
             "data_source": data.source,

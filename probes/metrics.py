@@ -16,7 +16,10 @@ import numpy as np
 from sklearn import metrics as skm
 from sklearn.exceptions import UndefinedMetricWarning
 
-__all__ = ["classification_metrics", "auroc"]
+__all__ = ["classification_metrics", "auroc", "SCORES"]
+
+# The scores of a row (higher is better); the rest of a row (n, confusion matrix) describes it.
+SCORES = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "cohen_kappa")
 
 
 def _finite(value: float) -> float | None:

@@ -169,11 +169,27 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _load_checkpoint(path: Path, model_kwargs: dict[str, Any]) -> nn.Module:
-    entry = read_checkpoint(path).get("encoder")
+def checkpoint_file(ref: str | Path) -> Path:
+    """The checkpoint file a ref names: the file itself, or a run directory's ``checkpoints/last.pt``."""
+    path = Path(ref)
+    if path.is_dir() and (path / RUN_DIR_CHECKPOINT).is_file():
+        return path / RUN_DIR_CHECKPOINT
+    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
+        return path
+    raise UserError(f"{ref}: not a training checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) or a run directory with {RUN_DIR_CHECKPOINT}")
+
+
+def encoder_entry(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The method-agnostic ``"encoder"`` entry of a checkpoint read by :func:`read_checkpoint`."""
+    entry = checkpoint.get("encoder")
     if not isinstance(entry, dict) or not {"architecture", "state_dict"} <= entry.keys():
         raise UserError(f"checkpoint {path} has no 'encoder' entry (was it written by ssl_path.pretrain?)")
-    kwargs = {**entry.get("model_kwargs", {}), **model_kwargs}
+    return entry
+
+
+def model_from_entry(entry: dict[str, Any], path: Path, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """The timm model an :func:`encoder_state` entry describes, with its weights and ``pretrained_cfg``."""
+    kwargs = {**entry.get("model_kwargs", {}), **(model_kwargs or {})}
     model = _create_timm(entry["architecture"], pretrained=False, ref=str(path), **kwargs)
     try:
         model.load_state_dict(entry["state_dict"], strict=True)
@@ -181,6 +197,10 @@ def _load_checkpoint(path: Path, model_kwargs: dict[str, Any]) -> nn.Module:
         raise UserError(f"checkpoint {path} does not fit {entry['architecture']}: {_first_line(err)}") from None
     model.pretrained_cfg = {**model.pretrained_cfg, **entry.get("pretrained_cfg", {})}
     return model
+
+
+def _load_checkpoint(path: Path, model_kwargs: dict[str, Any]) -> nn.Module:
+    return model_from_entry(encoder_entry(read_checkpoint(path), path), path, model_kwargs)
 
 
 def _blocks_and_stride(model: nn.Module) -> tuple[int, int]:

@@ -49,3 +49,30 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out``; it becomes ``out`` only if the block succeeds.
+
+    A non-empty ``out`` is refused before any work unless ``overwrite``; it is replaced only at the end,
+    so a failed run leaves the old folder as it was.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a published folder is not
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -144,7 +144,7 @@ def run(
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(),
             "world_size": dist_info.world_size,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)",
             "torch": str(torch.__version__),
         })
     torch.manual_seed(cfg.seed)

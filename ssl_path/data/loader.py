@@ -83,7 +83,7 @@ def shard_total(data: str | Path | Sequence[str | Path]) -> int | None:
             manifest = _manifest_path(Path(part))
             if manifest is None:
                 return None
-            total += int(_read_manifest(manifest)["total"])
+            total += int(read_manifest(manifest)["total"])
     return total
 
 
@@ -212,7 +212,8 @@ def _manifest_path(path: Path) -> Path | None:
     return None
 
 
-def _read_manifest(manifest: Path) -> dict[str, Any]:
+def read_manifest(manifest: Path) -> dict[str, Any]:
+    """A shard manifest as a dict; an unreadable or foreign file is a UserError naming it."""
     try:
         content = json.loads(manifest.read_text())
     except (OSError, ValueError) as err:
@@ -224,7 +225,7 @@ def _read_manifest(manifest: Path) -> dict[str, Any]:
 
 def _manifest_urls(manifest: Path) -> list[str]:
     urls = []
-    for shard in _read_manifest(manifest)["shards"]:
+    for shard in read_manifest(manifest)["shards"]:
         path = manifest.parent / shard["name"]
         if not path.is_file():
             raise UserError(f"{manifest}: lists {shard['name']}, which is missing")

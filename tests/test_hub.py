@@ -1,0 +1,245 @@
+"""Publishing: a trained checkpoint exported for timm, its model card, and the upload command."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from probes import fewshot, knn
+from probes.metrics import SCORES
+from probes.results import read_results
+from pretrain_helpers import TINY, make_tiles
+from ssl_path import encoder, hub
+from ssl_path.data.augment import as_rgb_tensor, eval_transform
+from ssl_path.errors import run_cli
+from ssl_path.pretrain import resolve_config, run
+
+REPO = Path(__file__).resolve().parents[1]
+REPO_ID = "path-lab/tiny-dinov2"
+TOKEN = "hf_sslpathTestTokenThatMustNeverBeShown"
+SECTIONS = ("## Intended use and limits", "## Training data", "## Training recipe", "## Evaluation",
+            "## How to load", "## Citation")
+
+
+@pytest.fixture(scope="module")
+def trained(shared_data, tmp_path_factory) -> dict[str, Path]:
+    """A 2-step DINOv2 run (register tokens and layer scale on) and a kNN and a few-label results.json of it."""
+    root = tmp_path_factory.mktemp("hub")
+    tiles = make_tiles(shared_data, root / "shards")
+    run(resolve_config("dinov2_tiny_cpu", TINY), tiles, root / "run", max_steps=2, progress=False)
+    amibr = shared_data / "amibr_midog21"
+    common = ["--ckpt", str(root / "run"), "--train", f"amibr:{amibr}?group=005.tiff,006.tiff",
+              "--test", f"amibr:{amibr}?group=029.tiff,031.tiff", "--input-size", "64",
+              "--cache-dir", str(root / "cache"), "--no-progress"]
+    assert run_cli(knn.main, [*common, "--k", "3", "--out", str(root / "knn.json")]) == 0
+    assert run_cli(fewshot.main, [*common, "--seeds", "2", "--fractions", "1.0", "--shots", "2", "--episodes", "2",
+                                  "--c-grid", "1", "--out", str(root / "fewshot" / "results.json")]) == 0
+    return {"root": root, "run": root / "run", "shards": tiles,
+            "results": [root / "knn.json", root / "fewshot" / "results.json"]}
+
+
+@pytest.fixture(scope="module")
+def exported(trained) -> Path:
+    out = trained["root"] / "export"
+    argv = ["export", "--ckpt", str(trained["run"]), "--out", str(out), "--name", REPO_ID, "--license", "cc-by-4.0",
+            "--results", *map(str, trained["results"])]
+    assert run_cli(hub.main, argv) == 0
+    return out
+
+
+def _hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
+    """Lay ``folder`` out as huggingface_hub caches a download of ``repo_id``: a snapshot and refs/main."""
+    commit = "0" * 39 + "1"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in folder.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+def _tiles(shared_data: Path, size: int, mean, std) -> torch.Tensor:
+    paths = sorted((shared_data / "amibr_midog21" / "patches" / "atypical").glob("*.png"))[:3]
+    transform = eval_transform(size, mean, std)
+    return torch.stack([transform(as_rgb_tensor(p.read_bytes())) for p in paths])
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return {**env, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
+
+
+def test_timm_loads_the_export_from_the_hub_cache_with_no_arguments(exported, trained, shared_data, tmp_path):
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 0
+    assert config["num_features"] == 64
+    args = config["model_args"]
+    assert args["reg_tokens"] == 2 and args["init_values"] == 1.0e-5 and args["dynamic_img_size"] is True
+    assert args["img_size"] == [64, 64] and args["depth"] == 2 and "drop_path_rate" not in args
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 64, 64] and cfg["crop_pct"] == 1.0 and cfg["license"] == "cc-by-4.0"
+    assert cfg["mean"] == [0.485, 0.456, 0.406] and "tag" not in cfg and "hf_hub_id" not in cfg
+
+    reference, info = encoder.load(trained["run"])  # the teacher backbone of the checkpoint
+    weights = load_file(exported / "model.safetensors")
+    assert weights.keys() == reference.state_dict().keys()  # timm's names, heads dropped
+    assert not any(k.startswith(("head", "dino", "ibot", "student", "teacher")) for k in weights)
+
+    images = {size: _tiles(shared_data, size, info.mean, info.std) for size in (64, 96)}
+    torch.save(images, tmp_path / "images.pt")
+    cache = _hub_cache(exported, tmp_path / "hf_cache", REPO_ID)
+    script = textwrap.dedent(f"""
+        import torch, timm
+        from ssl_path import encoder
+        model = timm.create_model("hf-hub:{REPO_ID}", pretrained=True).eval()
+        assert model.num_prefix_tokens == 3 and model.blocks[0].ls1.gamma.shape == (64,)
+        ours, info = encoder.load("hf-hub:{REPO_ID}")
+        images = torch.load({str(tmp_path / 'images.pt')!r}, weights_only=True)
+        with torch.inference_mode():
+            out = {{s: (model(x), ours(x)) for s, x in images.items()}}
+        torch.save({{"out": out, "input_size": list(info.input_size)}}, {str(tmp_path / 'out.pt')!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(HF_HUB_CACHE=str(cache)),
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    loaded = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert loaded["input_size"] == [3, 64, 64]
+    with torch.inference_mode():
+        for size, x in images.items():
+            expected = reference(x)
+            for features in loaded["out"][size]:
+                assert features.shape == (3, 64)
+                assert (features - expected).abs().max().item() < 1e-5
+
+    local, local_info = encoder.load(exported)  # the folder itself, through the encoder contract
+    with torch.inference_mode():
+        assert (local(images[64]) - reference(images[64])).abs().max().item() < 1e-5
+    assert local_info.mean == info.mean and local_info.input_size == (3, 64, 64)
+
+
+def test_card_front_matter_parses_and_holds_every_score(exported, trained):
+    card = ModelCard.load(exported / "README.md")
+    data = card.data
+    assert data.library_name == "timm" and data.license == "cc-by-4.0"
+    assert data.pipeline_tag == "image-feature-extraction" and data.model_name == REPO_ID
+    assert {"pathology", "histology", "self-supervised", "dinov2"} <= set(data.tags)
+    assert {"amibr_midog21", "monuseg_kumar_norm"} <= set(data.datasets)
+    index = {(r.metric_config, r.metric_type): r.metric_value for r in data.eval_results}
+    expected = {}
+    for path in trained["results"]:
+        results = read_results(path)
+        for row_name, row in results["metrics"].items():
+            for score in SCORES:
+                if isinstance(row.get(score), float):
+                    expected[(f"{results['probe']}/{row_name}", score)] = row[score]
+    assert len(expected) > 20 and index == expected
+
+    text = card.text
+    for section in SECTIONS:
+        assert section in text
+    assert not re.search(r"\{\{ *[a-z_.]+ *\}\}|\{%|None|TODO|PATH_TO", text)  # no template text left
+    assert f'timm.create_model("hf-hub:{REPO_ID}", pretrained=True)' in text
+    assert "2 of 8 planned" in text and "4 images per step" in text  # the recipe, from the checkpoint
+    assert "13 images" in text  # the shard manifest's sources
+    assert "± " in text and "shots_2/prototype" in text  # few-label curves with their confidence intervals
+    assert "Oquab" in text  # the method's paper
+
+
+def test_export_is_method_agnostic(shared_data, tmp_path):
+    """Any method's checkpoint carries the same encoder entry; a patch-14 ViT with 4 registers made outside DINOv2."""
+    arch, kwargs = "vit_small_patch14_reg4_dinov2", {"img_size": 56, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                                                    "init_values": 1e-5, "dynamic_img_size": True}
+    torch.manual_seed(0)
+    vit = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    vit.pretrained_cfg = {**vit.pretrained_cfg, "mean": (0.7, 0.5, 0.7), "std": (0.2, 0.25, 0.2), "input_size": (3, 56, 56)}
+    ckpt = tmp_path / "mae.pt"
+    torch.save({"method": "mae", "encoder": encoder.encoder_state(vit, arch, kwargs)}, ckpt)
+    out = tmp_path / "export"
+    assert run_cli(hub.main, ["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+
+    reference, _ = encoder.load(ckpt)
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert model.num_prefix_tokens == 5 and model.pretrained_cfg["mean"] == [0.7, 0.5, 0.7]
+    x = _tiles(shared_data, 70, (0.7, 0.5, 0.7), (0.2, 0.25, 0.2))
+    with torch.inference_mode():
+        assert (model(x) - reference(x)).abs().max().item() < 1e-5
+    text = (out / "README.md").read_text()
+    assert "MAE" in text and "no evaluation" in text and "carries no training config" in text
+    assert "the publisher named none" in text and f"local-dir:{out.resolve()}" in text
+    assert not re.search(r"\{\{ *[a-z_.]+ *\}\}|\{%|None", text)
+
+
+def _one_line_error(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+def test_bad_results_checkpoint_or_out_fail_in_one_line(trained, exported, tmp_path, capsys):
+    base = ["export", "--ckpt", str(trained["run"]), "--out", str(tmp_path / "out")]
+    assert run_cli(hub.main, [*base, "--results", str(tmp_path / "missing.json")]) == 2
+    _one_line_error(capsys, "missing.json", "does not exist")
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"accuracy": 0.9}))
+    assert run_cli(hub.main, [*base, "--results", str(foreign)]) == 2
+    _one_line_error(capsys, "foreign.json", "not an ssl-path results file")
+    other = read_results(trained["results"][0])
+    other["encoder"] = {"ref": "timm:vit_tiny_patch16_224", "hash": "0123456789abcdef"}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert run_cli(hub.main, [*base, "--results", str(tmp_path / "other.json")]) == 2
+    _one_line_error(capsys, "other.json", "timm:vit_tiny_patch16_224", "its own encoder")
+    assert not (tmp_path / "out").exists()
+
+    assert run_cli(hub.main, ["export", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "nowhere")
+    assert run_cli(hub.main, [*base, "--name", "not a repo!"]) == 2
+    _one_line_error(capsys, "--name")
+    before = {p.name: p.stat().st_mtime_ns for p in exported.iterdir()}
+    assert run_cli(hub.main, ["export", "--ckpt", str(trained["run"]), "--out", str(exported)]) == 2
+    _one_line_error(capsys, "--overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in exported.iterdir()} == before  # nothing a user made is touched
+
+
+def _push(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ssl_path.hub", "push", *args], cwd=REPO, env=_env(**env),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_push_dry_run_lists_the_exported_files_and_no_path_shows_the_token(exported, tmp_path):
+    dry = _push(str(exported), "--repo", REPO_ID, "--dry-run", HF_TOKEN=TOKEN, HF_HUB_VERBOSITY="debug")
+    assert dry.returncode == 0, dry.stderr
+    listed = [line.split()[2] for line in dry.stdout.splitlines()]
+    assert listed == sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert all(line.startswith("would upload") and REPO_ID in line for line in dry.stdout.splitlines())
+
+    # A real upload attempt, token set, against a Hub that refuses connections: one line, no token.
+    refused = {"HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    failed = _push(str(exported), "--repo", REPO_ID, **refused)
+    assert failed.returncode == 2
+    assert failed.stderr.startswith(f"error: push to {REPO_ID} failed") and failed.stderr.count("\n") == 1
+    debug = _push(str(exported), "--repo", REPO_ID, **refused, HF_HUB_VERBOSITY="debug")  # every request logged
+    assert debug.returncode == 2 and "authenticated: True" in debug.stderr
+    no_token = _push(str(exported), "--repo", REPO_ID, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="0")
+    assert no_token.returncode == 2 and "no Hugging Face token" in no_token.stderr
+    for done in (dry, failed, debug, no_token):
+        assert TOKEN not in done.stdout + done.stderr
+    for path in Path(exported).rglob("*"):
+        assert TOKEN.encode() not in path.read_bytes()
+
+    wrong = _push(str(exported), "--repo", "path-lab/another-name", "--dry-run")
+    assert wrong.returncode == 2 and "--name path-lab/another-name" in wrong.stderr
+    assert _push(str(tmp_path), "--repo", REPO_ID, "--dry-run").returncode == 2
