@@ -13,6 +13,7 @@ login``; it is passed to huggingface_hub and never printed or written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -90,6 +91,10 @@ def export(
                           folder=out, template=template)
         save_for_hf(model, str(tmp), model_config={"model_args": args}, safe_serialization=True)
         card.save(tmp / CARD)
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in tmp.iterdir():
+            file.chmod(0o666 & ~umask)  # safetensors writes a private file; a shared export is readable
     return out
 
 

@@ -224,6 +224,9 @@ def test_push_dry_run_lists_the_exported_files_and_no_path_shows_the_token(expor
     assert dry.returncode == 0, dry.stderr
     listed = [line.split()[2] for line in dry.stdout.splitlines()]
     assert listed == sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in exported.iterdir())  # as open() would make them
     assert all(line.startswith("would upload") and REPO_ID in line for line in dry.stdout.splitlines())
 
     # A real upload attempt, token set, against a Hub that refuses connections: one line, no token.
