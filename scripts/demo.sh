@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# End-to-end demo of the stages that exist so far, on the real sample data in ../shared/data:
-# tile H&E images and a whole slide into shards, preview stain normalisation, stream the shards
-# through DINOv2 multi-crop, and load an encoder through the one contract.
+# End-to-end demo on the real sample data in ../shared/data: tile H&E images and a whole slide into
+# shards, preview stain normalisation, stream the shards through DINOv2 multi-crop, pretrain a tiny
+# DINOv2 for a few steps, probe it on AMi-Br with each scanner held out, and export it for timm
+# with its model card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${SSL_PATH_SHARED_DATA:-../shared/data}
@@ -41,4 +42,17 @@ print(f"shards hold {shard_total(sys.argv[1])} tiles; multi-crop batch: global "
 model, info = load("timm:vit_small_patch16_224", dynamic_img_size=True)
 print("encoder:", info)
 PY
+echo "== 4. pretrain dinov2_tiny_cpu for 30 steps (a real run takes 600: see benchmarks/pretrain_knn.py)"
+rm -rf "$OUT/run"
+$PY -m ssl_path.pretrain --config dinov2_tiny_cpu --data "$OUT/shards" --out "$OUT/run" --max-steps 30
+
+echo "== 5. kNN probe on AMi-Br, each scanner held out in turn"
+$PY -m probes.knn --ckpt "$OUT/run" --train "amibr:$DATA/amibr_midog21" --leave-one-domain-out \
+    --k 20 --out "$OUT/knn_lodo.json" --overwrite
+
+echo "== 6. export for timm with a model card, and what a push would upload"
+$PY -m ssl_path.hub export --ckpt "$OUT/run" --out "$OUT/export" --name ssl-path-demo/dinov2-tiny \
+    --results "$OUT/knn_lodo.json" --overwrite
+$PY -m ssl_path.hub push "$OUT/export" --repo ssl-path-demo/dinov2-tiny --dry-run
+$PY -c "import sys, timm; m = timm.create_model('local-dir:' + sys.argv[1], pretrained=True); print('timm loads it:', type(m).__name__, m.num_features, 'features')" "$OUT/export"
 echo "demo outputs in $OUT/"
