@@ -246,3 +246,23 @@ def test_push_dry_run_lists_the_exported_files_and_no_path_shows_the_token(expor
     wrong = _push(str(exported), "--repo", "path-lab/another-name", "--dry-run")
     assert wrong.returncode == 2 and "--name path-lab/another-name" in wrong.stderr
     assert _push(str(tmp_path), "--repo", REPO_ID, "--dry-run").returncode == 2
+
+
+def test_moved_shards_are_named_by_shards_or_reported_missing(trained, shared_data, tmp_path, capsys):
+    """run.json's data path may be gone at export time: --shards names the shards, else the card says so."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    os.link(trained["run"] / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt")
+    record = json.loads((trained["run"] / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**record, "data": str(tmp_path / "moved_away")}))
+
+    assert run_cli(hub.main, ["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "a")]) == 0
+    assert "no shard manifest found for" in capsys.readouterr().err
+    assert "manifest was not available" in (tmp_path / "a" / "README.md").read_text()
+
+    assert run_cli(hub.main, ["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "b"),
+                              "--shards", str(trained["shards"])]) == 0
+    assert "warning" not in capsys.readouterr().err
+    text = (tmp_path / "b" / "README.md").read_text()
+    assert "13 images" in text and "| amibr_midog21 | 12 | 48 |" in text  # 12 patches cut into 4 tiles each
+    assert str(trained["root"]) not in text and str(shared_data) not in text  # no local path is published
