@@ -39,7 +39,9 @@ __all__ = [
     "UNI_K",
     "l2_normalize",
     "search",
+    "build_index",
     "knn_predict",
+    "dino_vote",
     "uni_knn_predict",
     "run_knn",
     "align_labels",
@@ -129,10 +131,15 @@ def knn_predict(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     sims, idx = search(l2_normalize(train_feats), l2_normalize(test_feats), k, index)
+    return dino_vote(sims, train_labels[idx], temperature, n_classes)
+
+
+def dino_vote(sims: np.ndarray, neighbour_labels: np.ndarray, temperature: float, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """DINO's vote of each query's neighbours (similarities and labels [M, k], most similar first)."""
     # Shifting by each row's best similarity leaves the vote ratios unchanged and exp() bounded.
     weights = np.exp((sims - sims[:, :1]) / temperature)  # [M, k]
-    votes = np.zeros((len(test_feats), n_classes))
-    np.add.at(votes, (np.arange(len(test_feats))[:, None], train_labels[idx]), weights)
+    votes = np.zeros((len(sims), n_classes))
+    np.add.at(votes, (np.arange(len(sims))[:, None], neighbour_labels), weights)
     probs = votes / votes.sum(axis=1, keepdims=True)
     return probs.argmax(axis=1), probs
 
@@ -161,8 +168,6 @@ def uni_knn_predict(
     tied = counts == counts.max(axis=1, keepdims=True)
     pred = np.where(tied, sim_sums, -np.inf).argmax(axis=1)
     return pred, counts / k
-
-
 
 
 def clamp_ks(ks: Sequence[int], n_train: int, what: str = "kNN") -> list[int]:
@@ -201,11 +206,18 @@ def run_knn(
     n_classes = len(classes)
     runs = [(f"k{k}", k, used, "dino") for k, used in zip(ks, clamp_ks(ks, len(labelled), "DINO kNN"))]
     runs.append((f"uni_k{UNI_K}", UNI_K, clamp_ks([UNI_K], len(labelled), "UNI kNN")[0], "uni"))
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_inputs(train_feats, train_labels, test_set.features, n_classes)
+    # One search at the largest k serves every DINO k: each smaller k's neighbours are its prefix.
+    max_k = max((used for _, _, used, protocol in runs if protocol == "dino"), default=0)
+    if max_k:
+        sims, idx = search(l2_normalize(train_feats), l2_normalize(test_set.features), max_k, index)
     rows: dict[str, dict[str, Any]] = {}
     for name, k, used, protocol in runs:
         row: dict[str, Any] = {"protocol": protocol, "k": k, "k_used": used}
         if protocol == "dino":
-            pred, probs = knn_predict(train_feats, train_labels, test_set.features, used, temperature, n_classes, index)
+            pred, probs = dino_vote(sims[:, :used], train_labels[idx[:, :used]], temperature, n_classes)
             row["temperature"] = temperature
         else:
             pred, probs = uni_knn_predict(train_feats, train_labels, test_set.features, used, n_classes, index)

@@ -28,7 +28,7 @@ import timm
 import torch
 from torch import nn
 
-from ssl_path.errors import UserError, run_cli
+from ssl_path.errors import UserError, first_line, run_cli
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 RUN_DIR_CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -138,7 +138,7 @@ def _create_timm(name: str, pretrained: bool, ref: str, **kwargs: Any) -> nn.Mod
         raise UserError(f"encoder ref {ref!r}: bad model argument: {err}") from None
     except (OSError, ValueError, RuntimeError) as err:
         # Hub misses (offline, unknown repo, missing files) surface as these.
-        raise UserError(f"cannot load encoder {ref!r}: {_first_line(err)}") from None
+        raise UserError(f"cannot load encoder {ref!r}: {first_line(err)}") from None
 
 
 def _load_path(path: Path, ref: str, model_kwargs: dict[str, Any]) -> nn.Module:
@@ -163,7 +163,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a damaged file
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
     return checkpoint
@@ -194,7 +194,7 @@ def model_from_entry(entry: dict[str, Any], path: Path, model_kwargs: dict[str, 
     try:
         model.load_state_dict(entry["state_dict"], strict=True)
     except RuntimeError as err:
-        raise UserError(f"checkpoint {path} does not fit {entry['architecture']}: {_first_line(err)}") from None
+        raise UserError(f"checkpoint {path} does not fit {entry['architecture']}: {first_line(err)}") from None
     model.pretrained_cfg = {**model.pretrained_cfg, **entry.get("pretrained_cfg", {})}
     return model
 
@@ -212,11 +212,6 @@ def _blocks_and_stride(model: nn.Module) -> tuple[int, int]:
     if feature_info:
         return len(feature_info), int(feature_info[-1]["reduction"])
     raise UserError(f"{type(model).__name__} exposes neither ViT blocks nor timm feature_info")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,12 @@ class UserError(Exception):
     """An error the user caused and can fix; the message says what and where."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for a one-line error."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a stage's ``main``; turn a :class:`UserError` into one stderr line and exit code 2."""
     try:

@@ -13,7 +13,6 @@ login``; it is passed to huggingface_hub and never printed or written.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,8 +27,8 @@ import ssl_path
 from probes.features import encoder_hash
 from probes.results import read_results
 from ssl_path import encoder
-from ssl_path.errors import UserError, run_cli
-from ssl_path.io import atomic_dir
+from ssl_path.errors import UserError, first_line, run_cli
+from ssl_path.io import atomic_dir, make_public
 from ssl_path.model_card import build_card, training_record
 
 CONFIG = "config.json"
@@ -91,10 +90,8 @@ def export(
                           folder=out, template=template)
         save_for_hf(model, str(tmp), model_config={"model_args": args}, safe_serialization=True)
         card.save(tmp / CARD)
-        umask = os.umask(0)
-        os.umask(umask)
         for file in tmp.iterdir():
-            file.chmod(0o666 & ~umask)  # safetensors writes a private file; a shared export is readable
+            make_public(file)
     return out
 
 
@@ -118,7 +115,7 @@ def _check_repo_id(repo: str, flag: str, with_org: bool = True) -> None:
     try:
         validate_repo_id(repo)
     except HFValidationError as err:
-        raise UserError(f"{flag} {repo!r} is not a Hub repo id (org/name): {str(err).splitlines()[0]}") from None
+        raise UserError(f"{flag} {repo!r} is not a Hub repo id (org/name): {first_line(err)}") from None
     if with_org and repo.count("/") != 1:
         raise UserError(f"{flag} {repo!r} must be org/name")
 
@@ -145,13 +142,8 @@ def push(folder: str | Path, repo: str, private: bool = False, revision: str | N
         api.upload_folder(repo_id=repo, folder_path=folder, revision=revision, allow_patterns=files,
                           commit_message=f"Upload encoder exported by ssl-path {ssl_path.__version__}")
     except Exception as err:  # HTTP, connection and offline-mode errors all mean the same to a user
-        raise UserError(f"push to {repo} failed: {_first_line(err)}") from None
+        raise UserError(f"push to {repo} failed: {first_line(err)}") from None
     return files
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

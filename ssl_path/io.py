@@ -12,6 +12,14 @@ from typing import Any, Iterator
 from ssl_path.errors import UserError
 
 
+def make_public(path: str | os.PathLike) -> None:
+    """Give ``path`` the permissions a plain ``open()`` or ``mkdir()`` would: mkstemp, mkdtemp and
+    safetensors make private ones, which others sharing a run or an export could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -20,10 +28,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp makes the file private; give it the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
+    make_public(tmp_path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -65,9 +70,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         raise UserError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a published folder is not
+    make_public(tmp)
     try:
         yield tmp
         if out.exists():

@@ -27,7 +27,7 @@ from torch import nn
 import ssl_path
 from probes.metrics import SCORES
 from ssl_path.config import dump_yaml
-from ssl_path.data.loader import MANIFEST, read_manifest
+from ssl_path.data.loader import manifest_path, read_manifest
 from ssl_path.data.readers.spec import parse_spec
 from ssl_path.encoder import EncoderInfo
 from ssl_path.errors import UserError
@@ -150,9 +150,8 @@ def _find_manifests(locations: Sequence[str]) -> tuple[list[Path], list[str]]:
     found: list[Path] = []
     missing: list[str] = []
     for location in locations:
-        path = Path(location.split("{")[0])
-        manifest = next((c for c in (path / MANIFEST, path, path.parent / MANIFEST)
-                         if c.name == MANIFEST and c.is_file()), None)
+        path = Path(location.split("{")[0])  # a brace pattern or a .tar lies in its shard folder
+        manifest = manifest_path(path) or manifest_path(path.parent)
         if manifest is None:
             missing.append(location)
         elif manifest.resolve() not in {m.resolve() for m in found}:
@@ -222,6 +221,11 @@ def dataset_name(spec: str | None) -> str:
     return Path(path.rstrip("/")).stem or path
 
 
+def _tested_on(results: dict[str, Any]) -> str:
+    """The name of the set a results file's scores were measured on (its train set under leave-one-out)."""
+    return dataset_name(results["dataset"].get("test") or results["dataset"].get("train"))
+
+
 def _rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     metrics = results["metrics"]
     if isinstance(metrics, dict):
@@ -244,7 +248,7 @@ def eval_results(all_results: Sequence[dict[str, Any]]) -> list[EvalResult]:
     entries = []
     for results in all_results:
         probe = results["probe"]
-        name = dataset_name(results["dataset"].get("test") or results["dataset"].get("train"))
+        name = _tested_on(results)
         for row_name, row in _rows(results):
             for score in SCORES:
                 value = _score(row, score)
@@ -287,7 +291,7 @@ def evaluation_tables(all_results: Sequence[dict[str, Any]]) -> list[dict[str, A
         split = results["split"]
         tables.append({
             "title": f"{PROBE_TITLES.get(results['probe'], results['probe'])} on "
-                     f"{dataset_name(dataset.get('test') or dataset.get('train'))}, {_split_label(results)}",
+                     f"{_tested_on(results)}, {_split_label(results)}",
             "probe": results["probe"],
             "columns": ["row", *scores],
             "rows": body,
@@ -356,7 +360,7 @@ def build_card(
     """
     method = METHODS.get(record.method or "")
     datasets = sorted({f["name"] for f in (record.data or {}).get("folders", [])}
-                      | {dataset_name(r["dataset"].get("test") or r["dataset"].get("train")) for r in all_results})
+                      | {_tested_on(r) for r in all_results})
     card_data = ModelCardData(
         model_name=name,
         library_name="timm",

@@ -117,6 +117,21 @@ def test_run_knn_rows_and_clamped_k(capsys):
         knn.run_knn(feature_set(train_x, train_y, classes), feature_set(test_x, test_y, ("a", "c")), ks=[3])
 
 
+def test_run_knn_searches_once_and_each_k_matches_its_own_search():
+    """Every DINO k is read off one search at the largest k; it must equal a search at that k."""
+    rng = np.random.default_rng(3)
+    train_x, test_x = rng.normal(size=(60, 8)), rng.normal(size=(25, 8))
+    train_y = rng.integers(0, 3, 60)
+    classes = ("a", "b", "c")
+    test = feature_set(test_x.astype(np.float32), rng.integers(0, 3, 25), classes)
+    rows = knn.run_knn(feature_set(train_x.astype(np.float32), train_y, classes), test, ks=[1, 5, 17], temperature=0.1)
+    for k in (1, 5, 17):
+        _, probs = knn.knn_predict(train_x.astype(np.float32), train_y, test_x.astype(np.float32), k, 0.1, 3)
+        pred = probs.argmax(axis=1)
+        assert rows[f"k{k}"]["accuracy"] == float(np.mean(pred == test.labels))
+        assert rows[f"k{k}"]["auroc"] == pytest.approx(roc_auc_score(test.labels, probs, multi_class="ovr"))
+
+
 # ----------------------------------------------------------------------------- metrics
 
 

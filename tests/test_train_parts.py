@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import pytest
 import timm
-import torch
 from torch import nn
 
 from ssl_path.config import apply_overrides, from_dict

@@ -80,7 +80,7 @@ def shard_total(data: str | Path | Sequence[str | Path]) -> int | None:
     total = 0
     for item in items:
         for part in str(item).split("::"):
-            manifest = _manifest_path(Path(part))
+            manifest = manifest_path(Path(part))
             if manifest is None:
                 return None
             total += int(read_manifest(manifest)["total"])
@@ -188,7 +188,7 @@ def _train_stream(urls: list[str], seed: int, bufsize: int, position: StreamPosi
 
 def _expand_one(part: str) -> list[str]:
     path = Path(part)
-    manifest = _manifest_path(path)
+    manifest = manifest_path(path)
     if manifest is not None:
         return _manifest_urls(manifest)
     if "{" in part:
@@ -204,7 +204,8 @@ def _expand_one(part: str) -> list[str]:
     raise UserError(f"--data {part}: no such shard, shard folder or brace pattern")
 
 
-def _manifest_path(path: Path) -> Path | None:
+def manifest_path(path: Path) -> Path | None:
+    """``path`` itself if it is a manifest, a folder's manifest, or None."""
     if path.is_dir() and (path / MANIFEST).is_file():
         return path / MANIFEST
     if path.is_file() and path.name == MANIFEST:
