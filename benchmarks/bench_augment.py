@@ -16,6 +16,7 @@ Rates are the best of ``--repeats`` runs (the least disturbed by other processes
 
     .venv/bin/python benchmarks/bench_augment.py --out benchmarks/out/bench_augment.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,13 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from ssl_path.data.augment import (  # noqa: E402
+from ssl_path.core.io import write_json  # noqa: E402
+from ssl_path.data.transforms import (  # noqa: E402
     MultiCropAugment,
     MultiCropConfig,
     MultiCropPhotometric,
     collate_multicrop,
 )
-from ssl_path.io import write_json  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("SSL_PATH_SHARED_DATA", REPO.parent / "shared" / "data"))
 GOAL_PER_CORE = 125.0

@@ -22,6 +22,7 @@ closer to encoder features of tissue tiles. Extraction: images/s of
 
     .venv/bin/python benchmarks/bench_knn.py --threads 2 --out benchmarks/out/bench_knn.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ import torch  # noqa: E402
 from sklearn.neighbors import NearestNeighbors  # noqa: E402
 
 from probes.knn import HNSW_EF_SEARCH, build_index  # noqa: E402
-from ssl_path.io import write_json  # noqa: E402
+from ssl_path.core.io import write_json  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("SSL_PATH_SHARED_DATA", REPO.parent / "shared" / "data"))
 GOAL_EXACT_S = 3.0
@@ -70,22 +71,28 @@ def sklearn_brute(train: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 def torch_topk(dtype: torch.dtype, chunk: int = 1024) -> Search:
     """Exact search as chunked matmul + topk; chunks bound the [chunk, N] score matrix's memory."""
+
     def search(train: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
         t = torch.from_numpy(train).to(dtype)
         q = torch.from_numpy(queries).to(dtype)
         out = []
         with torch.inference_mode():
             for start in range(0, len(q), chunk):
-                out.append(torch.topk(q[start:start + chunk] @ t.T, k, dim=1).indices)
+                out.append(torch.topk(q[start : start + chunk] @ t.T, k, dim=1).indices)
         return torch.cat(out).numpy()
+
     return search
 
 
-def hnsw(ef_search: int = HNSW_EF_SEARCH) -> tuple[Callable[[np.ndarray], Any], Callable[[Any, np.ndarray, int], np.ndarray]]:
+def hnsw(
+    ef_search: int = HNSW_EF_SEARCH,
+) -> tuple[Callable[[np.ndarray], Any], Callable[[Any, np.ndarray, int], np.ndarray]]:
     """The index ``probes.knn --index hnsw`` builds, searched with ``ef_search``."""
+
     def search(index: Any, q: np.ndarray, k: int) -> np.ndarray:
         index.hnsw.efSearch = max(ef_search, k)
         return index.search(q, k)[1]
+
     return lambda train: build_index(train, "hnsw"), search
 
 
@@ -125,8 +132,14 @@ def extraction_rate(n_images: int, threads: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     feats = extract_features(ref, data, batch_size=32, cache_dir=None, progress=False, input_size=224)
     seconds = time.perf_counter() - t0
-    return {"encoder": ref, "input_size": 224, "n_images": len(feats), "seconds": seconds,
-            "images_per_s": len(feats) / seconds, "threads": threads}
+    return {
+        "encoder": ref,
+        "input_size": 224,
+        "n_images": len(feats),
+        "seconds": seconds,
+        "images_per_s": len(feats) / seconds,
+        "threads": threads,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,8 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--n-images", type=int, default=64, help="AMi-Br patches for the extraction rate (0: skip)")
     p.add_argument("--skip-sklearn", action="store_true", help="leave out the slowest exact method")
-    p.add_argument("--data", choices=("uniform", "clustered"), default="uniform",
-                   help="uniform unit vectors (worst case for HNSW/IVF) or --clusters gaussian clusters")
+    p.add_argument(
+        "--data",
+        choices=("uniform", "clustered"),
+        default="uniform",
+        help="uniform unit vectors (worst case for HNSW/IVF) or --clusters gaussian clusters",
+    )
     p.add_argument("--clusters", type=int, default=2000)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "bench_knn.json")
     args = p.parse_args(argv)
@@ -154,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     exact_seconds, cpu, exact = best_of(lambda: faiss_flat(train, queries, args.k), args.repeats)
-    rows.append({"method": "faiss_flat", "exact": True, "search_s": exact_seconds, "cpu_s": cpu, "build_s": 0.0,
-                 "recall": 1.0})
+    rows.append(
+        {"method": "faiss_flat", "exact": True, "search_s": exact_seconds, "cpu_s": cpu, "build_s": 0.0, "recall": 1.0}
+    )
     exact_methods: list[tuple[str, Search, bool]] = [
         ("torch_fp32", torch_topk(torch.float32), True),
         ("torch_bf16", torch_topk(torch.bfloat16), False),
@@ -163,10 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_sklearn:
         exact_methods.insert(0, ("sklearn_brute", sklearn_brute, True))
     for name, fn, is_exact in exact_methods:
-        seconds, cpu, found = best_of(lambda: fn(train, queries, args.k), 1 if name == "sklearn_brute" else args.repeats)
-        rows.append({"method": name, "exact": is_exact, "search_s": seconds, "cpu_s": cpu, "build_s": 0.0,
-                     "recall": recall(found, exact)})
-    approximate = [(f"faiss_hnsw_ef{ef}", hnsw(ef)) for ef in (HNSW_EF_SEARCH, 4 * HNSW_EF_SEARCH)] + [("faiss_ivf", ivf())]
+        seconds, cpu, found = best_of(
+            lambda: fn(train, queries, args.k), 1 if name == "sklearn_brute" else args.repeats
+        )
+        rows.append(
+            {
+                "method": name,
+                "exact": is_exact,
+                "search_s": seconds,
+                "cpu_s": cpu,
+                "build_s": 0.0,
+                "recall": recall(found, exact),
+            }
+        )
+    approximate = [(f"faiss_hnsw_ef{ef}", hnsw(ef)) for ef in (HNSW_EF_SEARCH, 4 * HNSW_EF_SEARCH)] + [
+        ("faiss_ivf", ivf())
+    ]
     built: dict[str, Any] = {}
     for name, (build, search) in approximate:
         kind = name.rsplit("_ef", 1)[0]
@@ -175,29 +205,53 @@ def main(argv: list[str] | None = None) -> int:
         built[kind] = index
         build_s = time.perf_counter() - t0
         seconds, cpu, found = best_of(lambda: search(index, queries, args.k), args.repeats)
-        rows.append({"method": name, "exact": False, "search_s": seconds, "cpu_s": cpu, "build_s": build_s,
-                     "recall": recall(found, exact)})
+        rows.append(
+            {
+                "method": name,
+                "exact": False,
+                "search_s": seconds,
+                "cpu_s": cpu,
+                "build_s": build_s,
+                "recall": recall(found, exact),
+            }
+        )
 
     extraction = extraction_rate(args.n_images, args.threads) if args.n_images > 0 else None
 
-    print(f"kNN top-{args.k}: {args.n_query} queries x {args.n_train} train x {args.dim} dims ({args.data}), "
-          f"{args.threads} threads (goal: exact <= {GOAL_EXACT_S:.0f} s)")
+    print(
+        f"kNN top-{args.k}: {args.n_query} queries x {args.n_train} train x {args.dim} dims ({args.data}), "
+        f"{args.threads} threads (goal: exact <= {GOAL_EXACT_S:.0f} s)"
+    )
     print(f"{'method':<18}{'exact':>6}{'search s':>10}{'cpu s':>8}{'build s':>9}{'recall@' + str(args.k):>11}")
     for r in rows:
-        print(f"{r['method']:<18}{'yes' if r['exact'] else 'no':>6}{r['search_s']:>10.2f}{r['cpu_s']:>8.2f}"
-              f"{r['build_s']:>9.2f}"
-              f"{r['recall']:>11.4f}")
+        print(
+            f"{r['method']:<18}{'yes' if r['exact'] else 'no':>6}{r['search_s']:>10.2f}{r['cpu_s']:>8.2f}"
+            f"{r['build_s']:>9.2f}"
+            f"{r['recall']:>11.4f}"
+        )
     if extraction:
-        print(f"extraction {extraction['encoder']} @224: {extraction['images_per_s']:.1f} img/s "
-              f"({extraction['n_images']} images, {extraction['seconds']:.1f} s, cache off)")
+        print(
+            f"extraction {extraction['encoder']} @224: {extraction['images_per_s']:.1f} img/s "
+            f"({extraction['n_images']} images, {extraction['seconds']:.1f} s, cache off)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, {
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "goal_exact_s": GOAL_EXACT_S, "search": rows, "extraction": extraction,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "faiss": faiss.__version__, "torch": torch.__version__,
-                    "load_average": list(os.getloadavg())},
-    })
+    write_json(
+        args.out,
+        {
+            "config": {k: v for k, v in vars(args).items() if k != "out"},
+            "goal_exact_s": GOAL_EXACT_S,
+            "search": rows,
+            "extraction": extraction,
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor(),
+                "cpu_count": os.cpu_count(),
+                "faiss": faiss.__version__,
+                "torch": torch.__version__,
+                "load_average": list(os.getloadavg()),
+            },
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

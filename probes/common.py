@@ -4,6 +4,7 @@ They check the sets before an encoder is built, match test labels to the trainin
 count train/test group overlap, print the metrics table, and hold the arguments, feature extraction
 and results.json writing that every probe command shares; ``probe`` only names the caller in messages.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,14 +16,23 @@ from typing import Any, Sequence
 import numpy as np
 
 from probes.features import DEFAULT_CACHE, POOLS, FeatureSet, extract_features
-from probes.results import make_results, write_results
-from probes.splits import domain_folds, group_split
+from ssl_path.core.errors import UserError
 from ssl_path.data.readers import LabelledSet, read_spec
-from ssl_path.errors import UserError
+from ssl_path.evaluation.results import make_results, write_results
+from ssl_path.evaluation.splits import domain_folds, group_split
 
 __all__ = [
-    "align_labels", "check_sets", "shared_groups", "format_table",
-    "add_feature_arguments", "add_probe_arguments", "ProbeInputs", "probe_inputs", "probe_splits", "prefixed", "report",
+    "align_labels",
+    "check_sets",
+    "shared_groups",
+    "format_table",
+    "add_feature_arguments",
+    "add_probe_arguments",
+    "ProbeInputs",
+    "probe_inputs",
+    "probe_splits",
+    "prefixed",
+    "report",
 ]
 
 
@@ -51,8 +61,10 @@ def check_sets(train: LabelledSet, test: LabelledSet, train_spec: str, test_spec
             raise UserError(f"{flag} {spec}: {unlabeled} images have no label; {probe} needs a label on each")
     empty = [name for name, n in train.class_counts().items() if n == 0]
     if empty:
-        raise UserError(f"--train {train_spec}: no images of class {', '.join(map(repr, empty))}; "
-                        "every training class needs at least one")
+        raise UserError(
+            f"--train {train_spec}: no images of class {', '.join(map(repr, empty))}; "
+            "every training class needs at least one"
+        )
     unknown = sorted(set(test.labels()) - set(train.classes))
     if unknown:
         raise UserError(
@@ -65,9 +77,7 @@ def shared_groups(train: FeatureSet, test: FeatureSet) -> int:
     return len({g for g in train.groups if g is not None} & {g for g in test.groups if g is not None})
 
 
-def format_table(
-    rows: dict[str, dict[str, Any]], param: tuple[str, str, str] = ("k", "k_used", "")
-) -> str:
+def format_table(rows: dict[str, dict[str, Any]], param: tuple[str, str, str] = ("k", "k_used", "")) -> str:
     """A small fixed-width table of the rows' main metrics.
 
     ``param`` is the per-row setting shown after the name: (header, row key, format spec), e.g.
@@ -92,16 +102,24 @@ def format_table(
 def add_feature_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """How features are made: the encoder, pooling, test-time averaging, size, batching, device, cache."""
     p = parser
-    p.add_argument("--ckpt", required=True, metavar="REF",
-                   help="encoder: timm:ARCH, hf-hub:ORG/NAME, a checkpoint, a run directory or an exported folder")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        metavar="REF",
+        help="encoder: timm:ARCH, hf-hub:ORG/NAME, a checkpoint, a run directory or an exported folder",
+    )
     p.add_argument("--pool", choices=POOLS, default="cls", help="token pooling (default %(default)s)")
     p.add_argument("--tta", action="store_true", help="average the features of the 8 flips and rotations")
     p.add_argument("--input-size", type=int, default=None, help="image side in pixels (default: the encoder's)")
     p.add_argument("--batch-size", type=int, default=64, help="(default %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="feature cache folder (default $SSL_PATH_CACHE or ~/.cache/ssl_path/features)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="feature cache folder (default $SSL_PATH_CACHE or ~/.cache/ssl_path/features)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -110,14 +128,28 @@ def add_probe_arguments(parser: argparse.ArgumentParser, seed_help: str) -> argp
     """The arguments every frozen-feature probe takes: features, sets and splits, output."""
     p = add_feature_arguments(parser)
     p.add_argument("--train", required=True, metavar="SPEC", help="training set, e.g. amibr:DATA?domain=hamamatsu_xr")
-    p.add_argument("--test", metavar="SPEC",
-                   help="test set, e.g. amibr:DATA?domain=hamamatsu_s360 (or carve it from --train, below)")
-    p.add_argument("--leave-one-domain-out", action="store_true",
-                   help="no --test: for every domain of --train, train on the others and test on it")
-    p.add_argument("--split-by", choices=("group",), default=None,
-                   help="no --test: hold out whole groups (patients/slides) of --train as the test set")
-    p.add_argument("--test-fraction", type=float, default=0.2,
-                   help="with --split-by group: share of the images held out (default %(default)s)")
+    p.add_argument(
+        "--test",
+        metavar="SPEC",
+        help="test set, e.g. amibr:DATA?domain=hamamatsu_s360 (or carve it from --train, below)",
+    )
+    p.add_argument(
+        "--leave-one-domain-out",
+        action="store_true",
+        help="no --test: for every domain of --train, train on the others and test on it",
+    )
+    p.add_argument(
+        "--split-by",
+        choices=("group",),
+        default=None,
+        help="no --test: hold out whole groups (patients/slides) of --train as the test set",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="with --split-by group: share of the images held out (default %(default)s)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write results.json here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
@@ -179,13 +211,21 @@ def probe_splits(args: argparse.Namespace, probe: str) -> tuple[list[ProbeInputs
             if len(set(train.labels.tolist())) < 2:
                 raise UserError(f"--leave-one-domain-out: without domain {domain!r} the training set has one class")
             splits.append(ProbeInputs(data, data, train, test, shared_groups(train, test), domain))
-        folds_info = [{"domain": s.name, "n_train": len(s.train), "n_test": len(s.test), "shared_groups": s.shared} for s in splits]
+        folds_info = [
+            {"domain": s.name, "n_train": len(s.train), "n_test": len(s.test), "shared_groups": s.shared}
+            for s in splits
+        ]
         return splits, {"method": "leave-one-domain-out", "folds": folds_info}
     train_idx, test_idx = group_split(data.targets(), [r.group for r in data.records], args.test_fraction, args.seed)
     features = _features(args, data)
     train, test = features.select(train_idx), features.select(test_idx)
-    split = {"method": "group", "test_fraction": args.test_fraction, "seed": args.seed,
-             "train_groups": len(set(train.groups)), "test_groups": len(set(test.groups))}
+    split = {
+        "method": "group",
+        "test_fraction": args.test_fraction,
+        "seed": args.seed,
+        "train_groups": len(set(train.groups)),
+        "test_groups": len(set(test.groups)),
+    }
     return [ProbeInputs(data, data, train, test, shared_groups(train, test))], split
 
 
@@ -202,22 +242,36 @@ def _refuse_existing_out(args: argparse.Namespace) -> None:
 
 def _features(args: argparse.Namespace, data: LabelledSet) -> FeatureSet:
     return extract_features(
-        args.ckpt, data, pool=args.pool, tta=args.tta, batch_size=args.batch_size, num_workers=args.workers,
-        device=args.device, input_size=args.input_size,
-        cache_dir=DEFAULT_CACHE if args.cache_dir is None else args.cache_dir, progress=not args.no_progress,
+        args.ckpt,
+        data,
+        pool=args.pool,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        input_size=args.input_size,
+        cache_dir=DEFAULT_CACHE if args.cache_dir is None else args.cache_dir,
+        progress=not args.no_progress,
     )
 
 
 def report(
-    args: argparse.Namespace, probe: str, inputs: ProbeInputs, rows: dict[str, dict[str, Any]],
-    table: str, split: dict[str, Any], config: dict[str, Any], seeds: Sequence[int] | None = None,
+    args: argparse.Namespace,
+    probe: str,
+    inputs: ProbeInputs,
+    rows: dict[str, dict[str, Any]],
+    table: str,
+    split: dict[str, Any],
+    config: dict[str, Any],
+    seeds: Sequence[int] | None = None,
 ) -> None:
     """Print the table and, with ``--out``, write the probe's results.json (``seeds``: default ``[--seed]``)."""
     train, test = inputs.train, inputs.test
     folds = split.get("folds")
     sizes = (
         " | ".join(f"{f['domain']} left out: train {f['n_train']}, test {f['n_test']}" for f in folds)
-        if folds else f"train {len(train)} | test {len(test)}"
+        if folds
+        else f"train {len(train)} | test {len(test)}"
     )
     print(f"{args.ckpt} | {sizes} | classes {', '.join(train.classes)}")
     print(table)
@@ -227,15 +281,25 @@ def report(
         probe=probe,
         encoder={"ref": args.ckpt, "hash": train.encoder_hash},
         dataset={
-            "train": inputs.train_data.source, "test": inputs.test_data.source, "n_train": len(train),
-            "n_test": len(test), "classes": list(train.classes), "train_data_hash": train.data_hash,
+            "train": inputs.train_data.source,
+            "test": inputs.test_data.source,
+            "n_train": len(train),
+            "n_test": len(test),
+            "classes": list(train.classes),
+            "train_data_hash": train.data_hash,
             "test_data_hash": test.data_hash,
         },
         split={"method": "given", "train": args.train, "test": args.test, "shared_groups": inputs.shared, **split},
         seeds=list(seeds) if seeds is not None else [args.seed],
         metrics=rows,
-        config={**config, "pool": args.pool, "tta": args.tta, "input_size": train.input_size,
-                "batch_size": args.batch_size, "device": args.device},
+        config={
+            **config,
+            "pool": args.pool,
+            "tta": args.tta,
+            "input_size": train.input_size,
+            "batch_size": args.batch_size,
+            "device": args.device,
+        },
     )
     write_results(args.out, results, overwrite=args.overwrite)
     print(f"wrote {args.out}")

@@ -12,6 +12,7 @@ PCA to 50 dimensions when there are more -> each method's 2-D map.
 Writes into DIR: ``<method>.png`` (panels coloured by label and by domain), ``coordinates.csv``
 (path, label, domain, group and ``<method>_x``/``<method>_y`` for every kept point) and ``embed.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ import numpy as np
 
 from probes.common import add_feature_arguments
 from probes.features import DEFAULT_CACHE, FeatureSet, extract_features
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.core.io import atomic_path, prepare_out_dir, write_json
 from ssl_path.data.readers import read_spec
-from ssl_path.errors import UserError, run_cli
-from ssl_path.io import atomic_path, prepare_out_dir, write_json
 
 __all__ = [
     "METHODS",
@@ -86,8 +87,9 @@ def subsample(labels: Sequence[int] | np.ndarray, max_points: int, seed: int) ->
     order = np.lexsort((values, -(shares % pool)))  # largest remainder first, then smaller label
     quotas[order[:leftover]] += 1
     rng = np.random.default_rng(seed)
-    picked = [rng.choice(np.flatnonzero(labels == value), size=int(q), replace=False)
-              for value, q in zip(values, quotas)]
+    picked = [
+        rng.choice(np.flatnonzero(labels == value), size=int(q), replace=False) for value, q in zip(values, quotas)
+    ]
     return np.sort(np.concatenate(picked))
 
 
@@ -165,17 +167,22 @@ def _scatter(ax: Any, coords: np.ndarray, names: Sequence[str], title: str) -> N
     size = float(np.clip(3000.0 / max(len(coords), 1), 2.0, 30.0))
     for i, kind in enumerate(kinds):
         mask = names_arr == kind
-        ax.scatter(coords[mask, 0], coords[mask, 1], s=size, alpha=0.7, color=cmap(i % cmap.N),
-                   label=f"{kind} ({int(mask.sum())})", linewidths=0)
+        ax.scatter(
+            coords[mask, 0],
+            coords[mask, 1],
+            s=size,
+            alpha=0.7,
+            color=cmap(i % cmap.N),
+            label=f"{kind} ({int(mask.sum())})",
+            linewidths=0,
+        )
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(loc="best", fontsize="small", markerscale=max(1.0, 20.0 / size), frameon=True)
 
 
-def plot_map(
-    coords: np.ndarray, labels: Sequence[str], domains: Sequence[str], title: str, path: Path
-) -> None:
+def plot_map(coords: np.ndarray, labels: Sequence[str], domains: Sequence[str], title: str, path: Path) -> None:
     """A PNG at ``path``: coloured by label, and beside it by domain unless no row has one."""
     import matplotlib
 
@@ -223,15 +230,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="SPEC", help="the set to map, e.g. amibr:DATA")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     # No argparse choices: its error is a usage block, not the one line every bad input gets here.
-    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
-                   help=f"any of {', '.join(METHODS)} (default: both)")
-    p.add_argument("--max-points", type=int, default=5000,
-                   help=f"sub-sample per label to at most this many points, >= {MIN_MAX_POINTS} (default %(default)s)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"any of {', '.join(METHODS)} (default: both)",
+    )
+    p.add_argument(
+        "--max-points",
+        type=int,
+        default=5000,
+        help=f"sub-sample per label to at most this many points, >= {MIN_MAX_POINTS} (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sub-sampling, PCA, t-SNE and UMAP seed (default %(default)s)")
-    p.add_argument("--perplexity", type=float, default=30.0,
-                   help="t-SNE perplexity, lowered to (n-1)/3 for small sets (default %(default)s)")
-    p.add_argument("--neighbors", type=int, default=15,
-                   help="UMAP n_neighbors, lowered to n-1 for small sets (default %(default)s)")
+    p.add_argument(
+        "--perplexity",
+        type=float,
+        default=30.0,
+        help="t-SNE perplexity, lowered to (n-1)/3 for small sets (default %(default)s)",
+    )
+    p.add_argument(
+        "--neighbors",
+        type=int,
+        default=15,
+        help="UMAP n_neighbors, lowered to n-1 for small sets (default %(default)s)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return add_feature_arguments(p)
 
@@ -263,17 +287,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = prepare_out_dir(args.out, args.overwrite)
 
     feats = extract_features(
-        args.ckpt, data, pool=args.pool, tta=args.tta, batch_size=args.batch_size, num_workers=args.workers,
-        device=args.device, input_size=args.input_size,
-        cache_dir=DEFAULT_CACHE if args.cache_dir is None else args.cache_dir, progress=not args.no_progress,
+        args.ckpt,
+        data,
+        pool=args.pool,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        input_size=args.input_size,
+        cache_dir=DEFAULT_CACHE if args.cache_dir is None else args.cache_dir,
+        progress=not args.no_progress,
     )
     kept = feats.select(subsample(feats.labels, args.max_points, args.seed))
     n = len(kept)
     x = reduce_dims(l2_normalize(kept.features), PCA_DIMS, args.seed)
 
     perplexity, neighbors = clamp_perplexity(args.perplexity, n), clamp_neighbors(args.neighbors, n)
-    for method, flag, asked, used in (("tsne", "--perplexity", args.perplexity, perplexity),
-                                      ("umap", "--neighbors", args.neighbors, neighbors)):
+    for method, flag, asked, used in (
+        ("tsne", "--perplexity", args.perplexity, perplexity),
+        ("umap", "--neighbors", args.neighbors, neighbors),
+    ):
         if method in methods and used != asked:
             print(f"warning: {flag} {asked:g} is too large for {n} points; using {used:g}", file=sys.stderr)
     maps: dict[str, np.ndarray] = {}
@@ -285,19 +318,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = f"{method} of {args.ckpt} on {data.name} (n={n})"
         plot_map(coords, labels, domains, title, out / f"{method}.png")
     write_coordinates(out / "coordinates.csv", kept, maps)
-    write_json(out / "embed.json", {
-        "encoder": {"ref": args.ckpt, "hash": kept.encoder_hash},
-        "data": {"spec": args.data, "source": data.source, "hash": kept.data_hash, "classes": list(kept.classes)},
-        "n": n,
-        "n_total": len(feats),
-        "methods": methods,
-        "seed": args.seed,
-        "config": {
-            "max_points": args.max_points, "perplexity": perplexity if "tsne" in methods else None,
-            "neighbors": neighbors if "umap" in methods else None, "pca_dims": int(x.shape[1]),
-            "feature_dim": feats.dim, "pool": args.pool, "tta": args.tta, "input_size": kept.input_size,
+    write_json(
+        out / "embed.json",
+        {
+            "encoder": {"ref": args.ckpt, "hash": kept.encoder_hash},
+            "data": {"spec": args.data, "source": data.source, "hash": kept.data_hash, "classes": list(kept.classes)},
+            "n": n,
+            "n_total": len(feats),
+            "methods": methods,
+            "seed": args.seed,
+            "config": {
+                "max_points": args.max_points,
+                "perplexity": perplexity if "tsne" in methods else None,
+                "neighbors": neighbors if "umap" in methods else None,
+                "pca_dims": int(x.shape[1]),
+                "feature_dim": feats.dim,
+                "pool": args.pool,
+                "tta": args.tta,
+                "input_size": kept.input_size,
+            },
         },
-    })
+    )
     print(f"{args.ckpt} | {data.name} | {n} of {len(feats)} points | {', '.join(methods)} -> {out}")
     return 0
 

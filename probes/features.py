@@ -20,6 +20,7 @@ checkpoint, a run directory's ``checkpoints/last.pt``, an exported folder's weig
 the ref plus the timm and torch versions for ``timm:ARCH`` (random init, built with torch seeded to
 :data:`RANDOM_INIT_SEED` so the baseline is the same network every time), and the ref for ``hf-hub:``.
 """
+
 from __future__ import annotations
 
 import enum
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import timm
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -41,10 +41,18 @@ from tqdm import tqdm
 
 import ssl_path
 from ssl_path import encoder as encoder_lib
-from ssl_path.data.augment import EvalTransform, eval_transform
+from ssl_path.core.cli import resolve_device
+from ssl_path.core.errors import UserError
+from ssl_path.core.io import atomic_path, write_json
 from ssl_path.data.readers import LabelledSet
-from ssl_path.errors import UserError
-from ssl_path.io import atomic_path, write_json
+from ssl_path.data.transforms import EvalTransform, eval_transform
+from ssl_path.encoder.identity import (
+    RANDOM_INIT_SEED,
+    encoder_identity,
+    identity_hash,
+    sha256_text,
+)
+from ssl_path.encoder.state import ModelArgumentError
 
 __all__ = [
     "POOLS",
@@ -54,8 +62,6 @@ __all__ = [
     "FeatureSet",
     "extract_features",
     "default_cache_dir",
-    "encoder_identity",
-    "encoder_hash",
     "data_fingerprint",
     "cache_key",
     "pool_tokens",
@@ -63,13 +69,9 @@ __all__ = [
 ]
 
 POOLS = ("cls", "mean", "cls+mean")
-RANDOM_INIT_SEED = 0
 CACHE_ENV = "SSL_PATH_CACHE"
 # Bump when the stored layout or the meaning of a key changes; old entries then simply miss.
 CACHE_VERSION = 1
-_HASH_CHUNK = 1 << 20
-# Weights of an exported folder, in the order timm's local-dir loader prefers them.
-_EXPORT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 class _Default(enum.Enum):
@@ -138,81 +140,6 @@ def default_cache_dir() -> Path:
     return Path(os.path.expanduser(env)) if env else Path.home() / ".cache" / "ssl_path" / "features"
 
 
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-# (realpath, size, mtime_ns) -> sha256; a weights file is hashed once per process and, with a cache
-# folder, once per change: a 1 GB checkpoint takes seconds to read.
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_digest(path: Path, cache_dir: Path | None = None) -> str:
-    """sha256 of a file, read in chunks; remembered per (path, size, mtime) in memory and under ``cache_dir``."""
-    real = os.path.realpath(path)
-    stat = os.stat(real)
-    key = (real, stat.st_size, stat.st_mtime_ns)
-    if key in _DIGESTS:
-        return _DIGESTS[key]
-    stored = None
-    if cache_dir is not None:
-        stored = cache_dir / "digests" / (_sha256_text(json.dumps(key))[:32] + ".txt")
-        if stored.is_file():
-            digest = stored.read_text().strip()
-            if len(digest) == 64:
-                _DIGESTS[key] = digest
-                return digest
-    sha = hashlib.sha256()
-    with open(real, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            sha.update(chunk)
-    digest = sha.hexdigest()
-    _DIGESTS[key] = digest
-    if stored is not None:
-        try:
-            with atomic_path(stored) as tmp:
-                tmp.write_text(digest + "\n")
-        except OSError:
-            pass  # only a speed-up; the in-memory copy still serves this process
-    return digest
-
-
-def _weights_files(ref: str) -> list[Path] | None:
-    """The files whose bytes define a file ref's encoder; None if ``ref`` names none that exists."""
-    path = Path(os.path.expanduser(ref))
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        return None
-    config = path / encoder_lib.EXPORT_CONFIG
-    if config.is_file():
-        weights = [path / name for name in _EXPORT_WEIGHTS if (path / name).is_file()]
-        # The config carries mean/std/input size, which change the features as much as the weights.
-        return [*weights[:1], config]
-    last = path / encoder_lib.RUN_DIR_CHECKPOINT
-    return [last] if last.is_file() else None
-
-
-def encoder_identity(ref: str, cache_dir: Path | None = None) -> str:
-    """A string that changes whenever the encoder ``ref`` names could compute different features."""
-    ref = str(ref)
-    if ref.startswith("timm:"):
-        return f"{ref}|seed={RANDOM_INIT_SEED}|timm={timm.__version__}|torch={torch.__version__}"
-    if ref.startswith("hf-hub:"):
-        return ref
-    files = _weights_files(ref)
-    if files is None:
-        # Let the loader say what is wrong with the ref, in its own words.
-        encoder_lib.load(ref)
-        raise UserError(f"encoder ref {ref!r} names no weights file")
-    return "file|" + "|".join(file_digest(f, cache_dir) for f in files)
-
-
-def encoder_hash(ref: str, cache_dir: Path | None = None) -> str:
-    """The short hash of :func:`encoder_identity` that features, caches and results.json carry."""
-    return _sha256_text(encoder_identity(ref, cache_dir))[:16]
-
-
 def data_fingerprint(paths: Sequence[str]) -> str:
     """sha256 over the ordered image files with their sizes and mtimes; a missing file is a UserError."""
     sha = hashlib.sha256()
@@ -228,7 +155,7 @@ def data_fingerprint(paths: Sequence[str]) -> str:
 def cache_key(identity: str, pool: str, tta: bool, input_size: int, data_hash: str) -> str:
     """The cache file stem for one extraction."""
     parts = {"v": CACHE_VERSION, "encoder": identity, "pool": pool, "tta": tta, "size": input_size, "data": data_hash}
-    return _sha256_text(json.dumps(parts, sort_keys=True))[:40]
+    return sha256_text(json.dumps(parts, sort_keys=True))[:40]
 
 
 # ----------------------------------------------------------------------------- pooling and views
@@ -281,16 +208,6 @@ class _ImageDataset(Dataset):
             return torch.zeros(3, size, size), f"{self.paths[index]}: {err}"
 
 
-def _check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    return dev
-
-
 def _load_encoder(ref: str, device: torch.device) -> tuple[nn.Module, encoder_lib.EncoderInfo]:
     """Build the encoder with a fixed torch seed (a ``timm:`` baseline is the same network every time),
     dynamic image size where the model takes it (any input size for a ViT), without touching the
@@ -299,9 +216,8 @@ def _load_encoder(ref: str, device: torch.device) -> tuple[nn.Module, encoder_li
         torch.manual_seed(RANDOM_INIT_SEED)
         try:
             return encoder_lib.load(ref, device=device, dynamic_img_size=True)
-        except UserError as err:
-            if "bad model argument" not in str(err):
-                raise
+        except ModelArgumentError:
+            pass
         # Not a ViT (a CNN, say): its constructor refused the keyword before building anything.
         torch.manual_seed(RANDOM_INIT_SEED)
         return encoder_lib.load(ref, device=device)
@@ -396,12 +312,12 @@ def extract_features(
     if len(data) == 0:
         raise UserError(f"{data.name}: no images to extract features from")
     cache = default_cache_dir() if cache_dir is DEFAULT_CACHE else (Path(cache_dir) if cache_dir is not None else None)
-    dev = _check_device(device)
+    dev = resolve_device(device)
 
     paths = [r.path for r in data.records]
     data_hash = data_fingerprint(paths)
     identity = encoder_identity(ref, cache)
-    ref_hash = _sha256_text(identity)[:16]
+    ref_hash = identity_hash(identity)
     labels = np.asarray(data.targets(), dtype=np.int64)
 
     def result(features: np.ndarray, size: int) -> FeatureSet:

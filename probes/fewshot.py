@@ -32,6 +32,7 @@ current directory without ``--out``.
 
 The seeds are ``--seed`` .. ``--seed + --seeds - 1`` (default 0..4).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,13 +44,19 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-from probes.common import add_probe_arguments, align_labels, prefixed, probe_splits, report
+from probes.common import (
+    add_probe_arguments,
+    align_labels,
+    prefixed,
+    probe_splits,
+    report,
+)
 from probes.features import FeatureSet
 from probes.knn import DEFAULT_TEMPERATURE, knn_predict, l2_normalize
 from probes.linear import DEFAULT_C_GRID, DEFAULT_VAL_FRACTION, fit_probe, run_linear
-from probes.metrics import classification_metrics
-from ssl_path.errors import UserError, run_cli
-from ssl_path.io import atomic_path
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.core.io import atomic_path
+from ssl_path.evaluation.metrics import classification_metrics
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -160,9 +167,7 @@ def prototype_predict(
     return probs.argmax(axis=1), probs
 
 
-def can_validate(
-    labels: np.ndarray, groups: Sequence[str | None], val_fraction: float = DEFAULT_VAL_FRACTION
-) -> bool:
+def can_validate(labels: np.ndarray, groups: Sequence[str | None], val_fraction: float = DEFAULT_VAL_FRACTION) -> bool:
     """Whether a subset can spare a validation part to choose C (:func:`probes.linear.validation_split`):
     every class has two or more images and, when the rows have groups, two or more groups, so that the
     fit part keeps every class, and at least as many images as the grouped split has folds
@@ -319,8 +324,14 @@ def run_fewshot(
                 per_seed.append(result)
                 sizes.append(len(part))
                 extra.append(result)
-            row: dict[str, Any] = {"regime": regime, "value": value, "probe": probe, "seeds": list(seeds),
-                                   "n_train": sizes, "n_test": len(test)}
+            row: dict[str, Any] = {
+                "regime": regime,
+                "value": value,
+                "probe": probe,
+                "seeds": list(seeds),
+                "n_train": sizes,
+                "n_test": len(test),
+            }
             if regime == "shots":
                 row["episodes"] = episodes if probe == "prototype" else 1
                 row["short_classes"] = _shortfall(train.labels, int(value), classes)
@@ -374,9 +385,11 @@ def plot_curves(rows: dict[str, dict[str, Any]], path: Path, title: str = "") ->
     for ax, regime, label in ((axes[0], "fraction", "label fraction"), (axes[1], "shots", "shots per class")):
         probes = list(dict.fromkeys(r["probe"] for r in rows.values() if r["regime"] == regime))
         for probe in probes:
-            points = sorted((r["value"], r["balanced_accuracy"], r["balanced_accuracy_ci95"])
-                            for r in rows.values() if r["regime"] == regime and r["probe"] == probe
-                            and r["balanced_accuracy"] is not None)
+            points = sorted(
+                (r["value"], r["balanced_accuracy"], r["balanced_accuracy_ci95"])
+                for r in rows.values()
+                if r["regime"] == regime and r["probe"] == probe and r["balanced_accuracy"] is not None
+            )
             if not points:
                 continue
             x = [p[0] for p in points]
@@ -412,22 +425,57 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m probes.fewshot",
         description="Label-efficiency curves of a frozen encoder: kNN, linear and prototype probes on "
-                    "stratified subsets of the training set (label fractions and k shots per class).",
+        "stratified subsets of the training set (label fractions and k shots per class).",
     )
-    p.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS), metavar="F",
-                   help="label fractions in (0, 1] (default 0.01 0.1 0.5 1.0)")
-    p.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS), metavar="K",
-                   help="images per class (default 1 2 4 8 16 32)")
-    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
-                   help="draws per setting, seeds --seed .. --seed + N - 1 (default %(default)s)")
-    p.add_argument("--probes", nargs="+", default=list(PROBES), metavar="PROBE",
-                   help="any of knn, linear, prototype (default all three)")
-    p.add_argument("--episodes", type=int, default=DEFAULT_EPISODES,
-                   help="k-shot draws per seed for the prototype probe (default %(default)s)")
-    p.add_argument("--c-grid", type=float, nargs="+", default=list(DEFAULT_C_GRID), metavar="C",
-                   help="linear probe C grid when a subset allows a validation split (default 1e-4 ... 1e2)")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
-                   help="linear probe validation share of a subset (default %(default)s)")
+    p.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_FRACTIONS),
+        metavar="F",
+        help="label fractions in (0, 1] (default 0.01 0.1 0.5 1.0)",
+    )
+    p.add_argument(
+        "--shots",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SHOTS),
+        metavar="K",
+        help="images per class (default 1 2 4 8 16 32)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=DEFAULT_SEEDS,
+        help="draws per setting, seeds --seed .. --seed + N - 1 (default %(default)s)",
+    )
+    p.add_argument(
+        "--probes",
+        nargs="+",
+        default=list(PROBES),
+        metavar="PROBE",
+        help="any of knn, linear, prototype (default all three)",
+    )
+    p.add_argument(
+        "--episodes",
+        type=int,
+        default=DEFAULT_EPISODES,
+        help="k-shot draws per seed for the prototype probe (default %(default)s)",
+    )
+    p.add_argument(
+        "--c-grid",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_C_GRID),
+        metavar="C",
+        help="linear probe C grid when a subset allows a validation split (default 1e-4 ... 1e2)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help="linear probe validation share of a subset (default %(default)s)",
+    )
     return add_probe_arguments(p, seed_help="first seed of the subset draws (default %(default)s)")
 
 
@@ -468,19 +516,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: dict[str, dict[str, Any]] = {}
     curves: list[tuple[str, dict[str, dict[str, Any]]]] = []
     for inputs in splits:
-        split_rows = run_fewshot(inputs.train, inputs.test, fractions, shots, seeds, probes, args.episodes,
-                                 args.c_grid, args.val_fraction)
+        split_rows = run_fewshot(
+            inputs.train, inputs.test, fractions, shots, seeds, probes, args.episodes, args.c_grid, args.val_fraction
+        )
         curves.append((inputs.name, split_rows))
         rows.update(prefixed(inputs.name, split_rows))
     fixed = sum(r.get("n_fixed_c", 0) for r in rows.values())
     if fixed:
-        print(f"note: {fixed} linear-probe subsets were too small for a validation split; "
-              f"they used a fixed C = {FIXED_C:g}", file=sys.stderr)
+        print(
+            f"note: {fixed} linear-probe subsets were too small for a validation split; "
+            f"they used a fixed C = {FIXED_C:g}",
+            file=sys.stderr,
+        )
     config = {
-        "fractions": fractions, "shots": shots, "seeds": seeds, "episodes": args.episodes, "probes": probes,
+        "fractions": fractions,
+        "shots": shots,
+        "seeds": seeds,
+        "episodes": args.episodes,
+        "probes": probes,
         "knn": {"k": f"min({KNN_K}, subset size)", "temperature": DEFAULT_TEMPERATURE},
-        "linear": {"c_grid": sorted(args.c_grid), "val_fraction": args.val_fraction, "fixed_c": FIXED_C,
-                   "standardize": True},
+        "linear": {
+            "c_grid": sorted(args.c_grid),
+            "val_fraction": args.val_fraction,
+            "fixed_c": FIXED_C,
+            "standardize": True,
+        },
         "prototype": {"features": "CL2N", "distance": "euclidean", "probs": "softmax(-distance)"},
         "ci": "95% t-distribution over seeds",
     }

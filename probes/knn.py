@@ -17,6 +17,7 @@ Train and test are data SPECs (see :mod:`ssl_path.data.readers.spec`); keeping t
 split out of the other is up to them (e.g. ``?group=...`` or ``?domain=...``). The number of groups
 the two share is reported, never corrected.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,18 @@ import faiss
 import numpy as np
 
 from probes.common import (
-    add_probe_arguments, align_labels, check_sets, format_table, prefixed, probe_splits, report, shared_groups,
+    add_probe_arguments,
+    align_labels,
+    check_sets,
+    format_table,
+    prefixed,
+    probe_splits,
+    report,
+    shared_groups,
 )
 from probes.features import FeatureSet
-from probes.metrics import classification_metrics
-from ssl_path.errors import UserError, run_cli
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.evaluation.metrics import classification_metrics
 
 __all__ = [
     "DEFAULT_KS",
@@ -134,7 +142,9 @@ def knn_predict(
     return dino_vote(sims, train_labels[idx], temperature, n_classes)
 
 
-def dino_vote(sims: np.ndarray, neighbour_labels: np.ndarray, temperature: float, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def dino_vote(
+    sims: np.ndarray, neighbour_labels: np.ndarray, temperature: float, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """DINO's vote of each query's neighbours (similarities and labels [M, k], most similar first)."""
     # Shifting by each row's best similarity leaves the vote ratios unchanged and exp() bounded.
     weights = np.exp((sims - sims[:, :1]) / temperature)  # [M, k]
@@ -177,8 +187,9 @@ def clamp_ks(ks: Sequence[int], n_train: int, what: str = "kNN") -> list[int]:
         if k < 1:
             raise UserError(f"k must be >= 1, got {k}")
         if k > n_train:
-            print(f"warning: {what} k={k} is more than the {n_train} training images; using k={n_train}",
-                  file=sys.stderr)
+            print(
+                f"warning: {what} k={k} is more than the {n_train} training images; using k={n_train}", file=sys.stderr
+            )
         used.append(min(k, n_train))
     return used
 
@@ -194,7 +205,7 @@ def run_knn(
     """Metrics rows ``{"k10": ..., "k20": ..., "uni_k20": ...}`` for the DINO kNN at each k and the UNI kNN.
 
     Every row holds its protocol, the k asked for and the k used (clamped to the training set size),
-    and the :func:`probes.metrics.classification_metrics` of the test set. Unlabeled training rows are
+    and the :func:`ssl_path.evaluation.metrics.classification_metrics` of the test set. Unlabeled training rows are
     left out; test labels are matched to the training classes by name.
     """
     labelled = np.flatnonzero(train_set.labels >= 0)
@@ -234,14 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m probes.knn",
         description="kNN probe of a frozen encoder (DINO weighted vote at each k, and UNI's 20-NN majority vote).",
     )
-    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS),
-                   help="neighbours for the DINO kNN (default 10 20 50)")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                   help="DINO vote temperature (default %(default)s)")
-    p.add_argument("--index", choices=INDEXES, default="flat",
-                   help="flat: exact search; hnsw or ivf: approximate, for millions of training tiles (default %(default)s)")
-    p.add_argument("--ordinal", action="store_true",
-                   help="the classes are ordered grades, in class order: Cohen's kappa is quadratic-weighted")
+    p.add_argument(
+        "--k", type=int, nargs="+", default=list(DEFAULT_KS), help="neighbours for the DINO kNN (default 10 20 50)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="DINO vote temperature (default %(default)s)"
+    )
+    p.add_argument(
+        "--index",
+        choices=INDEXES,
+        default="flat",
+        help="flat: exact search; hnsw or ivf: approximate, for millions of training tiles (default %(default)s)",
+    )
+    p.add_argument(
+        "--ordinal",
+        action="store_true",
+        help="the classes are ordered grades, in class order: Cohen's kappa is quadratic-weighted",
+    )
     return add_probe_arguments(p, seed_help="recorded in results.json; kNN itself is deterministic")
 
 
@@ -256,9 +276,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for inputs in splits:
         split_rows = run_knn(inputs.train, inputs.test, args.k, args.temperature, args.index, args.ordinal)
         rows.update(prefixed(inputs.name, split_rows))
-    report(args, "knn", splits[0], rows, format_table(rows), split=split_info,
-           config={"ks": args.k, "temperature": args.temperature, "uni_k": UNI_K, "index": args.index,
-                   "ordinal": args.ordinal})
+    report(
+        args,
+        "knn",
+        splits[0],
+        rows,
+        format_table(rows),
+        split=split_info,
+        config={
+            "ks": args.k,
+            "temperature": args.temperature,
+            "uni_k": UNI_K,
+            "index": args.index,
+            "ordinal": args.ordinal,
+        },
+    )
     return 0
 
 

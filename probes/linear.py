@@ -14,6 +14,7 @@ Protocol (as in the UNI / DINOv2 linear evaluations, on CPU with scikit-learn):
 
 Train and test are data SPECs, as for :mod:`probes.knn`; the groups the two share are reported, not corrected.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,17 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from probes.common import add_probe_arguments, align_labels, format_table, prefixed, probe_splits, report
+from probes.common import (
+    add_probe_arguments,
+    align_labels,
+    format_table,
+    prefixed,
+    probe_splits,
+    report,
+)
 from probes.features import FeatureSet
-from probes.metrics import classification_metrics
-from ssl_path.errors import UserError, run_cli
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.evaluation.metrics import classification_metrics
 
 __all__ = [
     "DEFAULT_C_GRID",
@@ -100,10 +108,12 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, c: float, max_iter: int 
     """Standardise-then-logistic-regression, fitted on these rows only."""
     if c <= 0:
         raise ValueError(f"C must be > 0, got {c}")
-    pipe = Pipeline([
-        ("scale", StandardScaler()),
-        ("logreg", LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter)),
-    ])
+    pipe = Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("logreg", LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter)),
+        ]
+    )
     with warnings.catch_warnings():
         # Convergence is reported per row instead (``converged``), not as a warning per C.
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -131,7 +141,7 @@ def run_linear(
     ordinal: bool = False,
 ) -> dict[str, Any]:
     """The metrics row of the linear probe: protocol, chosen C, the validation balanced accuracy for
-    each C, split sizes, and the :func:`probes.metrics.classification_metrics` of the test set.
+    each C, split sizes, and the :func:`ssl_path.evaluation.metrics.classification_metrics` of the test set.
 
     Ties in validation balanced accuracy go to the smaller C (the stronger regularisation).
     Unlabeled training rows are left out; test labels are matched to the training classes by name.
@@ -146,8 +156,10 @@ def run_linear(
     y_true = align_labels(test, classes, probe="linear probe")
     fit, val, grouped = validation_split(train.labels, train.groups, val_fraction, seed)
     if len(np.unique(train.labels[fit])) < 2:
-        raise UserError(f"the validation split left {len(fit)} training images of one class to fit on; "
-                        "the training set needs more images or groups per class, or a smaller --val-fraction")
+        raise UserError(
+            f"the validation split left {len(fit)} training images of one class to fit on; "
+            "the training set needs more images or groups per class, or a smaller --val-fraction"
+        )
     grid = sorted(float(c) for c in c_grid)
     val_scores: dict[str, float] = {}
     for c in grid:
@@ -162,8 +174,13 @@ def run_linear(
     final = fit_probe(train.features, train.labels, best)
     probs = _full_probs(final, test.features, len(classes))
     row: dict[str, Any] = {
-        "protocol": "linear", "c": best, "val_balanced_accuracy": val_scores, "val_grouped": grouped,
-        "n_fit": len(fit), "n_val": len(val), "converged": _converged(final),
+        "protocol": "linear",
+        "c": best,
+        "val_balanced_accuracy": val_scores,
+        "val_grouped": grouped,
+        "n_fit": len(fit),
+        "n_val": len(val),
+        "converged": _converged(final),
     }
     row.update(classification_metrics(y_true, probs.argmax(axis=1), probs, classes=classes, ordinal=ordinal))
     return row
@@ -177,12 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m probes.linear",
         description="Linear probe of a frozen encoder (logistic regression, C chosen on a grouped validation split).",
     )
-    p.add_argument("--c-grid", type=float, nargs="+", default=list(DEFAULT_C_GRID), metavar="C",
-                   help="inverse regularisation strengths to choose from (default 1e-4 ... 1e2, 7 log-spaced)")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
-                   help="share of the training images (whole groups) held out to choose C (default %(default)s)")
-    p.add_argument("--ordinal", action="store_true",
-                   help="the classes are ordered grades, in class order: Cohen's kappa is quadratic-weighted")
+    p.add_argument(
+        "--c-grid",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_C_GRID),
+        metavar="C",
+        help="inverse regularisation strengths to choose from (default 1e-4 ... 1e2, 7 log-spaced)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help="share of the training images (whole groups) held out to choose C (default %(default)s)",
+    )
+    p.add_argument(
+        "--ordinal",
+        action="store_true",
+        help="the classes are ordered grades, in class order: Cohen's kappa is quadratic-weighted",
+    )
     return add_probe_arguments(p, seed_help="seed of the validation split (default %(default)s)")
 
 
@@ -198,14 +228,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     for inputs in splits:
         row = run_linear(inputs.train, inputs.test, args.c_grid, args.val_fraction, args.seed, args.ordinal)
         if not row["converged"]:
-            print(f"warning: logistic regression did not converge in {MAX_ITER} iterations at C={row['c']:g}"
-                  f"{' (' + inputs.name + ')' if inputs.name else ''}", file=sys.stderr)
+            print(
+                f"warning: logistic regression did not converge in {MAX_ITER} iterations at C={row['c']:g}"
+                f"{' (' + inputs.name + ')' if inputs.name else ''}",
+                file=sys.stderr,
+            )
         rows.update(prefixed(inputs.name, {"linear": row}))
-    split = {**split, "validation": "grouped" if row["val_grouped"] else "stratified",
-             "val_fraction": args.val_fraction}
+    split = {
+        **split,
+        "validation": "grouped" if row["val_grouped"] else "stratified",
+        "val_fraction": args.val_fraction,
+    }
     config = {
-        "c_grid": sorted(args.c_grid), "val_fraction": args.val_fraction, "selection": "balanced_accuracy",
-        "solver": "lbfgs", "max_iter": MAX_ITER, "standardize": True, "ordinal": args.ordinal,
+        "c_grid": sorted(args.c_grid),
+        "val_fraction": args.val_fraction,
+        "selection": "balanced_accuracy",
+        "solver": "lbfgs",
+        "max_iter": MAX_ITER,
+        "standardize": True,
+        "ordinal": args.ordinal,
     }
     report(args, "linear", inputs, rows, format_table(rows, ("C", "c", ".0e")), split, config)
     return 0

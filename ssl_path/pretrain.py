@@ -9,9 +9,9 @@ Running the same command on an existing run directory resumes it from
 ``RUN_DIR/checkpoints/last.pt``; a run directory is never reused with a different config.
 Several processes (torchrun, ``slurm/launch.py``) train with DDP, or FSDP with ``train.strategy=fsdp``.
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import random
@@ -23,19 +23,35 @@ from typing import Any, Sequence
 
 import torch
 
-from ssl_path.config import apply_overrides, config_path, dump_yaml, from_dict, read_yaml, to_dict
-from ssl_path.data.loader import shard_urls
-from ssl_path.distributed import DistInfo, barrier, init_distributed
-from ssl_path.errors import UserError, run_cli
-from ssl_path.io import atomic_path, write_json
-from ssl_path.methods import methods
+from ssl_path.core.cli import add_progress, make_parser, resolve_device
+from ssl_path.core.config import (
+    apply_overrides,
+    config_path,
+    dump_yaml,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
+from ssl_path.core.distributed import DistInfo, barrier, init_distributed
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.core.io import atomic_path, write_json
+from ssl_path.data.loader import shard_loader, shard_urls
+from ssl_path.encoder.checkpoint import checkpoint_path
+from ssl_path.methods import PretrainingMethod, methods
 from ssl_path.methods.backbone import ModelConfig
-from ssl_path.train import OptimConfig, TrainConfig, TrainingDiverged, checkpoint_path, resolve_device, train
+from ssl_path.training.config import OptimConfig, TrainConfig
+from ssl_path.training.loop import StreamFactory, TrainingDiverged, train
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 # Settings that may change between a run and its resumption without changing what it computes.
-RESUMABLE_CHANGES = ("train.num_workers", "train.log_every", "train.checkpoint_every", "train.keep_every", "train.compile")
+RESUMABLE_CHANGES = (
+    "train.num_workers",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_every",
+    "train.compile",
+)
 
 
 @dataclass(frozen=True)
@@ -138,34 +154,77 @@ def run(
     prepare_run_dir(out, config, dist_info.is_main)
     barrier()
     if dist_info.is_main and not checkpoint_path(out).exists():
-        write_json(out / RUN_FILE, {
-            "data": [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data),
-            "command": " ".join(sys.argv),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "world_size": dist_info.world_size,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)",
-            "torch": str(torch.__version__),
-        })
+        write_json(
+            out / RUN_FILE,
+            {
+                "data": [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data),
+                "command": " ".join(sys.argv),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "host": platform.node(),
+                "world_size": dist_info.world_size,
+                "device": torch.cuda.get_device_name()
+                if torch.cuda.is_available()
+                else f"CPU ({torch.get_num_threads()} threads)",
+                "torch": str(torch.__version__),
+            },
+        )
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    device = resolve_device(cfg.train.device, dist_info)
-    method = methods()[cfg.method].build(cfg.method_cfg, cfg.model, cfg.train.steps_per_epoch, cfg.seed, device)
-    return train(method, data, out, cfg.optim, cfg.train, config, seed=cfg.seed, dist_info=dist_info,
-                 max_steps=max_steps, progress=progress)
+    device = resolve_device(cfg.train.device, dist_info.local_rank)
+    method = methods()[cfg.method].build(cfg.method_cfg, cfg.model, cfg.train, cfg.seed, device)
+    stream = shard_stream(method, data, cfg.train, cfg.seed, pin_memory=device.type == "cuda")
+    return train(
+        method,
+        stream,
+        out,
+        cfg.optim,
+        cfg.train,
+        config,
+        dist_info=dist_info,
+        max_steps=max_steps,
+        progress=progress,
+        desc="pretrain",
+    )
+
+
+def shard_stream(
+    method: PretrainingMethod, data: Any, train_cfg: TrainConfig, seed: int, pin_memory: bool
+) -> StreamFactory:
+    """The method's batches from the training shards, restartable at any batch (exact resume)."""
+
+    def stream(start_batch: int) -> Any:
+        loader = shard_loader(
+            data,
+            "train",
+            train_cfg.batch_size,
+            transform=method.data_transform(),
+            collate_fn=method.collate_fn(),
+            num_workers=train_cfg.num_workers,
+            seed=seed,
+            shuffle_buffer=train_cfg.shuffle_buffer,
+            pin_memory=pin_memory,
+            start_batch=start_batch,
+        )
+        return iter(loader)
+
+    return stream
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ssl_path.pretrain",
-        description="Pretrain an encoder (DINOv2) on WebDataset shards; rerun the same command to resume.",
+    parser = make_parser(
+        "python -m ssl_path.pretrain",
+        "Pretrain an encoder (DINOv2) on WebDataset shards; rerun the same command to resume.",
     )
     parser.add_argument("--config", required=True, help="shipped config name (e.g. dinov2_vits16) or a YAML file")
     parser.add_argument("--data", required=True, nargs="+", help="shard folder(s), manifest, .tar or brace pattern")
     parser.add_argument("--out", required=True, type=Path, help="run directory (created, or resumed)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this step (schedules still span the full run)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. seed=1 optim.lr=1e-3")
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this step (schedules still span the full run)"
+    )
+    add_progress(parser)
+    parser.add_argument(
+        "overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. seed=1 optim.lr=1e-3"
+    )
     args, extra = parser.parse_known_args(argv)
     # key=value items may follow --data's list; argparse files them under --data.
     data = [d for d in args.data if "=" not in d or Path(d).exists()]

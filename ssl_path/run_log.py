@@ -1,96 +1,18 @@
-"""A run's metrics: ``RUN_DIR/metrics.jsonl`` (one JSON line per logged step) and its loss-curve PNG.
+"""``python -m ssl_path.run_log RUN_DIR``: redraw a run's ``loss.png`` from its metrics.jsonl, also while it runs."""
 
-``python -m ssl_path.run_log RUN_DIR`` redraws ``RUN_DIR/loss.png`` at any time, also while the run goes on.
-"""
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from ssl_path.errors import UserError, run_cli
-from ssl_path.io import atomic_path
-
-METRICS = "metrics.jsonl"
-LOSS_PNG = "loss.png"
-# Logged values that are not loss terms, drawn in a panel of their own.
-SCHEDULE_KEYS = ("lr", "wd", "momentum", "teacher_temperature")
-NOT_PLOTTED = ("step", "epoch", "time", "img_per_s", "data_wait")
-
-
-class MetricsLog:
-    """Append-only JSONL; on resume, lines past the checkpoint's step are dropped (they will be redone)."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
-        self.path = Path(run_dir) / METRICS
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            with atomic_path(self.path) as tmp:
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._file = self.path.open("a", buffering=1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a kill; the rest stays readable
-    return records
-
-
-def plot_run(run_dir: Path) -> Path:
-    """Draw the loss terms (log-free, raw) and the schedules of ``run_dir`` into ``loss.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run_dir = Path(run_dir)
-    metrics = run_dir / METRICS
-    if not metrics.is_file():
-        raise UserError(f"{run_dir}: no {METRICS} (is it a pretraining run directory?)")
-    records = read_metrics(metrics)
-    if not records:
-        raise UserError(f"{metrics}: no logged steps yet")
-    steps = [r["step"] for r in records]
-    keys = [k for k in records[-1] if k not in NOT_PLOTTED and k not in SCHEDULE_KEYS]
-    schedules = [k for k in SCHEDULE_KEYS if k in records[-1]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key in keys:
-        axes[0].plot(steps, [_num(r.get(key)) for r in records], label=key, lw=1.2)
-    axes[0].set(xlabel="step", ylabel="loss", title=f"{run_dir.name}: losses")
-    axes[0].legend(fontsize=8)
-    for key in schedules:
-        values = [_num(r.get(key)) for r in records]
-        top = max((abs(v) for v in values if math.isfinite(v)), default=1.0) or 1.0
-        axes[1].plot(steps, [v / top for v in values], label=f"{key} (/ {top:.3g})", lw=1.2)
-    axes[1].set(xlabel="step", title="schedules, scaled to max 1")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    out = run_dir / LOSS_PNG
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
-
-
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) else math.nan
+from ssl_path.core.cli import make_parser
+from ssl_path.core.errors import run_cli
+from ssl_path.training.metrics_log import plot_run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_path.run_log", description="Draw a run's loss curves into RUN_DIR/loss.png.")
+    parser = make_parser("python -m ssl_path.run_log", "Draw a run's loss curves into RUN_DIR/loss.png.")
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
     print(plot_run(args.run_dir))

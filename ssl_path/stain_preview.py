@@ -1,94 +1,25 @@
-"""Before/after grid of stain normalisation at several strengths, to choose a method and strength by eye.
+"""``python -m ssl_path.stain_preview``: a before/after grid of stain normalisation at several strengths.
 
     python -m ssl_path.stain_preview --data IMAGE_OR_FOLDER --reference REF_IMAGE \\
         --method macenko --strength 0 0.5 1 --out preview.png
 
-Rows: up to ``--rows`` images of ``--data`` (sorted by name); columns: the original, one column per
-strength, and the reference. Strength 0 is the original; over-normalisation (e.g. a blood smear
-flattened to one colour by an H&E reference) shows as the right-hand columns losing contrast.
+Choose a method and strength by eye before tiling with ``--stain-norm`` (see :mod:`ssl_path.tiling.preview`).
 """
+
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Sequence
 
-import numpy as np
-from PIL import Image
-
-from ssl_path.data.stain import METHODS, make_normalizer
-from ssl_path.errors import UserError, run_cli
-from ssl_path.io import atomic_path
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-
-
-class _Parser(argparse.ArgumentParser):
-    """Argument errors are user errors: one line and exit 2, like every other mistake."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(message)
-
-
-def _read_rgb(path: Path, max_side: int) -> np.ndarray:
-    """uint8 [H, W, 3] of an image file, downscaled so that its longer side is at most ``max_side``."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-            return np.asarray(img)
-    except OSError as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
-
-
-def find_images(data: Path, rows: int) -> list[Path]:
-    """``data`` itself if it is a file, else the first ``rows`` images in the folder (sorted by name)."""
-    if data.is_file():
-        return [data]
-    if not data.is_dir():
-        raise UserError(f"--data {data} does not exist")
-    images = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise UserError(f"--data {data} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return images[:rows]
-
-
-def render_preview(
-    images: Sequence[Path],
-    reference: Path,
-    method: str,
-    strengths: Sequence[float],
-    out: Path,
-    max_side: int = 512,
-) -> None:
-    """Normalise each image at each strength against ``reference`` and write the grid to ``out`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not reference.is_file():
-        raise UserError(f"--reference {reference} does not exist")
-    ref = _read_rgb(reference, max_side)
-    normalizers = [make_normalizer(method, ref, s) for s in strengths]
-    ncols = len(strengths) + 2
-    fig, axes = plt.subplots(len(images), ncols, figsize=(2.6 * ncols, 2.6 * len(images)), squeeze=False)
-    for row, path in zip(axes, images):
-        img = _read_rgb(path, max_side)
-        panels = [img, *(norm(img) for norm in normalizers), ref]
-        titles = [path.name, *(f"{method} s={s:g}" for s in strengths), f"reference {reference.name}"]
-        for ax, panel, title in zip(row, panels, titles):
-            ax.imshow(panel)
-            ax.set_title(title, fontsize=7)
-            ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+from ssl_path.core.cli import make_parser
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.data.stain import METHODS
+from ssl_path.tiling.preview import find_images, render_preview
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m ssl_path.stain_preview", description=__doc__.split("\n\n")[0])
+    parser = make_parser("python -m ssl_path.stain_preview", __doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, type=Path, help="an image or a folder of images")
     parser.add_argument("--reference", required=True, type=Path, help="the reference (target) image")
     parser.add_argument("--method", default="macenko", help=f"one of {', '.join(METHODS)}")
@@ -111,4 +42,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    sys.exit(run_cli(main))

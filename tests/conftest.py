@@ -1,4 +1,5 @@
 """Shared fixtures: the real sample data in ../shared/data, read-only."""
+
 from __future__ import annotations
 
 import os

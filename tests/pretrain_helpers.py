@@ -1,20 +1,33 @@
 """Shared by the tests that need a trained encoder: a very small DINOv2 config and real tiles to train it on."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from ssl_path.shards import TilingParams, make_shards
+from ssl_path.tiling import TilingParams, make_shards
 
 # A very small DINOv2: 2 blocks of width 64, 2 register tokens and layer scale, 64 px global and
 # 32 px local crops, 8 steps of 4 tiles.
 TINY = [
     "model.arch=vit_tiny_patch16_224",
     "model.kwargs={img_size: 64, depth: 2, embed_dim: 64, num_heads: 2, reg_tokens: 2, init_values: 1.0e-5, drop_path_rate: 0.1}",
-    "dinov2.crops.global_size=64", "dinov2.crops.local_size=32", "dinov2.crops.n_local=2",
-    "dinov2.n_prototypes=256", "dinov2.head_hidden_dim=64", "dinov2.head_bottleneck_dim=32",
-    "train.batch_size=4", "train.steps_per_epoch=4", "train.epochs=2", "train.num_workers=0",
-    "train.shuffle_buffer=20", "train.log_every=1", "train.checkpoint_every=2",
-    "optim.warmup_epochs=0.5", "optim.freeze_last_layer_epochs=0.25", "optim.lr=0.01", "optim.lr_scaling=none",
+    "dinov2.crops.global_size=64",
+    "dinov2.crops.local_size=32",
+    "dinov2.crops.n_local=2",
+    "dinov2.n_prototypes=256",
+    "dinov2.head_hidden_dim=64",
+    "dinov2.head_bottleneck_dim=32",
+    "train.batch_size=4",
+    "train.steps_per_epoch=4",
+    "train.epochs=2",
+    "train.num_workers=0",
+    "train.shuffle_buffer=20",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "optim.warmup_epochs=0.5",
+    "dinov2.freeze_last_layer_epochs=0.25",
+    "optim.lr=0.01",
+    "optim.lr_scaling=none",
 ]
 
 
@@ -22,5 +35,7 @@ def make_tiles(shared_data: Path, out: Path) -> Path:
     """64 px tiles of 12 AMi-Br patches and one MoNuSeg image, in two shards under ``out``."""
     patches = sorted((shared_data / "amibr_midog21" / "patches" / "normal").glob("*.png"))[:12]
     monuseg = sorted((shared_data / "monuseg_kumar_norm").rglob("*.png"))[:1]
-    make_shards([*patches, *monuseg], out, TilingParams(tile_size=64, min_tissue=0.0, samples_per_shard=40), progress=False)
+    make_shards(
+        [*patches, *monuseg], out, TilingParams(tile_size=64, min_tissue=0.0, samples_per_shard=40), progress=False
+    )
     return out

@@ -1,4 +1,5 @@
 """Shared by the probe tests: synthetic feature sets with a known answer, and command-line checks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,16 +18,34 @@ def blobs(n_per_class: int, n_classes: int = 3, dim: int = 16, seed: int = 0) ->
 def feature_set(feats: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], groups=None) -> FeatureSet:
     n = len(feats)
     return FeatureSet(
-        features=feats, labels=labels, classes=classes, groups=list(groups) if groups is not None else [None] * n,
-        domains=[None] * n, paths=[f"{i}.png" for i in range(n)], encoder_ref="synthetic", encoder_hash="0",
-        data_hash="0", pool="cls",
+        features=feats,
+        labels=labels,
+        classes=classes,
+        groups=list(groups) if groups is not None else [None] * n,
+        domains=[None] * n,
+        paths=[f"{i}.png" for i in range(n)],
+        encoder_ref="synthetic",
+        encoder_hash="0",
+        data_hash="0",
+        pool="cls",
     )
 
 
 def probe_args(train: str, test: str, tmp_path) -> list[str]:
     """A probe command line on real images with a tiny random ViT at 64 px and a private feature cache."""
-    return ["--ckpt", "timm:vit_tiny_patch16_224", "--train", train, "--test", test, "--input-size", "64",
-            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    return [
+        "--ckpt",
+        "timm:vit_tiny_patch16_224",
+        "--train",
+        train,
+        "--test",
+        test,
+        "--input-size",
+        "64",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+    ]
 
 
 def assert_one_line_error(capsys, *fragments: str) -> None:

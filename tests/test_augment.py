@@ -1,4 +1,5 @@
 """Multi-crop augmentation: shapes, determinism, geometry, batched photometric ops, collation, eval transform."""
+
 from __future__ import annotations
 
 import io
@@ -13,16 +14,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from ssl_path.data.augment import (
+from ssl_path.core.errors import UserError
+from ssl_path.data.transforms import (
     MultiCropAugment,
     MultiCropConfig,
     MultiCropPhotometric,
     apply_photometric,
+    as_rgb_tensor,
     collate_multicrop,
     colour_affine,
     colour_jitter_matrices,
     crop_resize_orient,
-    as_rgb_tensor,
     eval_transform,
     gaussian_blur,
     hed_jitter,
@@ -31,7 +33,6 @@ from ssl_path.data.augment import (
     sample_photometric,
     solarize,
 )
-from ssl_path.errors import UserError
 
 MONUSEG = "monuseg_kumar_norm/NormalizedPNG"
 TARGET = "pypi_wheel_samples/tiatoolbox-2.1.3/target_image.png"
@@ -322,8 +323,11 @@ def test_photometric_on_cuda_matches_cpu(tiles: list[bytes]) -> None:
     cfg = MultiCropConfig()
     batch = collate_multicrop([MultiCropAugment(cfg, photometric=False)(t, key=i) for i, t in enumerate(tiles)])
     cpu = MultiCropPhotometric(cfg)(batch)
-    gpu_batch = dict(batch, collated_global_crops=batch["collated_global_crops"].cuda(),
-                     collated_local_crops=batch["collated_local_crops"].cuda())
+    gpu_batch = dict(
+        batch,
+        collated_global_crops=batch["collated_global_crops"].cuda(),
+        collated_local_crops=batch["collated_local_crops"].cuda(),
+    )
     gpu = MultiCropPhotometric(cfg)(gpu_batch)
     for name in ("collated_global_crops", "collated_local_crops"):
         assert gpu[name].is_cuda
@@ -366,8 +370,15 @@ def test_eval_transform_resizes_centre_crops_and_normalises(shared_data: Path) -
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(n_global=0), dict(global_scale=(0.9, 0.2)), dict(hue=0.7), dict(blur_kernel_size=8),
-     dict(global_blur_p=(1.5,)), dict(stain_norm="vahadane", stain_reference="x.png"), dict(interpolation="nearest")],
+    [
+        dict(n_global=0),
+        dict(global_scale=(0.9, 0.2)),
+        dict(hue=0.7),
+        dict(blur_kernel_size=8),
+        dict(global_blur_p=(1.5,)),
+        dict(stain_norm="vahadane", stain_reference="x.png"),
+        dict(interpolation="nearest"),
+    ],
 )
 def test_bad_config_raises_user_error(kwargs: dict) -> None:
     with pytest.raises(UserError):

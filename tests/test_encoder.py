@@ -1,4 +1,5 @@
 """The encoder contract: every ref form gives the same kind of model and info; bad refs fail in one line."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,11 +9,18 @@ import torch
 from PIL import Image
 
 from ssl_path import encoder
-from ssl_path.errors import UserError, run_cli
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.encoder import __main__ as encoder_cli
 
 TINY_VIT = dict(
-    img_size=64, patch_size=16, embed_dim=48, depth=4, num_heads=3,
-    reg_tokens=2, init_values=1e-5, dynamic_img_size=True,
+    img_size=64,
+    patch_size=16,
+    embed_dim=48,
+    depth=4,
+    num_heads=3,
+    reg_tokens=2,
+    init_values=1e-5,
+    dynamic_img_size=True,
 )
 
 
@@ -52,7 +60,7 @@ def test_feature_maps_match_the_final_tokens(tissue_batch):
     info = encoder.encoder_info(model)
     with torch.no_grad():
         maps = encoder.feature_maps(model, tissue_batch, info.dense_blocks)
-        tokens = model.forward_features(tissue_batch)[:, info.num_prefix_tokens:]  # [B, L, C]
+        tokens = model.forward_features(tissue_batch)[:, info.num_prefix_tokens :]  # [B, L, C]
     assert [m.shape for m in maps] == [(2, 48, 4, 6)] * len(info.dense_blocks)
     # the last tapped block, normed, is the encoder's own output laid out on the patch grid
     expected = tokens.transpose(1, 2).reshape(2, 48, 4, 6)
@@ -60,7 +68,9 @@ def test_feature_maps_match_the_final_tokens(tissue_batch):
     assert not torch.allclose(maps[0], maps[-1])
 
 
-@pytest.mark.parametrize("levels,blocks", [(12, (2, 5, 8, 11)), (24, (5, 11, 17, 23)), (40, (9, 19, 29, 39)), (2, (0, 1))])
+@pytest.mark.parametrize(
+    "levels,blocks", [(12, (2, 5, 8, 11)), (24, (5, 11, 17, 23)), (40, (9, 19, 29, 39)), (2, (0, 1))]
+)
 def test_default_dense_blocks_end_at_the_last_block(levels, blocks):
     assert encoder.default_dense_blocks(levels) == blocks
 
@@ -116,11 +126,11 @@ def test_checkpoint_without_encoder_entry_is_refused(tmp_path):
     ],
 )
 def test_bad_refs_fail_in_one_line_with_exit_2(ref, words, capsys):
-    assert run_cli(encoder.main, ["--ckpt", ref]) == 2
+    assert run_cli(encoder_cli.main, ["--ckpt", ref]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0]
 
 
 def test_cli_prints_info(capsys):
-    assert run_cli(encoder.main, ["--ckpt", "timm:vit_tiny_patch16_224"]) == 0
+    assert run_cli(encoder_cli.main, ["--ckpt", "timm:vit_tiny_patch16_224"]) == 0
     assert '"embed_dim": 192' in capsys.readouterr().out

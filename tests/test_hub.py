@@ -1,4 +1,5 @@
 """Publishing: a trained checkpoint exported for timm, its model card, and the upload command."""
+
 from __future__ import annotations
 
 import json
@@ -13,22 +14,28 @@ import pytest
 import timm
 import torch
 from huggingface_hub import ModelCard
+from pretrain_helpers import TINY, make_tiles
 from safetensors.torch import load_file
 
 from probes import fewshot, knn
-from probes.metrics import SCORES
-from probes.results import read_results
-from pretrain_helpers import TINY, make_tiles
 from ssl_path import encoder, hub
-from ssl_path.data.augment import as_rgb_tensor, eval_transform
-from ssl_path.errors import run_cli
+from ssl_path.core.errors import run_cli
+from ssl_path.data.transforms import as_rgb_tensor, eval_transform
+from ssl_path.evaluation.metrics import SCORES
+from ssl_path.evaluation.results import read_results
 from ssl_path.pretrain import resolve_config, run
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "path-lab/tiny-dinov2"
 TOKEN = "hf_sslpathTestTokenThatMustNeverBeShown"
-SECTIONS = ("## Intended use and limits", "## Training data", "## Training recipe", "## Evaluation",
-            "## How to load", "## Citation")
+SECTIONS = (
+    "## Intended use and limits",
+    "## Training data",
+    "## Training recipe",
+    "## Evaluation",
+    "## How to load",
+    "## Citation",
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +45,65 @@ def trained(shared_data, tmp_path_factory) -> dict[str, Path]:
     tiles = make_tiles(shared_data, root / "shards")
     run(resolve_config("dinov2_tiny_cpu", TINY), tiles, root / "run", max_steps=2, progress=False)
     amibr = shared_data / "amibr_midog21"
-    common = ["--ckpt", str(root / "run"), "--train", f"amibr:{amibr}?group=005.tiff,006.tiff",
-              "--test", f"amibr:{amibr}?group=029.tiff,031.tiff", "--input-size", "64",
-              "--cache-dir", str(root / "cache"), "--no-progress"]
+    common = [
+        "--ckpt",
+        str(root / "run"),
+        "--train",
+        f"amibr:{amibr}?group=005.tiff,006.tiff",
+        "--test",
+        f"amibr:{amibr}?group=029.tiff,031.tiff",
+        "--input-size",
+        "64",
+        "--cache-dir",
+        str(root / "cache"),
+        "--no-progress",
+    ]
     assert run_cli(knn.main, [*common, "--k", "3", "--out", str(root / "knn.json")]) == 0
-    assert run_cli(fewshot.main, [*common, "--seeds", "2", "--fractions", "1.0", "--shots", "2", "--episodes", "2",
-                                  "--c-grid", "1", "--out", str(root / "fewshot" / "results.json")]) == 0
-    return {"root": root, "run": root / "run", "shards": tiles,
-            "results": [root / "knn.json", root / "fewshot" / "results.json"]}
+    assert (
+        run_cli(
+            fewshot.main,
+            [
+                *common,
+                "--seeds",
+                "2",
+                "--fractions",
+                "1.0",
+                "--shots",
+                "2",
+                "--episodes",
+                "2",
+                "--c-grid",
+                "1",
+                "--out",
+                str(root / "fewshot" / "results.json"),
+            ],
+        )
+        == 0
+    )
+    return {
+        "root": root,
+        "run": root / "run",
+        "shards": tiles,
+        "results": [root / "knn.json", root / "fewshot" / "results.json"],
+    }
 
 
 @pytest.fixture(scope="module")
 def exported(trained) -> Path:
     out = trained["root"] / "export"
-    argv = ["export", "--ckpt", str(trained["run"]), "--out", str(out), "--name", REPO_ID, "--license", "cc-by-4.0",
-            "--results", *map(str, trained["results"])]
+    argv = [
+        "export",
+        "--ckpt",
+        str(trained["run"]),
+        "--out",
+        str(out),
+        "--name",
+        REPO_ID,
+        "--license",
+        "cc-by-4.0",
+        "--results",
+        *map(str, trained["results"]),
+    ]
     assert run_cli(hub.main, argv) == 0
     return out
 
@@ -106,13 +157,19 @@ def test_timm_loads_the_export_from_the_hub_cache_with_no_arguments(exported, tr
         model = timm.create_model("hf-hub:{REPO_ID}", pretrained=True).eval()
         assert model.num_prefix_tokens == 3 and model.blocks[0].ls1.gamma.shape == (64,)
         ours, info = encoder.load("hf-hub:{REPO_ID}")
-        images = torch.load({str(tmp_path / 'images.pt')!r}, weights_only=True)
+        images = torch.load({str(tmp_path / "images.pt")!r}, weights_only=True)
         with torch.inference_mode():
             out = {{s: (model(x), ours(x)) for s, x in images.items()}}
-        torch.save({{"out": out, "input_size": list(info.input_size)}}, {str(tmp_path / 'out.pt')!r})
+        torch.save({{"out": out, "input_size": list(info.input_size)}}, {str(tmp_path / "out.pt")!r})
     """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(HF_HUB_CACHE=str(cache)),
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=_env(HF_HUB_CACHE=str(cache)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr
     loaded = torch.load(tmp_path / "out.pt", weights_only=True)
     assert loaded["input_size"] == [3, 64, 64]
@@ -159,11 +216,18 @@ def test_card_front_matter_parses_and_holds_every_score(exported, trained):
 
 def test_export_is_method_agnostic(shared_data, tmp_path):
     """Any method's checkpoint carries the same encoder entry; a patch-14 ViT with 4 registers made outside DINOv2."""
-    arch, kwargs = "vit_small_patch14_reg4_dinov2", {"img_size": 56, "embed_dim": 32, "depth": 1, "num_heads": 2,
-                                                    "init_values": 1e-5, "dynamic_img_size": True}
+    arch, kwargs = (
+        "vit_small_patch14_reg4_dinov2",
+        {"img_size": 56, "embed_dim": 32, "depth": 1, "num_heads": 2, "init_values": 1e-5, "dynamic_img_size": True},
+    )
     torch.manual_seed(0)
     vit = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
-    vit.pretrained_cfg = {**vit.pretrained_cfg, "mean": (0.7, 0.5, 0.7), "std": (0.2, 0.25, 0.2), "input_size": (3, 56, 56)}
+    vit.pretrained_cfg = {
+        **vit.pretrained_cfg,
+        "mean": (0.7, 0.5, 0.7),
+        "std": (0.2, 0.25, 0.2),
+        "input_size": (3, 56, 56),
+    }
     ckpt = tmp_path / "mae.pt"
     torch.save({"method": "mae", "encoder": encoder.encoder_state(vit, arch, kwargs)}, ckpt)
     out = tmp_path / "export"
@@ -176,7 +240,8 @@ def test_export_is_method_agnostic(shared_data, tmp_path):
     with torch.inference_mode():
         assert (model(x) - reference(x)).abs().max().item() < 1e-5
     text = (out / "README.md").read_text()
-    assert "MAE" in text and "no evaluation" in text and "carries no training config" in text
+    # a method the registry does not know (MAE, until it registers) is named as its checkpoint names it
+    assert "with mae" in text and "no evaluation" in text and "carries no training config" in text
     assert "the publisher named none" in text and f"local-dir:{out.resolve()}" in text
     assert not re.search(r"\{\{ *[a-z_.]+ *\}\}|\{%|None", text)
 
@@ -215,8 +280,14 @@ def test_bad_results_checkpoint_or_out_fail_in_one_line(trained, exported, tmp_p
 
 
 def _push(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ssl_path.hub", "push", *args], cwd=REPO, env=_env(**env),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ssl_path.hub", "push", *args],
+        cwd=REPO,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_push_dry_run_lists_the_exported_files_and_no_path_shows_the_token(exported, tmp_path):
@@ -260,8 +331,13 @@ def test_moved_shards_are_named_by_shards_or_reported_missing(trained, shared_da
     assert "no shard manifest found for" in capsys.readouterr().err
     assert "manifest was not available" in (tmp_path / "a" / "README.md").read_text()
 
-    assert run_cli(hub.main, ["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "b"),
-                              "--shards", str(trained["shards"])]) == 0
+    assert (
+        run_cli(
+            hub.main,
+            ["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "b"), "--shards", str(trained["shards"])],
+        )
+        == 0
+    )
     assert "warning" not in capsys.readouterr().err
     text = (tmp_path / "b" / "README.md").read_text()
     assert "13 images" in text and "| amibr_midog21 | 12 | 48 |" in text  # 12 patches cut into 4 tiles each

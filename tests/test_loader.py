@@ -1,4 +1,5 @@
 """Shard reading: exact single pass, node/worker splits, seeded infinite training stream, --data forms."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssl_path.core.errors import UserError
 from ssl_path.data import shard_dataset, shard_loader, shard_total, shard_urls
-from ssl_path.errors import UserError
-from ssl_path.shards import TilingParams, make_shards
+from ssl_path.tiling import TilingParams, make_shards
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +20,9 @@ def shard_dir(shared_data, tmp_path_factory) -> Path:
     """Real MoNuSeg tiles, 128 px PNG, 40 per shard, domain = organ code from the file name."""
     images = sorted((shared_data / "monuseg_kumar_norm" / "NormalizedPNG").glob("*.png"))[:3]
     out = tmp_path_factory.mktemp("shards") / "monuseg"
-    params = TilingParams(tile_size=128, format="png", samples_per_shard=40, min_tissue=0.0,
-                          domain_regex=r"TCGA-(\w\w)-")
+    params = TilingParams(
+        tile_size=128, format="png", samples_per_shard=40, min_tissue=0.0, domain_regex=r"TCGA-(\w\w)-"
+    )
     make_shards(images, out, params, progress=False)
     return out
 

@@ -1,4 +1,5 @@
 """Self-distillation losses and teacher centring against hand-computed values and invariants."""
+
 from __future__ import annotations
 
 import math
@@ -150,9 +151,9 @@ def test_dino_loss_skips_same_view_pairs() -> None:
         [[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]],
     ]
     pairs = [(0, 1), (1, 0), (2, 0), (2, 1)]
-    expected = sum(
-        _cross_entropy(teacher[t][b], student[s][b], temperature) for s, t in pairs for b in range(2)
-    ) / (len(pairs) * 2)
+    expected = sum(_cross_entropy(teacher[t][b], student[s][b], temperature) for s, t in pairs for b in range(2)) / (
+        len(pairs) * 2
+    )
     got = dino_clstoken_loss(torch.tensor(student), torch.tensor(teacher), student_temperature=temperature)
     assert got.shape == ()
     assert got.item() == pytest.approx(expected, rel=1e-6)
@@ -166,9 +167,9 @@ def test_dino_loss_skips_same_view_pairs() -> None:
 def test_dino_loss_n_global_zero_keeps_every_pair() -> None:
     student = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4))
     teacher = torch.softmax(torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(5)), dim=-1)
-    expected = sum(
-        _cross_entropy(teacher[0, b].tolist(), student[s, b].tolist(), 0.1) for s in range(2) for b in range(3)
-    ) / 6
+    expected = (
+        sum(_cross_entropy(teacher[0, b].tolist(), student[s, b].tolist(), 0.1) for s in range(2) for b in range(3)) / 6
+    )
     got = dino_clstoken_loss(student, teacher, n_global=0)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
@@ -194,9 +195,7 @@ def test_dino_loss_rejects_mismatched_shapes() -> None:
 
 def test_ibot_loss_weights_patches_per_image() -> None:
     # 3 images of 4 patches: image 0 has 1 masked patch, image 1 has 3, image 2 none.
-    masks = torch.tensor(
-        [[False, True, False, False], [True, False, True, True], [False, False, False, False]]
-    )
+    masks = torch.tensor([[False, True, False, False], [True, False, True, True], [False, False, False, False]])
     temperature = 0.2
     student = [[1.0, 0.0, 0.5], [0.0, 0.0, 1.0], [2.0, -1.0, 0.0], [0.5, 0.5, 0.5]]
     teacher = [[0.8, 0.1, 0.1], [0.2, 0.2, 0.6], [0.5, 0.25, 0.25], [0.1, 0.7, 0.2]]

@@ -1,11 +1,12 @@
 """Block-wise iBOT/BEiT masking: counts, ratios, determinism, block shape, argument checks."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from ssl_path.errors import UserError
+from ssl_path.core.errors import UserError
 from ssl_path.methods.masking import batch_masks, block_mask
 
 GRID = (14, 14)

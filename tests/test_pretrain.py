@@ -1,4 +1,5 @@
 """The DINOv2 engine end to end on real tiles: steps, resume after SIGKILL, DDP, failures, the encoder it publishes."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from ssl_path import encoder, run_log
-from ssl_path.data.loader import StreamPosition, shard_loader
-from ssl_path.errors import run_cli
-from ssl_path.pretrain import resolve_config, run
 from pretrain_helpers import TINY, make_tiles
 
+from ssl_path import encoder, run_log
+from ssl_path.core.errors import run_cli
+from ssl_path.data.loader import StreamPosition, shard_loader
+from ssl_path.pretrain import resolve_config, run
+
 REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
 def tiles(shared_data, tmp_path_factory) -> Path:
     return make_tiles(shared_data, tmp_path_factory.mktemp("tiles") / "shards")
@@ -41,7 +44,7 @@ def test_a_step_on_real_tiles_is_finite_and_moves_student_and_teacher(tiles, tmp
     torch.manual_seed(cfg.seed)
     from ssl_path.methods import methods
 
-    fresh = methods()["dinov2"].build(cfg.method_cfg, cfg.model, cfg.train.steps_per_epoch, cfg.seed, torch.device("cpu"))
+    fresh = methods()["dinov2"].build(cfg.method_cfg, cfg.model, cfg.train, cfg.seed, torch.device("cpu"))
     before = fresh.state_dict()
     moved = [k for k in state if not torch.equal(state[k], before[k])]
     assert any(k.startswith("student.backbone.vit.blocks") for k in moved)
@@ -51,7 +54,18 @@ def test_a_step_on_real_tiles_is_finite_and_moves_student_and_teacher(tiles, tmp
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
-        for key in ("loss", "dino", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temperature", "img_per_s", "data_wait"):
+        for key in (
+            "loss",
+            "dino",
+            "ibot",
+            "koleo",
+            "lr",
+            "wd",
+            "momentum",
+            "teacher_temperature",
+            "img_per_s",
+            "data_wait",
+        ):
             assert key in r and r[key] == r[key] and abs(r[key]) < 1e6, (key, r)
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "run" / "config.yaml").is_file()
@@ -116,8 +130,16 @@ def test_same_seed_same_weights_other_seed_other_weights(tiles, tmp_path):
 
 def test_train_stream_resumes_at_any_batch_with_workers(tiles):
     def keys(start: int, n: int) -> list[list[str]]:
-        loader = shard_loader(tiles, "train", 3, collate_fn=lambda s: [x["key"] for x in s], num_workers=2,
-                              seed=1, shuffle_buffer=10, start_batch=start)
+        loader = shard_loader(
+            tiles,
+            "train",
+            3,
+            collate_fn=lambda s: [x["key"] for x in s],
+            num_workers=2,
+            seed=1,
+            shuffle_buffer=10,
+            start_batch=start,
+        )
         it = iter(loader)
         return [next(it) for _ in range(n)]
 
@@ -138,8 +160,19 @@ def test_corrupt_checkpoint_is_refused_in_one_line(tiles, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_step_and_term_and_keeps_good_checkpoints(tiles, tmp_path):
-    result = _cli("--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "run"), *TINY,
-                  "optim.lr=1.0e+30", "optim.warmup_epochs=0", "optim.clip_grad=0", "train.checkpoint_every=1")
+    result = _cli(
+        "--config",
+        "dinov2_tiny_cpu",
+        "--data",
+        str(tiles),
+        "--out",
+        str(tmp_path / "run"),
+        *TINY,
+        "optim.lr=1.0e+30",
+        "optim.warmup_epochs=0",
+        "optim.clip_grad=0",
+        "train.checkpoint_every=1",
+    )
     assert result.returncode == 1, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert "non-finite loss term" in line and "at step" in line
@@ -167,7 +200,9 @@ def test_bad_config_fails_in_one_line(tiles, tmp_path, args, words):
 def test_a_run_dir_is_never_reused_with_another_config(tiles, tmp_path):
     cfg = resolve_config("dinov2_tiny_cpu", TINY)
     run(cfg, tiles, tmp_path / "run", max_steps=1, progress=False)
-    result = _cli("--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "run"), *TINY, "optim.lr=0.5")
+    result = _cli(
+        "--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "run"), *TINY, "optim.lr=0.5"
+    )
     assert result.returncode == 2 and "different config (optim.lr" in result.stderr
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -177,7 +212,9 @@ def test_a_run_dir_is_never_reused_with_another_config(tiles, tmp_path):
 
 
 def _ddp_worker(rank: int, world: int, port: int, tiles: str, out: str, overrides: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
+    )
     torch.set_num_threads(1)
     method = run(resolve_config("dinov2_tiny_cpu", overrides), tiles, Path(out) / "run", max_steps=3, progress=False)
     torch.save(method.state_dict(), Path(out) / f"rank{rank}.pt")
@@ -202,12 +239,14 @@ def resolve_and_build_pos_embed() -> torch.Tensor:
     torch.manual_seed(cfg.seed)
     from ssl_path.methods import methods
 
-    method = methods()["dinov2"].build(cfg.method_cfg, cfg.model, cfg.train.steps_per_epoch, cfg.seed, torch.device("cpu"))
+    method = methods()["dinov2"].build(cfg.method_cfg, cfg.model, cfg.train, cfg.seed, torch.device("cpu"))
     return method.state_dict()["student.backbone.vit.pos_embed"]
 
 
 def _fsdp_worker(rank: int, world: int, port: int, tiles: str, out: str, overrides: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
+    )
     torch.set_num_threads(1)
     run(resolve_config("dinov2_tiny_cpu", overrides), tiles, Path(out) / "run", max_steps=2, progress=False)
     torch.distributed.destroy_process_group()
@@ -225,5 +264,7 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_loads_on_cpu(tiles, tmp_path
     method = run(resolve_config("dinov2_tiny_cpu", overrides), tiles, tmp_path / "run", max_steps=4, progress=False)
     resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["step"] == 4 and resumed["data"]["world_size"] == 1
-    assert not torch.equal(resumed["model"]["student.backbone.vit.pos_embed"], saved["model"]["student.backbone.vit.pos_embed"])
+    assert not torch.equal(
+        resumed["model"]["student.backbone.vit.pos_embed"], saved["model"]["student.backbone.vit.pos_embed"]
+    )
     assert method.state_dict().keys() == saved["model"].keys()

@@ -1,4 +1,5 @@
 """probes.embed: stratified sub-sampling, and the CLI's maps, CSV, json and one-line errors on real AMi-Br patches."""
+
 from __future__ import annotations
 
 import csv
@@ -8,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from probe_helpers import assert_one_line_error
 
 from probes import embed
 from ssl_path import encoder
-from ssl_path.errors import run_cli
-from probe_helpers import assert_one_line_error
+from ssl_path.core.errors import run_cli
 
 ENCODER = "timm:vit_tiny_patch16_224"
 # 27 patches: 9 from two Hamamatsu XR slides, 18 from three S360 slides; both classes on each scanner.
@@ -66,8 +67,19 @@ def cli(argv: list[str]) -> int:
 
 
 def common(data: str, out: Path, cache_dir: Path) -> list[str]:
-    return ["--ckpt", ENCODER, "--data", data, "--out", str(out), "--input-size", "64",
-            "--cache-dir", str(cache_dir), "--no-progress"]
+    return [
+        "--ckpt",
+        ENCODER,
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--input-size",
+        "64",
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+    ]
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:

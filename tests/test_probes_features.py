@@ -1,4 +1,5 @@
 """Feature extraction and its cache, on real AMi-Br patches with a tiny random-init ViT at 64 px."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,9 @@ from PIL import Image
 
 from probes import features as F
 from ssl_path import encoder
+from ssl_path.core.errors import UserError
 from ssl_path.data.readers import LabelledSet, Record, read_spec
-from ssl_path.errors import UserError
+from ssl_path.encoder.identity import encoder_identity
 
 REF = "timm:vit_tiny_patch16_224"
 SIZE = 64
@@ -134,15 +136,15 @@ def test_file_ref_identity_is_the_weights_sha256(tmp_path):
     weights.parent.mkdir(parents=True)
     weights.write_bytes(os.urandom(3 * (1 << 20) + 5))  # more than one read chunk
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert F.encoder_identity(str(weights), tmp_path / "cache") == f"file|{digest}"
-    assert F.encoder_identity(str(tmp_path / "run")) == f"file|{digest}"  # a run dir means its last.pt
+    assert encoder_identity(str(weights), tmp_path / "cache") == f"file|{digest}"
+    assert encoder_identity(str(tmp_path / "run")) == f"file|{digest}"  # a run dir means its last.pt
     assert len(list((tmp_path / "cache" / "digests").glob("*.txt"))) == 1
     weights.write_bytes(b"other weights")
-    assert F.encoder_identity(str(weights)) == f"file|{hashlib.sha256(b'other weights').hexdigest()}"
-    timm_id = F.encoder_identity(REF)
+    assert encoder_identity(str(weights)) == f"file|{hashlib.sha256(b'other weights').hexdigest()}"
+    timm_id = encoder_identity(REF)
     assert timm_id.startswith(REF) and "timm=" in timm_id
     with pytest.raises(UserError, match="not a file, folder"):
-        F.encoder_identity(str(tmp_path / "nothing.pt"))
+        encoder_identity(str(tmp_path / "nothing.pt"))
 
 
 def test_cnn_encoders_pool_their_map(eight):

@@ -1,17 +1,19 @@
 """Few-shot probe: stratified seeded sampling, the three probes on synthetic features, the t confidence
 interval, and the command line on a few real AMi-Br patches."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+from probe_helpers import assert_one_line_error, blobs, feature_set
+from probe_helpers import probe_args as common
 
 from probes import fewshot
-from probes.results import read_results
 from ssl_path import encoder
-from ssl_path.errors import UserError, run_cli
-from probe_helpers import blobs, feature_set, probe_args as common, assert_one_line_error
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.evaluation.results import read_results
 
 CLASSES = ("a", "b", "c")
 
@@ -68,15 +70,29 @@ def test_separable_blobs_are_perfect_at_four_shots():
     # 4 dimensions, all informative: with 16 (13 pure noise) a 12-image logistic regression overfits the noise.
     train_x, train_y = blobs(40, dim=4, seed=0)
     test_x, test_y = blobs(30, dim=4, seed=1)
-    rows = fewshot.run_fewshot(feature_set(train_x, train_y, CLASSES), feature_set(test_x, test_y, CLASSES),
-                               fractions=(), shots=(4,), seeds=(0, 1), episodes=3, c_grid=(1.0,))
+    rows = fewshot.run_fewshot(
+        feature_set(train_x, train_y, CLASSES),
+        feature_set(test_x, test_y, CLASSES),
+        fractions=(),
+        shots=(4,),
+        seeds=(0, 1),
+        episodes=3,
+        c_grid=(1.0,),
+    )
     assert set(rows) == {"shots_4/knn", "shots_4/linear", "shots_4/prototype"}
     for row in rows.values():
         assert row["balanced_accuracy"] == 1.0 and row["n_train"] == [12, 12] and row["short_classes"] == {}
     # 4 per class can spare a validation split; 1 per class cannot and falls back to the fixed C
     assert rows["shots_4/linear"]["c_selection"] == ["validation", "validation"]
-    one = fewshot.run_fewshot(feature_set(train_x, train_y, CLASSES), feature_set(test_x, test_y, CLASSES),
-                              fractions=(), shots=(1,), seeds=(0,), probes=("linear",), c_grid=(1.0,))
+    one = fewshot.run_fewshot(
+        feature_set(train_x, train_y, CLASSES),
+        feature_set(test_x, test_y, CLASSES),
+        fractions=(),
+        shots=(1,),
+        seeds=(0,),
+        probes=("linear",),
+        c_grid=(1.0,),
+    )
     assert one["shots_1/linear"]["c_selection"] == ["fixed"] and one["shots_1/linear"]["n_fixed_c"] == 1
 
 
@@ -94,8 +110,14 @@ def test_shuffled_labels_are_near_chance():
     train_x, train_y = blobs(60, seed=0)
     test_x, test_y = blobs(100, seed=1)
     shuffled = np.random.default_rng(2).permutation(train_y)
-    rows = fewshot.run_fewshot(feature_set(train_x, shuffled, CLASSES), feature_set(test_x, test_y, CLASSES),
-                               fractions=(0.5,), shots=(), seeds=(0, 1, 2), c_grid=(1.0,))
+    rows = fewshot.run_fewshot(
+        feature_set(train_x, shuffled, CLASSES),
+        feature_set(test_x, test_y, CLASSES),
+        fractions=(0.5,),
+        shots=(),
+        seeds=(0, 1, 2),
+        c_grid=(1.0,),
+    )
     for name, row in rows.items():
         assert abs(row["balanced_accuracy"] - 1 / 3) < 0.15, name
 
@@ -140,8 +162,24 @@ def cli(argv: list[str]) -> int:
 
 def test_cli_writes_results_and_curves(specs, tmp_path, capsys):
     out = tmp_path / "run" / "results.json"
-    argv = [*common(*specs, tmp_path), "--seeds", "2", "--fractions", "0.5", "1.0", "--shots", "1", "2",
-            "--episodes", "3", "--c-grid", "0.1", "1", "--out", str(out)]
+    argv = [
+        *common(*specs, tmp_path),
+        "--seeds",
+        "2",
+        "--fractions",
+        "0.5",
+        "1.0",
+        "--shots",
+        "1",
+        "2",
+        "--episodes",
+        "3",
+        "--c-grid",
+        "0.1",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert cli(argv) == 0
     captured = capsys.readouterr()
     assert "fraction_0.5/knn" in captured.out and "Traceback" not in captured.err
@@ -150,8 +188,9 @@ def test_cli_writes_results_and_curves(specs, tmp_path, capsys):
     config = results["config"]
     assert config["fractions"] == [0.5, 1.0] and config["shots"] == [1, 2] and config["seeds"] == [0, 1]
     assert config["episodes"] == 3 and config["probes"] == ["knn", "linear", "prototype"]
-    names = {f"{r}/{p}" for r in ("fraction_0.5", "fraction_1", "shots_1", "shots_2")
-             for p in ("knn", "linear", "prototype")}
+    names = {
+        f"{r}/{p}" for r in ("fraction_0.5", "fraction_1", "shots_1", "shots_2") for p in ("knn", "linear", "prototype")
+    }
     assert set(results["metrics"]) == names
     row = results["metrics"]["shots_2/prototype"]
     assert row["n_train"] == [4, 4] and row["episodes"] == 3 and len(row["per_seed"]["balanced_accuracy"]) == 2
@@ -163,8 +202,13 @@ def test_cli_writes_results_and_curves(specs, tmp_path, capsys):
 def test_cli_bad_inputs_are_one_line_errors(specs, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(encoder, "load", lambda *a, **k: pytest.fail("encoder built for a bad input"))
     base = common(*specs, tmp_path)
-    for extra, fragment in ((["--fractions", "0"], "--fractions"), (["--fractions", "1.5"], "--fractions"),
-                            (["--shots", "0"], "--shots"), (["--seeds", "0"], "--seeds"),
-                            (["--probes", "svm"], "--probes"), (["--episodes", "0"], "--episodes")):
+    for extra, fragment in (
+        (["--fractions", "0"], "--fractions"),
+        (["--fractions", "1.5"], "--fractions"),
+        (["--shots", "0"], "--shots"),
+        (["--seeds", "0"], "--seeds"),
+        (["--probes", "svm"], "--probes"),
+        (["--episodes", "0"], "--episodes"),
+    ):
         assert cli([*base, *extra]) == 2
         assert_one_line_error(capsys, fragment)

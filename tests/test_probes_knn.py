@@ -1,5 +1,6 @@
 """kNN probe: both protocols on synthetic features, metrics against scikit-learn, the results schema,
 and the command line on a few real AMi-Br patches."""
+
 from __future__ import annotations
 
 import json
@@ -8,14 +9,20 @@ import shutil
 
 import numpy as np
 import pytest
+from probe_helpers import assert_one_line_error, blobs, feature_set
+from probe_helpers import probe_args as common
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from probes import knn
-from probes.metrics import classification_metrics
-from probes.results import SCHEMA, make_results, read_results, write_results
 from ssl_path import encoder
-from ssl_path.errors import UserError, run_cli
-from probe_helpers import blobs, feature_set, probe_args as common, assert_one_line_error
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.evaluation.metrics import classification_metrics
+from ssl_path.evaluation.results import (
+    SCHEMA,
+    make_results,
+    read_results,
+    write_results,
+)
 
 # ----------------------------------------------------------------------------- synthetic features
 
@@ -157,7 +164,8 @@ def test_kappa_quadratic_when_ordinal_and_constant_labels_give_none():
     y = np.array([0, 1, 2, 2, 1, 0, 2])
     p = np.array([0, 2, 2, 1, 1, 0, 0])
     assert classification_metrics(y, p, ordinal=True)["cohen_kappa"] == pytest.approx(
-        cohen_kappa_score(y, p, weights="quadratic"))
+        cohen_kappa_score(y, p, weights="quadratic")
+    )
     plain = classification_metrics(y, p)
     assert plain["cohen_kappa"] == pytest.approx(cohen_kappa_score(y, p))
     # recalls: class 0 2/2, class 1 1/2, class 2 1/3
@@ -171,9 +179,11 @@ def test_kappa_quadratic_when_ordinal_and_constant_labels_give_none():
 
 def _results(**metrics):
     return make_results(
-        probe="knn", encoder={"ref": "timm:x", "hash": "abc"},
+        probe="knn",
+        encoder={"ref": "timm:x", "hash": "abc"},
         dataset={"train": "a", "test": "b", "n_train": 3, "n_test": 2, "classes": ("n", "a")},
-        split={"method": "given"}, seeds=[np.int64(0)],
+        split={"method": "given"},
+        seeds=[np.int64(0)],
         metrics=metrics or {"k10": {"accuracy": np.float32(0.5), "auroc": float("nan")}},
         config={"ks": (10,)},
     )

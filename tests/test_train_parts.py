@@ -1,4 +1,5 @@
 """The loop's parts that are pure functions: schedules, parameter groups, typed configs."""
+
 from __future__ import annotations
 
 import math
@@ -8,11 +9,11 @@ import pytest
 import timm
 from torch import nn
 
-from ssl_path.config import apply_overrides, from_dict
-from ssl_path.errors import UserError
-from ssl_path.optim import param_groups, param_rule
-from ssl_path.schedules import cosine, linear_warmup, warmup_cosine
-from ssl_path.train import OptimConfig
+from ssl_path.core.config import apply_overrides, from_dict
+from ssl_path.core.errors import UserError
+from ssl_path.training.config import OptimConfig
+from ssl_path.training.optim import param_groups, param_rule
+from ssl_path.training.schedules import cosine, linear_warmup, warmup_cosine
 
 
 def test_warmup_cosine_hits_its_anchors():
@@ -36,16 +37,25 @@ def test_lr_scaling_rules():
 class _Method(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.student = nn.ModuleDict({
-            "backbone": timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3, embed_dim=32, num_heads=2,
-                                          init_values=1e-5, num_classes=0),
-            "head": nn.Sequential(nn.Linear(32, 8)),
-        })
+        self.student = nn.ModuleDict(
+            {
+                "backbone": timm.create_model(
+                    "vit_tiny_patch16_224",
+                    img_size=32,
+                    depth=3,
+                    embed_dim=32,
+                    num_heads=2,
+                    init_values=1e-5,
+                    num_classes=0,
+                ),
+                "head": nn.Sequential(nn.Linear(32, 8)),
+            }
+        )
         self.student["head"].last_layer = nn.Linear(8, 4)
         self.teacher = nn.Linear(4, 4).requires_grad_(False)
 
 
-def test_param_groups_layerwise_decay_patch_embed_no_decay_and_last_layer():
+def test_param_groups_layerwise_decay_patch_embed_no_decay_and_tags():
     method = _Method()
     groups = param_groups(method, layerwise_decay=0.5, patch_embed_lr_mult=0.2)
     by_name = {name: g for g in groups for name in g["names"]}
@@ -63,8 +73,10 @@ def test_param_groups_layerwise_decay_patch_embed_no_decay_and_last_layer():
     assert wd["student.backbone.blocks.0.norm1.weight"] == 0.0
     assert wd["student.backbone.blocks.0.ls1.gamma"] == 0.0
     assert wd["student.backbone.blocks.0.attn.qkv.weight"] == 1.0
-    assert by_name["student.head.last_layer.weight"]["last_layer"]
-    assert not by_name["student.head.0.weight"]["last_layer"]
+    tagged = param_groups(method, tag=lambda name: "last" if "last_layer" in name else "")
+    by_name = {name: g for g in tagged for name in g["names"]}
+    assert by_name["student.head.last_layer.weight"]["tag"] == "last"
+    assert by_name["student.head.0.weight"]["tag"] == ""
     assert param_rule("x.mask_token", 12, 0.9, 1.0).lr_multiplier == pytest.approx(0.9**13)
 
 
@@ -83,7 +95,9 @@ class _Outer:
 
 
 def test_config_overrides_convert_and_validate():
-    data = apply_overrides({"inner": {"size": 2}}, ["lr=1", "inner.scale=[0.2, 0.5]", "kwargs.depth=3", "inner.name=null"])
+    data = apply_overrides(
+        {"inner": {"size": 2}}, ["lr=1", "inner.scale=[0.2, 0.5]", "kwargs.depth=3", "inner.name=null"]
+    )
     cfg = from_dict(_Outer, data)
     assert cfg == _Outer(lr=1.0, inner=_Inner(size=2, scale=(0.2, 0.5)), kwargs={"depth": 3})
     assert isinstance(cfg.lr, float)

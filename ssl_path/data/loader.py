@@ -18,6 +18,7 @@ Two modes:
 Each sample reaches the transform as ``{"key": str, "image": uint8 tensor [3, H, W] RGB,
 "meta": dict}``; the transform returns whatever the batch collation expects.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from ssl_path.data.augment import as_rgb_tensor
-from ssl_path.errors import UserError
+from ssl_path.core.errors import UserError
+from ssl_path.data.images import as_rgb_tensor
+from ssl_path.data.manifest import MANIFEST, manifest_path, manifest_urls, read_manifest
 
 Mode = Literal["train", "eval"]
-MANIFEST = "manifest.json"
 IMAGE_KEYS = ("img.jpg", "img.jpeg", "img.png", "jpg", "jpeg", "png", "img.webp", "webp")
 Transform = Callable[[dict[str, Any]], Any]
 
@@ -134,7 +135,9 @@ def shard_loader(
     ``start_batch`` (train mode) resumes after that many batches of an identical loader.
     """
     position = StreamPosition(start_batch, batch_size)
-    dataset = shard_dataset(data, mode, transform=transform, seed=seed, shuffle_buffer=shuffle_buffer, position=position)
+    dataset = shard_dataset(
+        data, mode, transform=transform, seed=seed, shuffle_buffer=shuffle_buffer, position=position
+    )
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -161,7 +164,9 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return decoded
 
 
-def _train_stream(urls: list[str], seed: int, bufsize: int, position: StreamPosition) -> Callable[[Iterable[Any]], Iterator[Any]]:
+def _train_stream(
+    urls: list[str], seed: int, bufsize: int, position: StreamPosition
+) -> Callable[[Iterable[Any]], Iterator[Any]]:
     """Resampled shards -> samples -> shuffle buffer -> numbered samples, skipping what was consumed.
 
     Every random choice comes from generators seeded by (seed, rank, stream) and created where the
@@ -190,7 +195,7 @@ def _expand_one(part: str) -> list[str]:
     path = Path(part)
     manifest = manifest_path(path)
     if manifest is not None:
-        return _manifest_urls(manifest)
+        return manifest_urls(manifest)
     if "{" in part:
         urls = list(wds.shardlists.expand_urls(part))
         missing = [u for u in urls if not Path(u).is_file()]
@@ -202,33 +207,3 @@ def _expand_one(part: str) -> list[str]:
     if path.is_dir():
         raise UserError(f"--data {part}: folder has no {MANIFEST} (write shards with python -m ssl_path.shards)")
     raise UserError(f"--data {part}: no such shard, shard folder or brace pattern")
-
-
-def manifest_path(path: Path) -> Path | None:
-    """``path`` itself if it is a manifest, a folder's manifest, or None."""
-    if path.is_dir() and (path / MANIFEST).is_file():
-        return path / MANIFEST
-    if path.is_file() and path.name == MANIFEST:
-        return path
-    return None
-
-
-def read_manifest(manifest: Path) -> dict[str, Any]:
-    """A shard manifest as a dict; an unreadable or foreign file is a UserError naming it."""
-    try:
-        content = json.loads(manifest.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{manifest}: unreadable shard manifest ({err})") from None
-    if not isinstance(content, dict) or not {"shards", "total"} <= content.keys():
-        raise UserError(f"{manifest}: not a shard manifest (needs 'shards' and 'total')")
-    return content
-
-
-def _manifest_urls(manifest: Path) -> list[str]:
-    urls = []
-    for shard in read_manifest(manifest)["shards"]:
-        path = manifest.parent / shard["name"]
-        if not path.is_file():
-            raise UserError(f"{manifest}: lists {shard['name']}, which is missing")
-        urls.append(str(path))
-    return urls

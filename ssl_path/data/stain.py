@@ -13,6 +13,7 @@ Both methods are written from the papers:
 - Macenko et al., "A method for normalizing histology slides for quantitative analysis", ISBI 2009.
 - Reinhard et al., "Color transfer between images", IEEE CG&A 2001 (here in CIELAB, D65).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -21,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from ssl_path.errors import UserError
+from ssl_path.core.errors import UserError
 
 __all__ = [
     "METHODS",

@@ -1,17 +1,20 @@
-"""The backbone every method trains: a timm ViT built by name and keyword arguments, never a private copy."""
+"""The backbone every method trains: a timm ViT built by name and keyword arguments, never a private
+copy, and :class:`MaskedViT`, the one place that walks a timm ViT's tokens itself (to replace
+masked patches by a mask token, as iBOT does, or to keep a subset of patches, as MAE does).
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
 import timm
+import torch
 from timm.layers import DropPath
-from torch import nn
+from torch import Tensor, nn
 
-from ssl_path.errors import UserError
-
-# Model kwargs that shape training only; the published encoder is built without them.
-TRAINING_ONLY_KWARGS = ("drop_path_rate",)
+from ssl_path.core.errors import UserError
+from ssl_path.encoder.state import published_kwargs
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,35 @@ def build_vit(model: ModelConfig) -> nn.Module:
 def encoder_kwargs(model: ModelConfig, training: bool = False) -> dict[str, Any]:
     """timm kwargs of the backbone; without ``training`` the ones the published encoder is built with."""
     kwargs = {"dynamic_img_size": True, **model.kwargs}
-    if not training:
-        for key in TRAINING_ONLY_KWARGS:
-            kwargs.pop(key, None)
-    return kwargs
+    return kwargs if training else published_kwargs(kwargs)
 
 
-def patch_size(vit: nn.Module) -> int:
-    patch = vit.patch_embed.patch_size
-    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+class MaskedViT(nn.Module):
+    """A timm ViT whose patch tokens can be masked (replaced by a learned token before the position
+    embedding) or subsampled (only ``keep`` patches, chosen after the position embedding)."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        self.mask_token = nn.Parameter(torch.zeros(1, vit.embed_dim))
+
+    def forward(self, images: Tensor, masks: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """-> (class tokens [B, D], patch tokens [B, P or K, D]).
+
+        ``masks``: bool [B, P], True where a patch is replaced by the mask token.
+        ``keep``: long [B, K], the patch indices to keep (the other patches are dropped).
+        """
+        vit = self.vit
+        x = vit.patch_embed(images)  # [B, H, W, D] with dynamic_img_size, else [B, P, D]
+        if masks is not None:
+            x = torch.where(masks.view(*x.shape[:-1], 1), self.mask_token.to(x.dtype), x)
+        x = vit._pos_embed(x)  # [B, prefix + P, D]
+        prefix = vit.num_prefix_tokens
+        if keep is not None:
+            patches = torch.gather(x[:, prefix:], 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, D]
+            x = torch.cat([x[:, :prefix], patches], dim=1)
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+        x = vit.blocks(x)
+        x = vit.norm(x)
+        return x[:, 0], x[:, prefix:]

@@ -13,11 +13,13 @@ head on the class token and an iBOT head on patch tokens (the same head unless
 3. loss = DINO class-token cross-entropy over all (student crop, other teacher global crop) pairs
    + iBOT masked-patch cross-entropy + KoLeo on the student's global class tokens.
 
-The loop sees only :class:`DINOv2`'s ``forward(batch) -> dict(loss, ...)``, ``update_teacher(m)``,
-``set_step(step)`` and the data hooks ``data_transform()`` / ``collate_fn()``. The encoder it
-publishes is the teacher backbone, a plain timm model (``encoder_state``).
+The loop sees only the task contract (:mod:`ssl_path.training.task`): ``set_step`` sets the
+teacher temperature and momentum and whether the heads' last layer is still frozen,
+``forward(batch) -> dict(loss, ...)``, ``after_optimizer_step`` moves the EMA teacher. The encoder
+it publishes is the teacher backbone, a plain timm model (``encoder_state``).
 Defaults are the paper's (``dinov2/configs/ssl_default_config.yaml``); each is a config value.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,13 +32,29 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_path.data.augment import MultiCropAugment, MultiCropConfig, MultiCropPhotometric, _key_entropy, collate_multicrop
-from ssl_path.encoder import encoder_state
-from ssl_path.errors import UserError
-from ssl_path.methods.backbone import ModelConfig, build_vit, encoder_kwargs, patch_size
-from ssl_path.methods.losses import SoftmaxCentering, dino_clstoken_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
+from ssl_path.core.errors import UserError
+from ssl_path.data.transforms import (
+    MultiCropAugment,
+    MultiCropConfig,
+    MultiCropPhotometric,
+    collate_multicrop,
+    key_entropy,
+)
+from ssl_path.encoder.info import patch_size
+from ssl_path.encoder.state import encoder_state
+from ssl_path.methods.backbone import MaskedViT, ModelConfig, build_vit, encoder_kwargs
+from ssl_path.methods.base import PretrainingMethod
+from ssl_path.methods.losses import (
+    SoftmaxCentering,
+    dino_clstoken_loss,
+    ibot_patch_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+)
 from ssl_path.methods.masking import batch_masks
-from ssl_path.schedules import linear_warmup
+from ssl_path.training.config import OptimConfig, TrainConfig
+from ssl_path.training.optim import param_groups
+from ssl_path.training.schedules import cosine, linear_warmup
 
 CENTERINGS = ("sinkhorn_knopp", "softmax")
 
@@ -65,6 +83,11 @@ class DINOv2Config:
     # iBOT masking of global crops
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     mask_probability: float = 0.5
+    # teacher EMA momentum, cosine from momentum_teacher to final_momentum_teacher over the run
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    # the heads' last layer (the prototypes) stays fixed for this many epochs
+    freeze_last_layer_epochs: float = 1.0
     # where the photometric augmentation runs: "workers", "device" (after collation), or "auto"
     # (device on CUDA, workers otherwise)
     photometric: str = "auto"
@@ -81,7 +104,9 @@ class DINOv2Config:
 class DINOHead(nn.Module):
     """MLP to a bottleneck, L2-normalised, then weight-normalised prototypes (norm fixed at 1)."""
 
-    def __init__(self, in_dim: int, n_prototypes: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, n_layers: int = 3) -> None:
+    def __init__(
+        self, in_dim: int, n_prototypes: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, n_layers: int = 3
+    ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (max(n_layers, 1) - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
@@ -110,28 +135,6 @@ def _init_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class MaskedViT(nn.Module):
-    """A timm ViT whose patch tokens can be replaced by a learned mask token before the position embedding."""
-
-    def __init__(self, vit: nn.Module) -> None:
-        super().__init__()
-        self.vit = vit
-        self.mask_token = nn.Parameter(torch.zeros(1, vit.embed_dim))
-
-    def forward(self, images: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """-> (class tokens [B, D], patch tokens [B, P, D]); ``masks`` is bool [B, P]."""
-        vit = self.vit
-        x = vit.patch_embed(images)  # [B, H, W, D] with dynamic_img_size, else [B, P, D]
-        if masks is not None:
-            x = torch.where(masks.view(*x.shape[:-1], 1), self.mask_token.to(x.dtype), x)
-        x = vit._pos_embed(x)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
-        x = vit.blocks(x)
-        x = vit.norm(x)
-        return x[:, 0], x[:, vit.num_prefix_tokens :]
-
-
 class DINOv2Transform:
     """Per-sample multi-crop for the data workers; the stream ``index`` makes each draw's crops new."""
 
@@ -147,24 +150,36 @@ class DINOv2Transform:
 class DINOv2Collate:
     """Crop-major collation plus the iBOT masks of the global crops, drawn from the batch's own seed."""
 
-    def __init__(self, seed: int, grid: tuple[int, int], n_global: int, ratio: tuple[float, float], probability: float) -> None:
+    def __init__(
+        self, seed: int, grid: tuple[int, int], n_global: int, ratio: tuple[float, float], probability: float
+    ) -> None:
         self.seed, self.grid, self.n_global, self.ratio, self.probability = seed, grid, n_global, ratio, probability
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch = collate_multicrop(samples)
         first = samples[0]
-        rng = np.random.default_rng([self.seed, int(first["index"]), _key_entropy(first["key"])])
+        rng = np.random.default_rng([self.seed, int(first["index"]), key_entropy(first["key"])])
         masks = batch_masks(rng, self.n_global * len(samples), self.grid, self.ratio, self.probability)
         batch["collated_masks"] = torch.from_numpy(masks)  # [n_global * B, P], crop-major like the crops
         return batch
 
 
-class DINOv2(nn.Module):
+class DINOv2(PretrainingMethod):
     """Student, EMA teacher, heads and centring; see the module docstring."""
 
     name = "dinov2"
+    title = "DINOv2 (self-distillation with iBOT masked-patch prediction and KoLeo)"
+    citation = """@article{oquab2024dinov2,
+  title   = {{DINOv2}: Learning Robust Visual Features without Supervision},
+  author  = {Oquab, Maxime and Darcet, Timoth{\\'e}e and Moutakanni, Th{\\'e}o and others},
+  journal = {Transactions on Machine Learning Research},
+  year    = {2024}
+}"""
+    published = "the EMA teacher's backbone (heads dropped)"
 
-    def __init__(self, cfg: DINOv2Config, model: ModelConfig, steps_per_epoch: int, seed: int = 0, device_photometric: bool = False) -> None:
+    def __init__(
+        self, cfg: DINOv2Config, model: ModelConfig, train: TrainConfig, seed: int = 0, device_photometric: bool = False
+    ) -> None:
         super().__init__()
         self.cfg, self.model_cfg, self.seed = cfg, model, seed
         vit = build_vit(model)
@@ -182,8 +197,11 @@ class DINOv2(nn.Module):
             self.dino_center = SoftmaxCentering(cfg.n_prototypes, cfg.center_momentum)
             ibot_k = cfg.ibot_n_prototypes if cfg.ibot_separate_head else cfg.n_prototypes
             self.ibot_center = SoftmaxCentering(ibot_k, cfg.center_momentum)
-        self.warmup_temperature_steps = int(round(cfg.warmup_teacher_temperature_epochs * steps_per_epoch))
+        self.total_steps = train.total_steps
+        self.warmup_temperature_steps = int(round(cfg.warmup_teacher_temperature_epochs * train.steps_per_epoch))
+        self.freeze_last_layer_steps = int(round(cfg.freeze_last_layer_epochs * train.steps_per_epoch))
         self.teacher_temperature = cfg.warmup_teacher_temperature
+        self.momentum = cfg.momentum_teacher
         self.photometric = MultiCropPhotometric(cfg.crops) if device_photometric else None
         self.patch_size = patch_size(vit)
         if cfg.crops.global_size % self.patch_size or cfg.crops.local_size % self.patch_size:
@@ -207,15 +225,28 @@ class DINOv2(nn.Module):
 
     def set_step(self, step: int) -> dict[str, float]:
         c = self.cfg
+        self.momentum = cosine(step, self.total_steps, c.momentum_teacher, c.final_momentum_teacher)
         self.teacher_temperature = linear_warmup(
             step, self.warmup_temperature_steps, c.warmup_teacher_temperature, c.teacher_temperature
         )
-        return {"teacher_temperature": self.teacher_temperature}
+        return {"momentum": self.momentum, "teacher_temperature": self.teacher_temperature}
+
+    def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
+        """The default layer-wise groups, with the heads' last layers apart and frozen for their first steps."""
+        groups = param_groups(self, optim.layerwise_decay, optim.patch_embed_lr_mult, tag=_last_layer_tag)
+        for group in groups:
+            if group["tag"] == "last_layer":
+                group["frozen_until"] = self.freeze_last_layer_steps
+        return groups
 
     def train(self, mode: bool = True) -> DINOv2:
         super().train(mode)
         self.teacher.eval()  # the teacher never drops paths
         return self
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.update_teacher(self.momentum)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -233,7 +264,11 @@ class DINOv2(nn.Module):
     def encoder_state(self, model_state: dict[str, Tensor] | None = None) -> dict[str, Any]:
         """The teacher backbone as the published encoder; ``model_state``: this module's whole state dict."""
         prefix = "teacher.backbone.vit."
-        weights = None if model_state is None else {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+        weights = (
+            None
+            if model_state is None
+            else {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
+        )
         vit = self.teacher["backbone"].vit
         state = encoder_state(vit, self.model_cfg.arch, encoder_kwargs(self.model_cfg), state_dict=weights)
         size = self.cfg.crops.global_size  # the resolution it learned at, whatever the timm default
@@ -313,6 +348,10 @@ class DINOv2(nn.Module):
         return cls_probs.view(n_global, cls.shape[0] // n_global, -1), patch_probs
 
 
-def build(cfg: DINOv2Config, model: ModelConfig, steps_per_epoch: int, seed: int, device: torch.device) -> DINOv2:
+def _last_layer_tag(name: str) -> str:
+    return "last_layer" if "last_layer" in name else ""
+
+
+def build(cfg: DINOv2Config, model: ModelConfig, train: TrainConfig, seed: int, device: torch.device) -> DINOv2:
     on_device = cfg.photometric == "device" or (cfg.photometric == "auto" and device.type == "cuda")
-    return DINOv2(cfg, model, steps_per_epoch, seed=seed, device_photometric=on_device)
+    return DINOv2(cfg, model, train, seed=seed, device_photometric=on_device)

@@ -14,13 +14,14 @@ stratified over the ratio range so each batch covers it evenly, and the rest are
 All randomness comes from the ``numpy.random.Generator`` passed in, never from global state, so the
 same seed gives the same masks in any process.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-from ssl_path.errors import UserError
+from ssl_path.core.errors import UserError
 
 __all__ = ["block_mask", "batch_masks"]
 

@@ -1,4 +1,5 @@
 """Small helpers the readers share: path checks, CSV rows, option values, canonical SPEC strings."""
+
 from __future__ import annotations
 
 import csv
@@ -8,14 +9,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlencode
 
-from ssl_path.errors import UserError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from ssl_path.core.errors import UserError
+from ssl_path.data.images import TILE_SUFFIXES
 
 
 def is_image(path: Path) -> bool:
     """An image file by extension; hidden files (``.DS_Store``, ``._x.png``) are never images."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    return path.suffix.lower() in TILE_SUFFIXES and not path.name.startswith(".") and path.is_file()
 
 
 def natural_key(text: str) -> tuple:

@@ -5,15 +5,22 @@ Layout: ``ROOT/patches/{normal,atypical}/<dataset>_<uid>.png`` and ``ROOT/AMI-BR
 majority_atypical), joined on dataset and uid. Group = slide; domain = the MIDOG 2021 scanner,
 known from the slide number.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from ssl_path.data.readers._common import choice, existing_dir, read_table, require_columns, spec_string
+from ssl_path.core.errors import UserError
+from ssl_path.data.readers._common import (
+    choice,
+    existing_dir,
+    read_table,
+    require_columns,
+    spec_string,
+)
 from ssl_path.data.readers.midog import midog21_scanner
 from ssl_path.data.readers.records import LabelledSet, Record
-from ssl_path.errors import UserError
 
 CSV_NAME = "AMI-BR_MIDOG21.csv"
 CLASSES = ("normal", "atypical")

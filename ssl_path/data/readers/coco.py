@@ -3,6 +3,7 @@
 The helpers here (json loading, category table, image lookup) also serve the MIDOG reader,
 whose json is COCO-like but stores boxes as [x0, y0, x1, y1].
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ssl_path.core.errors import UserError
 from ssl_path.data.readers._common import absolute, existing_dir, spec_string
 from ssl_path.data.readers.records import Box, LabelledSet, Record
-from ssl_path.errors import UserError
 
 
 def read_coco(path: str | os.PathLike, *, images: str | os.PathLike | None = None) -> LabelledSet:

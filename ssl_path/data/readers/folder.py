@@ -1,11 +1,13 @@
 """Folder-per-class sets (``ROOT/<class>/**/*.png``) and CSV lists of images with labels."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from ssl_path.core.errors import UserError
+from ssl_path.data.images import TILE_SUFFIXES
 from ssl_path.data.readers._common import (
-    IMAGE_EXTENSIONS,
     existing_dir,
     existing_file,
     list_images,
@@ -15,7 +17,6 @@ from ssl_path.data.readers._common import (
     subfolders,
 )
 from ssl_path.data.readers.records import LabelledSet, Record
-from ssl_path.errors import UserError
 
 _CSV_FIELDS = ("path", "label", "group", "domain", "split", "mask")
 
@@ -37,7 +38,7 @@ def read_folder(path: str | os.PathLike) -> LabelledSet:
     for class_dir in class_dirs:
         images = list_images(class_dir, recursive=True)
         if not images:
-            raise UserError(f"folder: class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise UserError(f"folder: class folder {class_dir} has no images ({', '.join(sorted(TILE_SUFFIXES))})")
         records += [Record(path=str(image), label=class_dir.name) for image in images]
     return LabelledSet(records, [d.name for d in class_dirs], name=root.name, source=spec_string("folder", root))
 

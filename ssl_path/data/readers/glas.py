@@ -3,14 +3,22 @@ and ``Grade.csv`` (name, patient ID, grade (GlaS), grade (Sirinukunwattana et al
 
 The released ``Grade.csv`` pads headers and values with spaces, so both are stripped.
 """
+
 from __future__ import annotations
 
 import os
 import re
 
-from ssl_path.data.readers._common import choice, existing_dir, list_images, read_table, require_columns, spec_string
+from ssl_path.core.errors import UserError
+from ssl_path.data.readers._common import (
+    choice,
+    existing_dir,
+    list_images,
+    read_table,
+    require_columns,
+    spec_string,
+)
 from ssl_path.data.readers.records import LabelledSet, Record
-from ssl_path.errors import UserError
 
 TARGETS = ("glas", "sirinukunwattana")
 SPLITS = ("train", "testA", "testB", "test")

@@ -4,6 +4,7 @@ Category 1 is a mitotic figure, 2 a hard negative (imposter); names come from th
 ``categories``. Each record is one image (a cropped slide region) with its boxes and a point at
 every box centre; group = the image's slide name, domain = its scanner.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +13,22 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ssl_path.data.readers._common import as_bool, existing_file, read_table, require_columns, spec_string
-from ssl_path.data.readers.coco import _image_records, category_names, image_roots, json_file, load_json
+from ssl_path.core.errors import UserError
+from ssl_path.data.readers._common import (
+    as_bool,
+    existing_file,
+    read_table,
+    require_columns,
+    spec_string,
+)
+from ssl_path.data.readers.coco import (
+    _image_records,
+    category_names,
+    image_roots,
+    json_file,
+    load_json,
+)
 from ssl_path.data.readers.records import Box, LabelledSet, Point, Record
-from ssl_path.errors import UserError
 
 DEFAULT_CATEGORIES = {1: "mitotic figure", 2: "hard negative"}
 

@@ -3,15 +3,16 @@
 Names are TCGA barcodes (``TCGA-18-5592-01Z-00-DX1``): the patient is the first three fields and
 the two-character tissue source site (TSS) code tells the organ.
 """
+
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
 
+from ssl_path.core.errors import UserError
 from ssl_path.data.readers._common import existing_dir, list_images, spec_string
 from ssl_path.data.readers.records import LabelledSet, Record
-from ssl_path.errors import UserError
 
 # (image folder, mask folder) pairs tried in order when none is given.
 LAYOUTS = (("NormalizedPNG", "GroundTruthInside"), ("images", "masks"))

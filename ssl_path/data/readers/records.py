@@ -1,4 +1,5 @@
 """Plain records: what every reader returns and all that probes and heads ever see of a labelled set."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -5,6 +5,7 @@ when READER is registered, so paths that contain a colon still work. Options the
 take but that name a record field (split, label, group, domain) filter the records, e.g.
 ``amibr:data/amibr_midog21?domain=hamamatsu_xr``; several values are comma-separated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode
 
+from ssl_path.core.errors import UserError
 from ssl_path.data.readers._common import absolute, as_names
 from ssl_path.data.readers.amibr import read_amibr
 from ssl_path.data.readers.coco import read_coco
@@ -25,7 +27,6 @@ from ssl_path.data.readers.monuseg import read_monuseg
 from ssl_path.data.readers.records import LabelledSet
 from ssl_path.data.readers.voc import read_voc
 from ssl_path.data.readers.wbc_seg import read_wbc_seg
-from ssl_path.errors import UserError
 
 Reader = Callable[..., LabelledSet]
 

@@ -1,4 +1,5 @@
 """Pascal VOC detection folders: ``Annotations/*.xml``, ``JPEGImages/`` and ``ImageSets/Main/<split>.txt``."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +9,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ssl_path.data.readers._common import existing_dir, natural_key, spec_string, subfolders
+from ssl_path.core.errors import UserError
+from ssl_path.data.readers._common import (
+    existing_dir,
+    natural_key,
+    spec_string,
+    subfolders,
+)
 from ssl_path.data.readers.records import Box, LabelledSet, Record
-from ssl_path.errors import UserError
 
 # The disjoint official splits; other lists (trainval, per-class files) are unions of these.
 RECORD_SPLITS = ("train", "val", "test")

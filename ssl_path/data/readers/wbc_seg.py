@@ -6,15 +6,23 @@ ID and class 1-5. IDs are plain integers (``17``) while file names are zero-padd
 and the second column's title differs between datasets, so the CSV is read by position and
 IDs are matched as numbers.
 """
+
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
 
-from ssl_path.data.readers._common import as_names, existing_dir, is_image, read_table, spec_string, subfolders
+from ssl_path.core.errors import UserError
+from ssl_path.data.readers._common import (
+    as_names,
+    existing_dir,
+    is_image,
+    read_table,
+    spec_string,
+    subfolders,
+)
 from ssl_path.data.readers.records import LabelledSet, Record
-from ssl_path.errors import UserError
 
 CLASSES = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")  # class label 1..5
 _DATASET_DIR = re.compile(r"Dataset (\d+)")

@@ -1,4 +1,5 @@
 """Self-distillation losses of DINO / iBOT / DINOv2, one per module, plus teacher-side centring."""
+
 from __future__ import annotations
 
 from ssl_path.methods.losses.centering import SoftmaxCentering, sinkhorn_knopp

@@ -15,6 +15,7 @@ Both are teacher-side only: no gradient flows through them. Both compute in floa
 logits' dtype. Under ``torch.distributed`` (when it is initialised) the batch statistics are summed
 over all ranks, so every rank sees the same global normalisation; otherwise everything is local.
 """
+
 from __future__ import annotations
 
 import torch

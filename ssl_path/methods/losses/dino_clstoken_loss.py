@@ -7,6 +7,7 @@ predict the teacher's (centred, sharpened) distribution of every *other* view of
 a cross-entropy. A student global crop is not matched to the teacher's copy of the same crop, which
 would be trivial. With 2 global and 8 local crops that is 2 * 1 + 8 * 2 = 18 pairs.
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ Normalisation follows DINOv2: a patch's cross-entropy is weighted by 1 / (masked
 image), so every masked image counts once however much of it was masked, and the sum is divided by
 the number of images including the unmasked ones, so the loss scale follows the masking probability.
 """
+
 from __future__ import annotations
 
 import torch

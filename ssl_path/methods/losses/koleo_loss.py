@@ -10,6 +10,7 @@ Numerical safety: with small batches two features can coincide (duplicate tiles,
 making ``d_i = 0`` and the loss infinite; distances are therefore computed with an ``eps`` inside the
 norm and inside the log, and everything runs in float32 with autocast off.
 """
+
 from __future__ import annotations
 
 import torch

@@ -18,6 +18,7 @@ A results file is a JSON object::
 Values are made JSON-safe on the way in (numpy scalars and arrays to Python, tuples to lists, NaN and
 infinities to None), so a file written here is strict JSON that any reader accepts.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,14 +31,23 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import ssl_path
-from ssl_path.errors import UserError
-from ssl_path.io import write_json
+from ssl_path.core.errors import UserError
+from ssl_path.core.io import write_json
 
 __all__ = ["SCHEMA", "make_results", "write_results", "read_results", "validate_results", "jsonable"]
 
 SCHEMA = "ssl-path/results/v1"
 REQUIRED_KEYS = (
-    "schema", "probe", "created", "ssl_path_version", "encoder", "dataset", "split", "seeds", "metrics", "config",
+    "schema",
+    "probe",
+    "created",
+    "ssl_path_version",
+    "encoder",
+    "dataset",
+    "split",
+    "seeds",
+    "metrics",
+    "config",
 )
 ENCODER_KEYS = ("ref", "hash")
 DATASET_KEYS = ("train", "test", "n_train", "n_test", "classes")

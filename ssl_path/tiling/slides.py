@@ -11,6 +11,7 @@
 
 A file no backend can read raises :class:`SlideError` with each backend's reason.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,6 +21,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
+
+from ssl_path.data.images import (
+    IMAGE_SUFFIXES,
+    OPENSLIDE_SUFFIXES,
+    PIL_SUFFIXES,
+    TIFF_SUFFIXES,
+)
 
 __all__ = [
     "OPENSLIDE_SUFFIXES",
@@ -35,10 +43,6 @@ __all__ = [
     "error_summary",
 ]
 
-OPENSLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif"})
-TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
-PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
-IMAGE_SUFFIXES = OPENSLIDE_SUFFIXES | TIFF_SUFFIXES | PIL_SUFFIXES
 
 # A resolution tag outside this range is a writer's default (72 dpi = 353 µm/px), not a microscope's.
 _MPP_RANGE = (0.01, 50.0)

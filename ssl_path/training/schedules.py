@@ -1,4 +1,5 @@
 """Schedules as pure functions of the step: nothing to save, so a resumed run recomputes them exactly."""
+
 from __future__ import annotations
 
 import math

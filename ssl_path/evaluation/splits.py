@@ -8,6 +8,7 @@
 Both work on plain label/group/domain sequences and return index arrays; records without a group
 count as groups of their own, so they can never link train and test.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -15,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from ssl_path.errors import UserError
+from ssl_path.core.errors import UserError
 
 
 def group_ids(groups: Sequence[str | None]) -> np.ndarray:
@@ -28,7 +29,9 @@ def group_ids(groups: Sequence[str | None]) -> np.ndarray:
     return out
 
 
-def group_split(labels: Sequence[int], groups: Sequence[str | None], test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def group_split(
+    labels: Sequence[int], groups: Sequence[str | None], test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, test indices): about ``test_fraction`` of the records, in whole groups."""
     if not 0 < test_fraction < 1:
         raise UserError(f"--test-fraction must lie strictly between 0 and 1, got {test_fraction}")

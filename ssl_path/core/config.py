@@ -5,6 +5,7 @@ key and converting values to the declared types (tuples, floats given as ints, .
 YAML file or on the command line is one clear error instead of a silently ignored setting.
 Fields typed ``dict`` take any keys (e.g. timm model kwargs).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,10 +16,10 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-from ssl_path.errors import UserError
+from ssl_path.core.errors import UserError
 
 T = TypeVar("T")
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
 
 
 def config_path(name_or_path: str) -> Path:

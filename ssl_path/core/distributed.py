@@ -4,6 +4,7 @@ One process per device; ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/`
 from torchrun, or from ``submitit.helpers.TorchDistributedEnvironment().export()`` under Slurm
 (``slurm/launch.py``). A single process with none of them set runs without a process group.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ split still has its row and column, and two probes of the same set give comparab
 Undefined values (AUROC with a class absent from ``y_true``, kappa of a constant labelling) are None,
 never NaN, so that the dict is valid JSON.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,10 @@ def classification_metrics(
     else:
         n_classes = int(max(y_true.max(), y_pred.max())) + 1
     if min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= n_classes:
-        raise ValueError(f"class ids must lie in [0, {n_classes}); got {y_true.min()}..{y_true.max()} true, "
-                         f"{y_pred.min()}..{y_pred.max()} predicted")
+        raise ValueError(
+            f"class ids must lie in [0, {n_classes}); got {y_true.min()}..{y_true.max()} true, "
+            f"{y_pred.min()}..{y_pred.max()} predicted"
+        )
     labels = np.arange(n_classes)
     with warnings.catch_warnings():
         # Small test splits miss classes; the values sklearn still returns then are the ones we want.

@@ -1,4 +1,5 @@
 """Atomic writes and output-folder safety: nothing a user made is overwritten without --overwrite."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ssl_path.errors import UserError
+from ssl_path.core.errors import UserError
 
 
 def make_public(path: str | os.PathLike) -> None:

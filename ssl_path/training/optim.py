@@ -8,13 +8,14 @@ method but its trainable parameters. As in dinov2 (``get_params_groups_with_deca
   lr multiplier ``layerwise_decay ** (num_blocks + 1 - layer_id)``;
 - the patch embedding's multiplier is further scaled by ``patch_embed_lr_mult``;
 - biases, norms and layer-scale gammas have no weight decay;
-- parameters of a head's ``last_layer`` are frozen (lr 0) for the first steps.
+- ``tag(name)`` splits groups further for a task's own rules (DINOv2 freezes its heads' last layer).
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
@@ -26,7 +27,6 @@ _EMBED = ("patch_embed", "pos_embed", "cls_token", "reg_token", "mask_token")
 class ParamRule:
     lr_multiplier: float
     wd_multiplier: float
-    last_layer: bool
 
 
 def num_trunk_blocks(names: Iterable[str]) -> int:
@@ -46,20 +46,30 @@ def param_rule(name: str, num_blocks: int, layerwise_decay: float, patch_embed_l
     if "patch_embed" in name:
         lr *= patch_embed_lr_mult
     no_decay = name.endswith(".bias") or "norm" in name or "gamma" in name
-    return ParamRule(lr, 0.0 if no_decay else 1.0, "last_layer" in name)
+    return ParamRule(lr, 0.0 if no_decay else 1.0)
 
 
-def param_groups(module: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict[str, Any]]:
-    """One optimiser group per distinct rule over ``module``'s trainable parameters."""
+def param_groups(
+    module: nn.Module,
+    layerwise_decay: float = 1.0,
+    patch_embed_lr_mult: float = 1.0,
+    tag: Callable[[str], str] = lambda name: "",
+) -> list[dict[str, Any]]:
+    """One optimiser group per distinct (rule, tag) over ``module``'s trainable parameters."""
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     num_blocks = num_trunk_blocks(n for n, _ in named)
-    groups: dict[ParamRule, dict[str, Any]] = {}
+    groups: dict[tuple[ParamRule, str], dict[str, Any]] = {}
     for name, param in named:
         rule = param_rule(name, num_blocks, layerwise_decay, patch_embed_lr_mult)
         group = groups.setdefault(
-            rule,
-            {"params": [], "names": [], "lr_multiplier": rule.lr_multiplier,
-             "wd_multiplier": rule.wd_multiplier, "last_layer": rule.last_layer},
+            (rule, tag(name)),
+            {
+                "params": [],
+                "names": [],
+                "lr_multiplier": rule.lr_multiplier,
+                "wd_multiplier": rule.wd_multiplier,
+                "tag": tag(name),
+            },
         )
         group["params"].append(param)
         group["names"].append(name)

@@ -5,6 +5,7 @@ always splits a histogram in two, so the threshold is clamped: at least ``SATURA
 (a blank slide stays blank instead of having its noise called tissue) and at most
 ``SATURATION_CEILING`` (an image that is all tissue is not split into "pale" and "dark" tissue).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -3,6 +3,7 @@
 A user error (missing file, wrong format, bad value) is one line on stderr and exit code 2;
 anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import sys

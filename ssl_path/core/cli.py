@@ -1,0 +1,79 @@
+"""The one command-line layer: a parser whose mistakes are one line and exit 2, the flags every
+stage shares, and the one device resolver.
+
+Stages build their parser with :func:`make_parser` and add the shared flags with the ``add_*``
+helpers, so ``--out``, ``--overwrite``, ``--device`` and ``--no-progress`` read and behave the same
+everywhere. A bad flag raises :class:`~ssl_path.core.errors.UserError` (``run_cli`` prints it as
+one line), never argparse's usage block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from ssl_path.core.errors import UserError
+
+DEVICES = "auto | cpu | cuda | cuda:N"
+_DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with errors raised as one-line :class:`UserError` s (sub-parsers inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def make_parser(prog: str, description: str) -> Parser:
+    return Parser(prog=prog, description=description)
+
+
+def add_out(parser: argparse.ArgumentParser, help: str, required: bool = True) -> None:
+    parser.add_argument("--out", required=required, type=Path, help=help)
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing outputs (only when the new ones are complete)"
+    )
+
+
+def add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--device", default=default, help=f"{DEVICES} (default {default})")
+
+
+def add_seed(
+    parser: argparse.ArgumentParser, help: str = "random seed (default %(default)s)", default: int = 0
+) -> None:
+    parser.add_argument("--seed", type=int, default=default, help=help)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` (CUDA where there is one, else CPU), ``cpu``, ``cuda`` (this process's local GPU) or ``cuda:N``."""
+    match = _DEVICE.match(str(name).strip())
+    if match is None:
+        raise UserError(f"device {name!r} is not one of {DEVICES}")
+    kind, index = match.group(1), match.group(2)
+    if kind == "auto":
+        if index is not None:
+            raise UserError(f"device {name!r} is not one of {DEVICES}")
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        if index is not None:
+            raise UserError(f"device {name!r}: the CPU takes no index")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU (use --device cpu)")
+    device = int(index) if index is not None else local_rank
+    if device >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device("cuda", device)

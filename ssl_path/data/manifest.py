@@ -1,0 +1,48 @@
+"""The shard manifest: ``SHARDS/manifest.json``, written by ``python -m ssl_path.shards``.
+
+It lists the shards with their sample counts, the total, the tiling parameters and every input
+skipped with its reason. The stream reads shard lists from it; the model card reads its summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ssl_path.core.errors import UserError
+
+FORMAT = "ssl-path-shards/1"
+MANIFEST = "manifest.json"
+SHARD_NAME = "shard-{:06d}.tar"
+
+
+def manifest_path(path: Path) -> Path | None:
+    """``path`` itself if it is a manifest, a folder's manifest, or None."""
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return path / MANIFEST
+    if path.is_file() and path.name == MANIFEST:
+        return path
+    return None
+
+
+def read_manifest(manifest: Path) -> dict[str, Any]:
+    """A shard manifest as a dict; an unreadable or foreign file is a UserError naming it."""
+    try:
+        content = json.loads(manifest.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{manifest}: unreadable shard manifest ({err})") from None
+    if not isinstance(content, dict) or not {"shards", "total"} <= content.keys():
+        raise UserError(f"{manifest}: not a shard manifest (needs 'shards' and 'total')")
+    return content
+
+
+def manifest_urls(manifest: Path) -> list[str]:
+    """The shard files a manifest lists, each checked to exist."""
+    urls = []
+    for shard in read_manifest(manifest)["shards"]:
+        path = manifest.parent / shard["name"]
+        if not path.is_file():
+            raise UserError(f"{manifest}: lists {shard['name']}, which is missing")
+        urls.append(str(path))
+    return urls

@@ -1,0 +1,237 @@
+"""The model card of an exported encoder, made only from records: nothing in it is typed by hand.
+
+Three records feed it:
+- the checkpoint: method, steps, resolved config and wall-clock;
+- the run's ``run.json`` and the shards' ``manifest.json``: hardware and training data;
+- the probes' ``results.json`` files (schema in :mod:`ssl_path.evaluation.results`): every score of every row
+  goes into the front matter's model-index and into the evaluation tables.
+
+:func:`build_card` turns them into a :class:`huggingface_hub.ModelCard`. The prose is the Jinja
+template ``model_cards/encoder.md``; huggingface_hub renders it and writes the front matter.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch import nn
+
+import ssl_path
+from ssl_path.core.config import dump_yaml
+from ssl_path.core.errors import UserError
+from ssl_path.data.readers.spec import parse_spec
+from ssl_path.encoder import EncoderInfo
+from ssl_path.evaluation.metrics import SCORES
+from ssl_path.methods import methods
+from ssl_path.publish.records import TrainingRecord
+
+TEMPLATE = "encoder.md"
+BASE_TAGS = ("pathology", "histology", "self-supervised", "image-feature-extraction", "timm", "ssl-path")
+PIPELINE_TAG = "image-feature-extraction"
+TASK_TYPE = "image-classification"  # what every probe of a frozen encoder measures
+
+
+PROBE_TITLES = {
+    "knn": "kNN probe",
+    "linear": "linear probe",
+    "fewshot": "few-label probes",
+}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def dataset_name(spec: str | None) -> str:
+    """A dataset's short name from its SPEC: the folder or file name, without local paths."""
+    if not spec:
+        return "unknown"
+    try:
+        path = parse_spec(spec).path
+    except UserError:
+        path = spec
+    return Path(path.rstrip("/")).stem or path
+
+
+def _tested_on(results: dict[str, Any]) -> str:
+    """The name of the set a results file's scores were measured on (its train set under leave-one-out)."""
+    return dataset_name(results["dataset"].get("test") or results["dataset"].get("train"))
+
+
+def _rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    metrics = results["metrics"]
+    if isinstance(metrics, dict):
+        return [(name, row) for name, row in metrics.items() if isinstance(row, dict)]
+    return [(str(row.get("name", i)), row) for i, row in enumerate(metrics) if isinstance(row, dict)]
+
+
+def _score(row: dict[str, Any], name: str) -> float | None:
+    value = row.get(name)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _split_label(results: dict[str, Any]) -> str:
+    method = results["split"].get("method")
+    return str(method) if method else "test"
+
+
+def eval_results(all_results: Sequence[dict[str, Any]]) -> list[EvalResult]:
+    """One model-index entry per score of every row of every results file."""
+    entries = []
+    for results in all_results:
+        probe = results["probe"]
+        name = _tested_on(results)
+        for row_name, row in _rows(results):
+            for score in SCORES:
+                value = _score(row, score)
+                if value is None:
+                    continue
+                entries.append(
+                    EvalResult(
+                        task_type=TASK_TYPE,
+                        task_name=f"{PROBE_TITLES.get(probe, probe)} (frozen encoder)",
+                        dataset_type=name,
+                        dataset_name=name,
+                        dataset_split=_split_label(results),
+                        metric_type=score,
+                        metric_name=f"{probe} {row_name} {score}",
+                        metric_config=f"{probe}/{row_name}",
+                        metric_value=value,
+                    )
+                )
+    return entries
+
+
+def evaluation_tables(all_results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A markdown-ready table per results file: rows as in the file, one column per score it has."""
+    tables = []
+    for results in all_results:
+        rows = _rows(results)
+        scores = [s for s in SCORES if any(_score(row, s) is not None for _, row in rows)]
+        body = []
+        for row_name, row in rows:
+            cells = []
+            for score in scores:
+                value = _score(row, score)
+                ci = row.get(f"{score}_ci95")
+                if value is None:
+                    cells.append("n/a")
+                elif isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+                    cells.append(f"{value:.3f} ± {(ci[1] - ci[0]) / 2:.3f}")
+                else:
+                    cells.append(f"{value:.3f}")
+            body.append([row_name, *cells])
+        dataset = results["dataset"]
+        split = results["split"]
+        tables.append(
+            {
+                "title": f"{PROBE_TITLES.get(results['probe'], results['probe'])} on "
+                f"{_tested_on(results)}, {_split_label(results)}",
+                "probe": results["probe"],
+                "columns": ["row", *scores],
+                "rows": body,
+                "n_train": dataset.get("n_train"),
+                "n_test": dataset.get("n_test"),
+                "classes": dataset.get("classes") or [],
+                "folds": [f.get("domain") for f in split.get("folds", []) if isinstance(f, dict)],
+                "seeds": results.get("seeds") or [],
+                "with_ci": any("±" in c for r in body for c in r[1:]),
+                "created": results.get("created"),
+            }
+        )
+    return tables
+
+
+# ----------------------------------------------------------------------------- the card
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _model_facts(model: nn.Module, info: EncoderInfo, model_args: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "architecture": info.architecture,
+        "params_m": _count_params(model) / 1e6,
+        "embed_dim": info.embed_dim,
+        "patch_size": info.patch_size,
+        "num_blocks": info.num_blocks,
+        "reg_tokens": int(model_args.get("reg_tokens") or 0),
+        "init_values": model_args.get("init_values"),
+        "input_size": info.input_size[-1],
+        "mean": [round(v, 4) for v in info.mean],
+        "std": [round(v, 4) for v in info.std],
+        "dense_blocks": list(info.dense_blocks),
+    }
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "encoder"
+
+
+def template_text(template: Path | None = None) -> str:
+    """The card template: ``template`` if given, else the shipped ``model_cards/encoder.md``."""
+    if template is not None:
+        if not Path(template).is_file():
+            raise UserError(f"card template {template} does not exist")
+        return Path(template).read_text()
+    return resources.files("model_cards").joinpath(TEMPLATE).read_text()
+
+
+def build_card(
+    model: nn.Module,
+    info: EncoderInfo,
+    model_args: dict[str, Any],
+    record: TrainingRecord,
+    all_results: Sequence[dict[str, Any]],
+    name: str,
+    license: str,
+    folder: Path,
+    template: Path | None = None,
+) -> ModelCard:
+    """The model card of an encoder, its front matter holding a model-index of every given score.
+
+    ``name`` is ``org/name`` for a card that will go to the Hub; any other name keeps the card local,
+    and its loading examples then name ``folder``.
+    """
+    method = methods().get(record.method or "")
+    facts = method.method if method else None
+    datasets = sorted(
+        {f["name"] for f in (record.data or {}).get("folders", [])} | {_tested_on(r) for r in all_results}
+    )
+    card_data = ModelCardData(
+        model_name=name,
+        library_name="timm",
+        license=license,
+        pipeline_tag=PIPELINE_TAG,
+        tags=[*BASE_TAGS, *([record.method] if record.method else [])],
+        datasets=datasets or None,
+        metrics=[s for s in SCORES if any(_score(row, s) is not None for r in all_results for _, row in _rows(r))]
+        or None,
+        eval_results=eval_results(all_results) or None,
+    )
+    repo = name if "/" in name else None
+    context = {
+        "name": name,
+        "repo": repo,
+        "folder": str(Path(folder).resolve()),
+        "license": license,
+        "method": record.method,
+        "method_title": facts.title if facts else record.method,
+        "method_citation": facts.citation if facts else None,
+        "method_published": facts.published if facts else "the encoder",
+        "model": _model_facts(model, info, model_args),
+        "record": record,
+        "hours": record.wall_time_s / 3600 if record.wall_time_s is not None else None,
+        "config_yaml": dump_yaml(record.config).rstrip() if record.config else None,
+        "tables": evaluation_tables(all_results),
+        "datasets": datasets,
+        "slug": _slug(name),
+        "year": datetime.now(timezone.utc).year,
+        "ssl_path_version": ssl_path.__version__,
+    }
+    return ModelCard.from_template(card_data, template_str=template_text(template), **context)

@@ -1,0 +1,119 @@
+"""Export an encoder as a folder that timm loads as it loads UNI or Phikon: ``config.json``
+(architecture, ``model_args`` and ``pretrained_cfg``, so that loading needs no keyword argument),
+``model.safetensors`` (timm's key names: the encoder entry of the checkpoint, so any method exports
+the same way) and ``README.md`` (the model card, :mod:`ssl_path.publish.card`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from timm.models import save_for_hf
+
+from ssl_path.core.errors import UserError, first_line
+from ssl_path.core.io import atomic_dir, make_public
+from ssl_path.encoder.checkpoint import encoder_entry, read_checkpoint
+from ssl_path.encoder.identity import encoder_hash
+from ssl_path.encoder.info import encoder_info
+from ssl_path.encoder.refs import checkpoint_file
+from ssl_path.encoder.state import model_from_entry, published_kwargs
+from ssl_path.evaluation.results import read_results
+from ssl_path.publish.card import build_card
+from ssl_path.publish.records import training_record
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+CARD = "README.md"
+EXPORTED = (CONFIG, WEIGHTS, CARD)
+DEFAULT_LICENSE = "other"
+# timm's pretrained_cfg keys that describe where an upstream checkpoint came from, not this one.
+UPSTREAM_CFG_KEYS = (
+    "tag",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "url",
+    "file",
+    "source",
+    "state_dict",
+    "paper_ids",
+    "paper_name",
+    "origin_url",
+    "notes",
+    "license",
+    "test_input_size",
+    "test_crop_pct",
+)
+
+
+def export(
+    ckpt: str | Path,
+    out: str | Path,
+    results: Sequence[str | Path] = (),
+    name: str | None = None,
+    license: str = DEFAULT_LICENSE,
+    shards: Sequence[str] | None = None,
+    template: Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the timm-format folder of the checkpoint ``ckpt`` (a ``.pt`` file or a run directory) to ``out``."""
+    out = Path(out)
+    if name is not None:
+        check_repo_id(name, "--name", with_org=False)
+    path = checkpoint_file(ckpt)
+    all_results = [read_results(r) for r in results]  # a missing or foreign file fails before any work
+    if all_results:
+        own_hash = encoder_hash(str(path))
+        for file, res in zip(results, all_results):
+            if res["encoder"].get("hash") != own_hash:
+                raise UserError(
+                    f"{file} was measured on encoder {res['encoder'].get('ref')!r} (hash {res['encoder'].get('hash')}), "
+                    f"not on {path} (hash {own_hash}); a card only reports its own encoder's results"
+                )
+    with atomic_dir(out, overwrite) as tmp:
+        checkpoint = read_checkpoint(path)
+        entry = encoder_entry(checkpoint, path)
+        model = model_from_entry(entry, str(path)).eval()
+        args = published_kwargs(entry.get("model_kwargs", {}))
+        model.pretrained_cfg = {
+            **{k: v for k, v in model.pretrained_cfg.items() if k not in UPSTREAM_CFG_KEYS},
+            # Whole tiles, no centre crop: what the probes that measured the card's numbers fed the encoder.
+            "crop_pct": 1.0,
+            "license": license,
+        }
+        info = encoder_info(model, str(path))
+        record = training_record(checkpoint, path, shards)
+        for location in record.data_missing:
+            print(
+                f"warning: no shard manifest found for {location}; the card will not describe the training data",
+                file=sys.stderr,
+            )
+        card = build_card(
+            model,
+            info,
+            args,
+            record,
+            all_results,
+            name=name or out.name,
+            license=license,
+            folder=out,
+            template=template,
+        )
+        save_for_hf(model, str(tmp), model_config={"model_args": args}, safe_serialization=True)
+        card.save(tmp / CARD)
+        for file in tmp.iterdir():
+            make_public(file)
+    return out
+
+
+def check_repo_id(repo: str, flag: str, with_org: bool = True) -> None:
+    """``repo`` must be a Hub repo id: ``org/name``, or a bare name where ``with_org`` is False."""
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as err:
+        raise UserError(f"{flag} {repo!r} is not a Hub repo id (org/name): {first_line(err)}") from None
+    if with_org and repo.count("/") != 1:
+        raise UserError(f"{flag} {repo!r} must be org/name")

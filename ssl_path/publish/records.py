@@ -1,0 +1,146 @@
+"""What a checkpoint and the files beside it (``run.json``, the shard manifest) say about how an
+encoder was trained: :func:`training_record`, read by the model card."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ssl_path.data.manifest import manifest_path, read_manifest
+
+RUN_RECORD = "run.json"
+
+
+@dataclass
+class TrainingRecord:
+    """What the checkpoint and the files beside it say about how the encoder was trained."""
+
+    method: str | None = None
+    step: int | None = None
+    planned_steps: int | None = None
+    global_batch: int | None = None
+    wall_time_s: float | None = None
+    config: dict[str, Any] | None = None
+    run: dict[str, Any] = field(default_factory=dict)  # run.json, without host and command
+    data: dict[str, Any] | None = None  # the shard manifest's summary
+    data_missing: list[str] = field(default_factory=list)  # shard locations whose manifest was not found
+
+
+def training_record(
+    checkpoint: dict[str, Any], checkpoint_path: Path, shards: Sequence[str] | None = None
+) -> TrainingRecord:
+    """The training facts of a checkpoint read by :func:`ssl_path.encoder.read_checkpoint`.
+
+    ``run.json`` is looked up in the run directory that holds ``checkpoints/``; the shard manifest
+    where ``shards`` (or, by default, ``run.json``'s data) points.
+    """
+    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else None
+    train = (config or {}).get("train", {})
+    run = _read_run_record(checkpoint_path.parent.parent / RUN_RECORD)
+    world_size = int(run.get("world_size") or checkpoint.get("data", {}).get("world_size") or 1)
+    record = TrainingRecord(
+        method=checkpoint.get("method") or (config or {}).get("method"),
+        step=_int_or_none(checkpoint.get("step")),
+        planned_steps=_planned_steps(train),
+        global_batch=int(train["batch_size"]) * world_size if isinstance(train.get("batch_size"), int) else None,
+        wall_time_s=float(checkpoint["wall_time"]) if isinstance(checkpoint.get("wall_time"), (int, float)) else None,
+        config=config,
+        run={k: run[k] for k in ("started", "world_size", "device", "torch") if k in run},
+    )
+    locations = list(shards) if shards else _data_locations(run.get("data"))
+    manifests, record.data_missing = _find_manifests(locations)
+    if manifests:
+        record.data = data_summary(manifests)
+    return record
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) else None
+
+
+def _planned_steps(train: dict[str, Any]) -> int | None:
+    epochs, per_epoch = train.get("epochs"), train.get("steps_per_epoch")
+    if isinstance(epochs, (int, float)) and isinstance(per_epoch, int):
+        return int(round(epochs * per_epoch))
+    return None
+
+
+def _read_run_record(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _data_locations(data: Any) -> list[str]:
+    parts = data if isinstance(data, list) else [data] if isinstance(data, str) else []
+    return [piece for part in parts for piece in str(part).split("::") if piece]
+
+
+def _find_manifests(locations: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """The manifest of each shard location (a folder, a manifest, or a .tar or brace pattern in a folder)."""
+    found: list[Path] = []
+    missing: list[str] = []
+    for location in locations:
+        path = Path(location.split("{")[0])  # a brace pattern or a .tar lies in its shard folder
+        manifest = manifest_path(path) or manifest_path(path.parent)
+        if manifest is None:
+            missing.append(location)
+        elif manifest.resolve() not in {m.resolve() for m in found}:
+            found.append(manifest)
+    return found, missing
+
+
+def data_summary(manifests: Sequence[Path]) -> dict[str, Any]:
+    """Tiles, shards, tiling and source folders of one or more shard manifests, without local paths."""
+    total, shards, skipped = 0, 0, 0
+    sources: list[dict[str, Any]] = []
+    tilings: list[dict[str, Any]] = []
+    for manifest in manifests:
+        content = read_manifest(manifest)
+        total += int(content["total"])
+        shards += len(content["shards"])
+        skipped += len(content.get("skipped", []))
+        sources.extend(s for s in content.get("sources", []) if isinstance(s, dict) and "path" in s)
+        params = content.get("params", {})
+        tiling = {k: params.get(k) for k in ("tile_size", "stride", "mpp", "downscale", "min_tissue", "stain_norm")}
+        if tiling not in tilings:
+            tilings.append(tiling)
+    folders: Counter[str] = Counter()
+    images: Counter[str] = Counter()
+    for source, folder in zip(sources, _source_folders([s["path"] for s in sources])):
+        folders[folder] += int(source.get("tiles", 0))
+        images[folder] += 1
+    domains: Counter[str] = Counter()
+    for source in sources:
+        if source.get("domain"):
+            domains[str(source["domain"])] += int(source.get("tiles", 0))
+    return {
+        "tiles": total,
+        "shards": shards,
+        "images": len(sources),
+        "skipped_images": skipped,
+        "tilings": tilings,
+        "folders": [{"name": name, "images": images[name], "tiles": folders[name]} for name in sorted(folders)],
+        "domains": dict(sorted(domains.items())),
+    }
+
+
+def _source_folders(paths: Sequence[str]) -> list[str]:
+    """A short name per source: the first folder below the sources' common parent (no local paths)."""
+    if not paths:
+        return []
+    parents = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    common = os.path.commonpath(parents)
+    names = []
+    for parent in parents:
+        rel = os.path.relpath(parent, common)
+        names.append(os.path.basename(common) if rel == "." else rel.split(os.sep)[0])
+    return names

@@ -1,0 +1,201 @@
+"""Tile images and whole slides into WebDataset shards: :func:`make_shards`, behind ``python -m ssl_path.shards``.
+
+Each input (a file, or a folder searched recursively) is opened through :mod:`ssl_path.tiling.slides`,
+brought to a target resolution (``--mpp``, from the best pyramid level at or finer than it, then
+resized; or ``--downscale`` when the file has no resolution), cut into a grid of ``--tile-size``
+tiles every ``--stride`` pixels, and filtered by tissue (:mod:`ssl_path.tiling.tissue`). Tiles are
+written in input order to ``OUT/shard-000000.tar, ...``, each sample ``{__key__, img.jpg|img.png,
+json}``, then ``OUT/manifest.json``. The output is the same whatever ``--workers``: workers read and
+encode, the main process writes in a fixed order.
+
+Files that cannot be used (unreadable, empty, no tissue) are skipped and listed in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import webdataset as wds
+from tqdm import tqdm
+
+from ssl_path.core.errors import UserError
+from ssl_path.core.io import atomic_path, prepare_out_dir, write_json
+from ssl_path.data.manifest import FORMAT, MANIFEST, SHARD_NAME
+from ssl_path.tiling.inputs import domain_labeler, find_inputs
+from ssl_path.tiling.params import CHUNK, PlanResult, Source, Tile, TilingParams
+from ssl_path.tiling.plan import (
+    InProcess,
+    close_cached,
+    results_in_order,
+    stain_normalizer,
+)
+
+_TAR_MTIME = 0  # fixed member times: the same tiles give byte-identical shards
+
+
+class _ShardWriter:
+    """Writes samples into ``shard-%06d.tar`` files of ``per_shard`` samples, each renamed into place when full."""
+
+    def __init__(self, out: Path, per_shard: int) -> None:
+        self.out, self.per_shard = out, per_shard
+        self.shards: list[dict[str, Any]] = []
+        self._stack: ExitStack | None = None
+        self._tar: wds.TarWriter | None = None
+        self._count = 0
+
+    def write(self, tile: Tile, ext: str) -> None:
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        meta = json.dumps(tile.meta, sort_keys=True).encode("utf-8")
+        self._tar.write({"__key__": tile.key, f"img.{ext}": tile.image, "json": meta})
+        self._count += 1
+        if self._count == self.per_shard:
+            self._finish()
+
+    def _open(self) -> None:
+        name = SHARD_NAME.format(len(self.shards))
+        self._stack = ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.out / name))
+        stream = self._stack.enter_context(open(tmp, "wb"))
+        self._tar = wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME)
+        self._stack.callback(self._tar.close)  # runs before the file closes and the rename
+        self.shards.append({"name": name, "count": 0})
+
+    def _finish(self) -> None:
+        assert self._stack is not None
+        self._stack.close()
+        self.shards[-1]["count"] = self._count
+        self._stack, self._tar, self._count = None, None, 0
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._finish()
+
+    def abort(self) -> None:
+        """Drop the shard being written: its temporary file is removed, nothing is renamed."""
+        if self._stack is not None:
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            self.shards.pop()
+            self._stack, self._tar, self._count = None, None, 0
+
+
+def make_shards(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    params: TilingParams,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tile ``inputs`` into WebDataset shards in ``out``; return the manifest (also written to ``out``)."""
+    if not inputs:
+        raise UserError("--data: no inputs given")
+    files, skipped = find_inputs(inputs)
+    out = Path(out)
+    _refuse_out_over_inputs(out, inputs)
+    label = domain_labeler(params)
+    sources = [Source(i, path, label(path)) for i, path in enumerate(files)]
+    if not sources:
+        raise UserError(f"--data {' '.join(map(str, inputs))}: no image files found")
+    stain_normalizer(params.stain_norm, params.stain_reference, params.stain_strength)  # bad reference: fail now
+    out = prepare_out_dir(out, overwrite)
+
+    records: dict[int, dict[str, Any]] = {}
+    writer = _ShardWriter(out, params.samples_per_shard)
+    executor: Any = InProcess()
+    pool = None
+    if params.workers > 1:
+        pool = ProcessPoolExecutor(max_workers=params.workers)
+        executor = pool
+    bar = tqdm(total=len(sources), desc="tiling", unit="file", disable=not progress, dynamic_ncols=True)
+    total = 0
+    try:
+        for result in results_in_order(executor, sources, params, depth=2 * params.workers + 2):
+            if isinstance(result, PlanResult):
+                records[result.source.index] = _source_record(result)
+                done = result.skip_reason is not None or len(result.positions) <= CHUNK
+            else:
+                records[result.source.index]["errors"].extend(result.errors)
+                done = result.last
+            for tile in result.tiles:
+                writer.write(tile, params.format)
+            records[result.source.index]["tiles"] += len(result.tiles)
+            total += len(result.tiles)
+            if done:
+                bar.update(1)
+                bar.set_postfix(tiles=total, refresh=False)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        close_cached()
+
+    used, skipped = _split_records(sources, records, skipped)
+    if total == 0:
+        first = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+        raise UserError(f"no usable input: all {len(skipped)} skipped ({first}{'; ...' if len(skipped) > 3 else ''})")
+    manifest = {
+        "format": FORMAT,
+        "params": params.manifest_params(),
+        "shards": writer.shards,
+        "total": total,
+        "sources": used,
+        "skipped": skipped,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _source_record(plan: PlanResult) -> dict[str, Any]:
+    geometry = plan.geometry
+    return {
+        "path": plan.source.path,
+        "tiles": 0,
+        "domain": plan.source.domain,
+        "level": geometry.level if geometry else None,
+        "downsample": round(geometry.downsample, 6) if geometry else None,
+        "mpp": round(geometry.mpp, 6) if geometry and geometry.mpp is not None else None,
+        "grid": plan.grid,
+        "skip_reason": plan.skip_reason,
+        "errors": list(plan.errors),
+    }
+
+
+def _split_records(
+    sources: Sequence[Source], records: dict[int, dict[str, Any]], skipped: list[dict[str, str]]
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Sources that gave tiles, and every input that gave none with the reason, in input order."""
+    used, skipped = [], list(skipped)
+    for source in sources:
+        record = records[source.index]
+        errors = record.pop("errors")
+        reason = record.pop("skip_reason")
+        if record["tiles"] == 0:
+            if reason is None:
+                reason = f"all {len(errors)} tiles failed ({errors[0] if errors else 'no detail'})"
+            skipped.append({"path": source.path, "reason": reason})
+            continue
+        if errors:
+            record["failed_tiles"] = len(errors)
+            record["first_error"] = errors[0]
+        used.append(record)
+    return used, skipped
+
+
+def _refuse_out_over_inputs(out: Path, inputs: Sequence[str | Path]) -> None:
+    """``--overwrite`` empties ``out``: refuse an ``out`` that is, or holds, an input."""
+    target = out.resolve()
+    for item in inputs:
+        path = Path(item).resolve()
+        if path == target or target in path.parents:
+            raise UserError(f"--out {out} holds input {item}; choose another output folder")

@@ -1,0 +1,305 @@
+"""The one training loop: any task (a pretraining method or a head), one process or many, CPU or GPU,
+resumable exactly.
+
+The loop knows a task only through :class:`ssl_path.training.task.TrainingTask`: it feeds it
+batches, steps the optimiser with the schedules, calls the task's hooks, logs and checkpoints.
+Everything that varies over time is a pure function of the step (``ssl_path.training.schedules``
+and the task's ``set_step``); batches come from ``stream(start_batch)``, a factory that can restart
+a stream at an exact position (``ssl_path.data.loader.shard_loader(..., start_batch=n)``, say).
+So a checkpoint that stores weights, optimiser state, step and RNG state is enough to continue
+exactly where a killed run left off.
+
+Checkpoints (``RUN_DIR/checkpoints/last.pt``, plus a retained copy every ``keep_every`` steps;
+:mod:`ssl_path.encoder.checkpoint`) are whole, unsharded state dicts written atomically by rank 0,
+gathered from FSDP shards when FSDP is on, so they resume at any world size and load on one CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ssl_path.core.cli import resolve_device
+from ssl_path.core.distributed import DistInfo, all_finite, barrier
+from ssl_path.encoder.checkpoint import (
+    checkpoint_path,
+    kept_path,
+    read_training_checkpoint,
+    save_checkpoint,
+)
+from ssl_path.training.config import OptimConfig, TrainConfig
+from ssl_path.training.metrics_log import MetricsLog, plot_run
+from ssl_path.training.schedules import cosine, warmup_cosine
+from ssl_path.training.task import TrainingTask
+
+# A stream factory: the batches of a run from batch ``start`` on, the same whenever it is restarted there.
+StreamFactory = Callable[[int], Iterator[Any]]
+
+
+class TrainingDiverged(Exception):
+    """A loss term went non-finite; nothing of that step was saved."""
+
+
+def train(
+    task: TrainingTask,
+    stream: StreamFactory,
+    run_dir: Path,
+    optim_cfg: OptimConfig,
+    cfg: TrainConfig,
+    config: dict[str, Any],
+    dist_info: DistInfo = DistInfo(),
+    max_steps: int | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainingTask:
+    """Train ``task`` on ``stream`` into ``run_dir``, resuming from its last checkpoint.
+
+    ``config`` (the resolved run config) is stored in every checkpoint. ``max_steps`` stops early
+    without changing the schedules, which always span ``cfg.total_steps``.
+    """
+    if not isinstance(task, TrainingTask):
+        raise TypeError(f"the loop trains a TrainingTask, not a {type(task).__name__}")
+    device = resolve_device(cfg.device, dist_info.local_rank)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    task.to(device)
+    if dist_info.world_size > 1 and cfg.strategy == "fsdp":
+        _shard(task)
+    optimizer = torch.optim.AdamW(task.param_groups(optim_cfg), lr=0.0, betas=optim_cfg.betas)
+    total = cfg.total_steps
+    end = min(total, max_steps) if max_steps is not None else total
+    start, wall_before = _resume(task, optimizer, run_dir, cfg, dist_info)
+    if cfg.compile:
+        task.compile_parts()
+    step_fn: nn.Module = task
+    if dist_info.world_size > 1 and cfg.strategy == "ddp":
+        step_fn = nn.parallel.DistributedDataParallel(task, broadcast_buffers=False)
+
+    batches = stream(start)
+    log = MetricsLog(run_dir, resume_step=start) if dist_info.is_main else None
+    bar = tqdm(total=end, initial=start, desc=desc, disable=not (progress and dist_info.is_main), dynamic_ncols=True)
+    global_batch = cfg.batch_size * dist_info.world_size
+    peak_lr = optim_cfg.peak_lr(global_batch)
+    warmup = int(round(optim_cfg.warmup_epochs * cfg.steps_per_epoch))
+    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    run_start = time.perf_counter()
+    task.train()
+    step = start
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            batch = _to_device(next(batches), device)
+            window_wait += time.perf_counter() - t0
+            lr = warmup_cosine(step, total, warmup, peak_lr, optim_cfg.min_lr)
+            wd = cosine(step, total, optim_cfg.weight_decay, optim_cfg.weight_decay_end)
+            for group in optimizer.param_groups:
+                frozen = step < group.get("frozen_until", 0)
+                group["lr"] = 0.0 if frozen else lr * group["lr_multiplier"]
+                group["weight_decay"] = wd * group["wd_multiplier"]
+            logs = task.set_step(step)
+
+            with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                out = step_fn(batch)
+            _stop_if_not_finite(out, step)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if optim_cfg.clip_grad > 0:
+                nn.utils.clip_grad_norm_([p for p in task.parameters() if p.grad is not None], optim_cfg.clip_grad)
+            optimizer.step()
+            task.after_optimizer_step()
+            window_steps += 1
+
+            done = step + 1
+            if done % cfg.log_every == 0 or done == end:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": done, "epoch": round(done / cfg.steps_per_epoch, 4)}
+                record.update({k: float(v.detach()) for k, v in out.items()})
+                record.update(lr=lr, wd=wd, **logs)
+                record.update(
+                    img_per_s=round(window_steps * global_batch / max(elapsed, 1e-9), 2),
+                    data_wait=round(window_wait / max(elapsed, 1e-9), 4),
+                    time=round(wall_before + time.perf_counter() - run_start, 2),
+                )
+                if log is not None:
+                    log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+                window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            bar.update(1)
+            if done % cfg.checkpoint_every == 0 or done == end:
+                keep = cfg.keep_every > 0 and done % cfg.keep_every == 0
+                _save(
+                    task,
+                    optimizer,
+                    run_dir,
+                    done,
+                    config,
+                    cfg,
+                    dist_info,
+                    wall_before + time.perf_counter() - run_start,
+                    keep=keep,
+                )
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    if dist_info.is_main and (Path(run_dir) / "metrics.jsonl").exists() and end > start:
+        plot_run(run_dir)
+    return task
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, torch.Tensor) or hasattr(batch, "to"):
+        return batch.to(device, non_blocking=True)
+    return batch
+
+
+def _stop_if_not_finite(out: dict[str, torch.Tensor], step: int) -> None:
+    names = [k for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
+    values = torch.stack([out[k].detach().float().reshape(()) for k in names])
+    finite = all_finite(values).tolist()
+    if not all(finite):
+        bad = [n for n, ok in zip(names, finite) if not ok and n != "loss"] or ["loss"]
+        raise TrainingDiverged(f"non-finite loss term {bad[0]!r} at step {step + 1}; nothing of this step was saved")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _save(
+    task: TrainingTask,
+    optimizer: torch.optim.Optimizer,
+    run_dir: Path,
+    step: int,
+    config: dict[str, Any],
+    cfg: TrainConfig,
+    dist_info: DistInfo,
+    wall_time: float,
+    keep: bool = False,
+) -> None:
+    """Write ``checkpoints/last.pt`` atomically (rank 0), gathering sharded state from every rank."""
+    model_state, optim_state = _full_state(task, optimizer)
+    if dist_info.is_main:
+        checkpoint = {
+            "method": task.name,
+            "step": step,
+            "config": config,
+            "model": model_state,
+            "optimizer": optim_state,
+            "encoder": task.encoder_state(model_state),
+            "rng": _rng_state(),
+            "data": {
+                "batches": step,
+                "batch_size": cfg.batch_size,
+                "num_workers": cfg.num_workers,
+                "world_size": dist_info.world_size,
+            },
+            "wall_time": wall_time,
+            "torch": str(torch.__version__),
+        }
+        last = save_checkpoint(checkpoint, checkpoint_path(run_dir))
+        if keep:
+            kept = kept_path(run_dir, step)
+            kept.unlink(missing_ok=True)
+            os.link(last, kept)  # last.pt is only ever replaced, never written in place
+    barrier()
+
+
+def _full_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    if _is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(module, optimizer, options=options)
+    return module.state_dict(), optimizer.state_dict()
+
+
+def _resume(
+    module: nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path, cfg: TrainConfig, dist_info: DistInfo
+) -> tuple[int, float]:
+    path = checkpoint_path(run_dir)
+    if not path.exists():
+        return 0, 0.0
+    checkpoint = read_training_checkpoint(path)
+    data = checkpoint.get("data", {})
+    if dist_info.is_main and (data.get("num_workers"), data.get("world_size")) != (
+        cfg.num_workers,
+        dist_info.world_size,
+    ):
+        print(
+            f"warning: resuming with {cfg.num_workers} workers x {dist_info.world_size} processes where the run had "
+            f"{data.get('num_workers')} x {data.get('world_size')}: the data order differs from an uninterrupted run",
+            file=sys.stderr,
+        )
+    optim_state = checkpoint["optimizer"]
+    if _is_sharded(module) or _keyed_by_name(optim_state):
+        # FSDP runs save name-keyed optimiser state; these APIs load it at any world size, or unsharded.
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_state_dict,
+        )
+
+        set_state_dict(
+            module,
+            optimizer,
+            model_state_dict=checkpoint["model"],
+            optim_state_dict=optim_state,
+            options=StateDictOptions(full_state_dict=True),
+        )
+    else:
+        module.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(optim_state)
+    _set_rng_state(checkpoint["rng"])
+    return int(checkpoint["step"]), float(checkpoint.get("wall_time", 0.0))
+
+
+def _keyed_by_name(optim_state: dict) -> bool:
+    return any(isinstance(k, str) for k in optim_state.get("state", {}))
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- FSDP
+
+
+def _shard(task: TrainingTask) -> None:
+    """FSDP2 over the units the task names (``fsdp_units()``, innermost first)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in task.fsdp_units():
+        # Explicit: the outer units are FSDP roots, which otherwise stay unsharded after forward
+        # (the teacher, run without backward, would then never reshard).
+        fully_shard(unit, reshard_after_forward=True)
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    return (
+        dist.is_available()
+        and dist.is_initialized()
+        and any(type(p).__name__ == "DTensor" for p in module.parameters())
+    )
