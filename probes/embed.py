@@ -27,7 +27,7 @@ import numpy as np
 from probes.common import add_feature_arguments
 from probes.features import DEFAULT_CACHE, FeatureSet, extract_features
 from ssl_path.core.errors import UserError, run_cli
-from ssl_path.core.io import atomic_path, prepare_out_dir, write_json
+from ssl_path.core.io import atomic_dir, atomic_path, check_out_dir, write_json
 from ssl_path.data.readers import read_spec
 
 __all__ = [
@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_labels = len({label for label in data.labels()})
     if n_labels > args.max_points:
         raise UserError(f"--max-points {args.max_points} is fewer than the {n_labels} labels, which are all kept")
-    out = prepare_out_dir(args.out, args.overwrite)
+    check_out_dir(args.out, args.overwrite, [args.data])
 
     feats = extract_features(
         args.ckpt,
@@ -313,33 +313,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     for method in methods:
         maps[method] = tsne_map(x, perplexity, args.seed) if method == "tsne" else umap_map(x, neighbors, args.seed)
 
-    labels, domains = category_names(kept)
-    for method, coords in maps.items():
-        title = f"{method} of {args.ckpt} on {data.name} (n={n})"
-        plot_map(coords, labels, domains, title, out / f"{method}.png")
-    write_coordinates(out / "coordinates.csv", kept, maps)
-    write_json(
-        out / "embed.json",
-        {
-            "encoder": {"ref": args.ckpt, "hash": kept.encoder_hash},
-            "data": {"spec": args.data, "source": data.source, "hash": kept.data_hash, "classes": list(kept.classes)},
-            "n": n,
-            "n_total": len(feats),
-            "methods": methods,
-            "seed": args.seed,
-            "config": {
-                "max_points": args.max_points,
-                "perplexity": perplexity if "tsne" in methods else None,
-                "neighbors": neighbors if "umap" in methods else None,
-                "pca_dims": int(x.shape[1]),
-                "feature_dim": feats.dim,
-                "pool": args.pool,
-                "tta": args.tta,
-                "input_size": kept.input_size,
+    with atomic_dir(args.out, args.overwrite, [args.data]) as out:
+        labels, domains = category_names(kept)
+        for method, coords in maps.items():
+            title = f"{method} of {args.ckpt} on {data.name} (n={n})"
+            plot_map(coords, labels, domains, title, out / f"{method}.png")
+        write_coordinates(out / "coordinates.csv", kept, maps)
+        write_json(
+            out / "embed.json",
+            {
+                "encoder": {"ref": args.ckpt, "hash": kept.encoder_hash},
+                "data": {
+                    "spec": args.data,
+                    "source": data.source,
+                    "hash": kept.data_hash,
+                    "classes": list(kept.classes),
+                },
+                "n": n,
+                "n_total": len(feats),
+                "methods": methods,
+                "seed": args.seed,
+                "config": {
+                    "max_points": args.max_points,
+                    "perplexity": perplexity if "tsne" in methods else None,
+                    "neighbors": neighbors if "umap" in methods else None,
+                    "pca_dims": int(x.shape[1]),
+                    "feature_dim": feats.dim,
+                    "pool": args.pool,
+                    "tta": args.tta,
+                    "input_size": kept.input_size,
+                },
             },
-        },
-    )
-    print(f"{args.ckpt} | {data.name} | {n} of {len(feats)} points | {', '.join(methods)} -> {out}")
+        )
+    print(f"{args.ckpt} | {data.name} | {n} of {len(feats)} points | {', '.join(methods)} -> {args.out}")
     return 0
 
 

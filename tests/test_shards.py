@@ -251,7 +251,7 @@ def test_out_holding_an_input_is_refused(tmp_path: Path, monuseg: list[Path]) ->
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.png").write_bytes(monuseg[0].read_bytes())
-    with pytest.raises(UserError, match="holds input"):
+    with pytest.raises(UserError, match="would replace the input"):
         make_shards([data / "a.png"], data, TilingParams(), overwrite=True, progress=False)
     assert (data / "a.png").is_file()
 

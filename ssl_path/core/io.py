@@ -1,4 +1,13 @@
-"""Atomic writes and output-folder safety: nothing a user made is overwritten without --overwrite."""
+"""The one output policy: atomic writes, and nothing a user made is lost or overwritten by mistake.
+
+- A file is written beside its place and renamed when complete (:func:`atomic_path`); a folder is
+  built beside its place and renamed when complete (:func:`atomic_dir`). A failed or killed run
+  leaves the previous output as it was.
+- An output that exists is refused unless ``--overwrite``, folders and files (PNG, CSV, JSON) alike,
+  before any work starts (:func:`check_out_file`, :func:`check_out_dir`).
+- An output may never equal, contain or lie inside what the stage reads (its inputs, a run
+  directory, a checkpoint): :func:`refuse_out_over_inputs`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from ssl_path.core.errors import UserError
 
@@ -44,39 +53,84 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Create ``out``; refuse a non-empty existing folder unless ``overwrite``, which empties it."""
+def refuse_out_over_inputs(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], flag: str = "--out") -> None:
+    """Refuse an output that is, holds, or lies inside one of ``inputs`` (files or folders being read).
+
+    Strings that name no path (``timm:ARCH``, ``hf-hub:...``, ``reader:PATH?query``) are read for
+    the path they hold, if any.
+    """
+    target = Path(out).resolve()
+    for item in inputs:
+        path = _input_path(item)
+        if path is None:
+            continue
+        if path == target or target in path.parents:
+            raise UserError(f"{flag} {out} would replace the input {item}; choose another output")
+        if path in target.parents:
+            raise UserError(f"{flag} {out} lies inside the input {item}; choose another output")
+
+
+def _input_path(item: str | os.PathLike) -> Path | None:
+    text = os.fspath(item)
+    if text.startswith(("timm:", "hf-hub:")):
+        return None
+    head = text.split("?", 1)[0]
+    if ":" in head and not Path(head).exists():
+        head = head.split(":", 1)[1]  # a labelled-set spec READER:PATH
+    return Path(os.path.expanduser(head)).resolve() if head else None
+
+
+def check_out_file(
+    path: str | os.PathLike, overwrite: bool, inputs: Sequence[str | os.PathLike] = (), flag: str = "--out"
+) -> Path:
+    """Check, before any work, that the output file ``path`` may be written: not over an input, and
+    replacing an existing file only with ``overwrite``."""
+    path = Path(path)
+    refuse_out_over_inputs(path, inputs, flag)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name a file")
+    if path.exists() and not overwrite:
+        raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it")
+    return path
+
+
+def check_out_dir(
+    out: str | os.PathLike, overwrite: bool, inputs: Sequence[str | os.PathLike] = (), flag: str = "--out"
+) -> Path:
+    """Check, before any work, that the output folder ``out`` may be written: not over an input, and
+    replacing a non-empty folder only with ``overwrite``."""
     out = Path(out)
+    refuse_out_over_inputs(out, inputs, flag)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"{flag} {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{flag} {out} already exists and is not empty; pass --overwrite to replace it")
     return out
 
 
 @contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    out: str | os.PathLike, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
+) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``out``; it becomes ``out`` only if the block succeeds.
 
-    A non-empty ``out`` is refused before any work unless ``overwrite``; it is replaced only at the end,
-    so a failed run leaves the old folder as it was.
+    :func:`check_out_dir` runs first; an old ``out`` is replaced only at the end, so a failed or
+    killed run leaves it as it was.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+    out = check_out_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     make_public(tmp)
     try:
         yield tmp
         if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            # Renames only: a kill between them leaves the old folder whole beside its place.
+            previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, previous / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(previous)
+        else:
+            os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

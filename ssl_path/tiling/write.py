@@ -24,7 +24,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ssl_path.core.errors import UserError
-from ssl_path.core.io import atomic_path, prepare_out_dir, write_json
+from ssl_path.core.io import atomic_dir, atomic_path, check_out_dir, write_json
 from ssl_path.data.manifest import FORMAT, MANIFEST, SHARD_NAME
 from ssl_path.tiling.inputs import domain_labeler, find_inputs
 from ssl_path.tiling.params import CHUNK, PlanResult, Source, Tile, TilingParams
@@ -96,15 +96,20 @@ def make_shards(
     if not inputs:
         raise UserError("--data: no inputs given")
     files, skipped = find_inputs(inputs)
-    out = Path(out)
-    _refuse_out_over_inputs(out, inputs)
+    out = check_out_dir(out, overwrite, inputs)
     label = domain_labeler(params)
     sources = [Source(i, path, label(path)) for i, path in enumerate(files)]
     if not sources:
         raise UserError(f"--data {' '.join(map(str, inputs))}: no image files found")
     stain_normalizer(params.stain_norm, params.stain_reference, params.stain_strength)  # bad reference: fail now
-    out = prepare_out_dir(out, overwrite)
+    with atomic_dir(out, overwrite, inputs) as tmp:
+        return _write_shards(sources, skipped, tmp, params, progress)
 
+
+def _write_shards(
+    sources: Sequence[Source], skipped: list[dict[str, str]], out: Path, params: TilingParams, progress: bool
+) -> dict[str, Any]:
+    """Tile ``sources`` into ``out`` (a fresh folder) and write its manifest."""
     records: dict[int, dict[str, Any]] = {}
     writer = _ShardWriter(out, params.samples_per_shard)
     executor: Any = InProcess()
@@ -190,12 +195,3 @@ def _split_records(
             record["first_error"] = errors[0]
         used.append(record)
     return used, skipped
-
-
-def _refuse_out_over_inputs(out: Path, inputs: Sequence[str | Path]) -> None:
-    """``--overwrite`` empties ``out``: refuse an ``out`` that is, or holds, an input."""
-    target = out.resolve()
-    for item in inputs:
-        path = Path(item).resolve()
-        if path == target or target in path.parents:
-            raise UserError(f"--out {out} holds input {item}; choose another output folder")
