@@ -87,7 +87,7 @@ def dinov2_batch(cfg, batch_size: int, device: torch.device, patch: int) -> dict
 
 def dinov2_step_fn(arch: str, batch_size: int, device: torch.device, compile_: bool, bf16: bool):
     cfg = resolve_config(CONFIGS.get(arch, "dinov2_vits16"), [f"model.arch={arch}", "dinov2.photometric=workers"])
-    method = methods()["dinov2"].build(cfg.method_cfg, cfg.model, cfg.train.steps_per_epoch, 0, device).to(device)
+    method = methods()["dinov2"].build(cfg.method_cfg, cfg.model, cfg.train, 0, device).to(device)
     method.train()
     if compile_:
         method.compile_parts()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -88,34 +86,6 @@ def test_encoder_load_of_a_run_returns_the_teacher_backbone(tiles, tmp_path):
         assert torch.allclose(model.forward_features(images), teacher.forward_features(images), atol=1e-6)
         # dynamic_img_size travels with the encoder: another input size works too
         assert model.forward_features(torch.randn(1, 3, 96, 96)).shape == (1, 36 + 3, 64)
-
-
-def test_resume_after_sigkill_reaches_the_uninterrupted_weights(tiles, tmp_path):
-    common = ["--config", "dinov2_tiny_cpu", "--data", str(tiles), *TINY]
-    whole = _cli(*common, "--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
-
-    killed_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ssl_path.pretrain", "--no-progress", *common, "--out", str(killed_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed_dir / "checkpoints" / "last.pt"
-    deadline = time.time() + 180
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    step_at_kill = torch.load(last, weights_only=True)["step"]
-    assert 0 < step_at_kill < 8
-
-    resumed = _cli(*common, "--out", str(killed_dir))
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = _model_state(tmp_path / "whole"), _model_state(killed_dir)
-    assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel())
-    assert worst <= 1e-6
-    steps = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))  # steps redone after the kill are logged once
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tiles, tmp_path):
@@ -221,9 +191,11 @@ def _ddp_worker(rank: int, world: int, port: int, tiles: str, out: str, override
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
+# The method contract (tests/contracts) runs DDP with the tiny config's softmax centring; Sinkhorn-Knopp
+# all-reduces its own sums across ranks.
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp"])
 def test_ddp_with_two_gloo_processes_keeps_ranks_identical(tiles, tmp_path, centering):
-    port = 29500 + os.getpid() % 1000 + (centering == "softmax")
+    port = 29500 + os.getpid() % 1000
     mp.spawn(_ddp_worker, args=(2, port, str(tiles), str(tmp_path), [*TINY, f"dinov2.centering={centering}"]), nprocs=2)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)

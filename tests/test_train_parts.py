@@ -10,8 +10,10 @@ import timm
 from torch import nn
 
 from ssl_path.core.config import apply_overrides, from_dict
-from ssl_path.core.errors import UserError
-from ssl_path.training.config import OptimConfig
+from ssl_path.core.errors import ConfigError, UserError
+from ssl_path.methods.dinov2 import DINOv2Config
+from ssl_path.tiling import TilingParams
+from ssl_path.training.config import OptimConfig, TrainConfig
 from ssl_path.training.optim import param_groups, param_rule
 from ssl_path.training.schedules import cosine, linear_warmup, warmup_cosine
 
@@ -111,3 +113,19 @@ def test_config_overrides_convert_and_validate():
         apply_overrides({}, ["lr"])
     with pytest.raises(UserError, match="is a value, not a section"):
         apply_overrides({"lr": 1}, ["lr.x=2"])
+
+
+@pytest.mark.parametrize(
+    "build, words",
+    [
+        (lambda: from_dict(OptimConfig, {"lr_scaling": "cubic"}, "optim"), "optim: lr_scaling must be one of"),
+        (lambda: from_dict(OptimConfig, {"lr_reference_batch": 0}, "optim"), "optim: lr_reference_batch"),
+        (lambda: from_dict(TrainConfig, {"precision": "fp8"}, "train"), "train: precision must be one of"),
+        (lambda: from_dict(DINOv2Config, {"centering": "mean"}, "dinov2"), "dinov2: centering must be one of"),
+        (lambda: from_dict(DINOv2Config, {"crops": {"n_global": 0}}, "dinov2"), "dinov2.crops: multicrop needs"),
+        (lambda: TilingParams(tile_size=2), "--tile-size must be at least 8"),
+    ],
+)
+def test_every_config_refuses_a_bad_value_with_one_exception_type(build, words):
+    with pytest.raises(ConfigError, match=words):
+        build()

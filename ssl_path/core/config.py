@@ -16,7 +16,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-from ssl_path.core.errors import UserError
+from ssl_path.core.errors import ConfigError, UserError
 
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
@@ -80,8 +80,10 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     values = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
     try:
         return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{where}: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except TypeError as err:  # a required field without a value
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def to_dict(config: Any) -> Any:

@@ -16,6 +16,14 @@ class UserError(Exception):
     """An error the user caused and can fix; the message says what and where."""
 
 
+class ConfigError(UserError):
+    """A config value out of range, of the wrong type or not among its choices.
+
+    Every config dataclass raises it from ``__post_init__``; :func:`ssl_path.core.config.from_dict`
+    names the section (``optim: lr_scaling must be ...``).
+    """
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none), for a one-line error."""
     text = str(err).strip() or type(err).__name__

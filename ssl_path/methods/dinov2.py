@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_path.core.errors import UserError
+from ssl_path.core.errors import ConfigError, UserError
 from ssl_path.data.transforms import (
     MultiCropAugment,
     MultiCropConfig,
@@ -94,11 +94,11 @@ class DINOv2Config:
 
     def __post_init__(self) -> None:
         if self.centering not in CENTERINGS:
-            raise ValueError(f"centering must be one of {CENTERINGS}, not {self.centering!r}")
+            raise ConfigError(f"centering must be one of {CENTERINGS}, not {self.centering!r}")
         if self.photometric not in ("auto", "workers", "device"):
-            raise ValueError(f"photometric must be auto, workers or device, not {self.photometric!r}")
+            raise ConfigError(f"photometric must be auto, workers or device, not {self.photometric!r}")
         if self.crops.n_global < 2:
-            raise ValueError("DINOv2 needs at least 2 global crops")
+            raise ConfigError("DINOv2 needs at least 2 global crops")
 
 
 class DINOHead(nn.Module):

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssl_path.core.errors import UserError
+from ssl_path.core.errors import ConfigError
 from ssl_path.data.stain import METHODS as STAIN_METHODS
 from ssl_path.tiling.slides import (
     RESOLUTION_TOLERANCE,
@@ -74,16 +74,16 @@ class TilingParams:
         ]
         for ok, message in checks:
             if not ok:
-                raise UserError(message)
+                raise ConfigError(message)
         if self.domain_regex is not None:
             try:
                 re.compile(self.domain_regex)
             except re.error as err:
-                raise UserError(f"--domain-regex {self.domain_regex!r} is not a regular expression: {err}") from None
+                raise ConfigError(f"--domain-regex {self.domain_regex!r} is not a regular expression: {err}") from None
         if self.domain_csv is not None and not Path(self.domain_csv).is_file():
-            raise UserError(f"--domain-csv {self.domain_csv}: no such file")
+            raise ConfigError(f"--domain-csv {self.domain_csv}: no such file")
         if self.stain_norm is not None and not Path(str(self.stain_reference)).is_file():
-            raise UserError(f"--stain-reference {self.stain_reference}: no such file")
+            raise ConfigError(f"--stain-reference {self.stain_reference}: no such file")
 
     @property
     def step(self) -> int:

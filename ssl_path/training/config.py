@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ssl_path.core.errors import ConfigError
+
 LR_SCALINGS = ("sqrt", "linear", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 STRATEGIES = ("ddp", "fsdp")
@@ -32,9 +34,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr_scaling not in LR_SCALINGS:
-            raise ValueError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, not {self.lr_scaling!r}")
+            raise ConfigError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, not {self.lr_scaling!r}")
         if self.lr_reference_batch < 1:
-            raise ValueError(f"lr_reference_batch must be >= 1, not {self.lr_reference_batch}")
+            raise ConfigError(f"lr_reference_batch must be >= 1, not {self.lr_reference_batch}")
 
     def peak_lr(self, global_batch: int) -> float:
         ratio = global_batch / self.lr_reference_batch
@@ -58,11 +60,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+            raise ConfigError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
         if self.batch_size < 1 or self.steps_per_epoch < 1 or self.log_every < 1 or self.checkpoint_every < 1:
-            raise ValueError("batch_size, steps_per_epoch, log_every and checkpoint_every must be >= 1")
+            raise ConfigError("batch_size, steps_per_epoch, log_every and checkpoint_every must be >= 1")
 
     @property
     def total_steps(self) -> int:

@@ -84,6 +84,8 @@ def train(
     if dist_info.world_size > 1 and cfg.strategy == "ddp":
         step_fn = nn.parallel.DistributedDataParallel(task, broadcast_buffers=False)
 
+    if dist_info.is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
     batches = stream(start)
     log = MetricsLog(run_dir, resume_step=start) if dist_info.is_main else None
     bar = tqdm(total=end, initial=start, desc=desc, disable=not (progress and dist_info.is_main), dynamic_ncols=True)

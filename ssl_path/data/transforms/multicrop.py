@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import InterpolationMode
 
-from ssl_path.core.errors import UserError
+from ssl_path.core.errors import ConfigError
 from ssl_path.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageLike, as_rgb_tensor
 from ssl_path.data.stain import METHODS as STAIN_METHODS
 from ssl_path.data.transforms.geometric import crop_resize_orient, sample_crop_boxes
@@ -40,13 +40,13 @@ from ssl_path.data.transforms.stain import StainNormalize
 
 def _pair(value: Sequence[float], name: str, lo: float, hi: float) -> tuple[float, float]:
     if len(value) != 2 or not lo <= value[0] <= value[1] <= hi:
-        raise UserError(f"multicrop {name} must be two increasing numbers in [{lo}, {hi}], got {tuple(value)}")
+        raise ConfigError(f"multicrop {name} must be two increasing numbers in [{lo}, {hi}], got {tuple(value)}")
     return (float(value[0]), float(value[1]))
 
 
 def _probs(value: Sequence[float], name: str) -> tuple[float, ...]:
     if len(value) == 0 or not all(0.0 <= p <= 1.0 for p in value):
-        raise UserError(f"multicrop {name} must be one or more probabilities in [0, 1], got {tuple(value)}")
+        raise ConfigError(f"multicrop {name} must be one or more probabilities in [0, 1], got {tuple(value)}")
     return tuple(float(p) for p in value)
 
 
@@ -92,9 +92,9 @@ class MultiCropConfig:
 
     def __post_init__(self) -> None:
         if self.n_global < 1 or self.n_local < 0:
-            raise UserError(f"multicrop needs n_global >= 1 and n_local >= 0, got {self.n_global}, {self.n_local}")
+            raise ConfigError(f"multicrop needs n_global >= 1 and n_local >= 0, got {self.n_global}, {self.n_local}")
         if self.global_size < 8 or self.local_size < 8:
-            raise UserError(f"multicrop crop sizes must be >= 8 px, got {self.global_size}, {self.local_size}")
+            raise ConfigError(f"multicrop crop sizes must be >= 8 px, got {self.global_size}, {self.local_size}")
         object.__setattr__(self, "global_scale", _pair(self.global_scale, "global_scale", 1e-4, 1.0))
         object.__setattr__(self, "local_scale", _pair(self.local_scale, "local_scale", 1e-4, 1.0))
         object.__setattr__(self, "ratio", _pair(self.ratio, "ratio", 1e-2, 1e2))
@@ -106,22 +106,24 @@ class MultiCropConfig:
             _probs((getattr(self, name),), name)
         for name in ("brightness", "contrast", "saturation", "hed_sigma"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"multicrop {name} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"multicrop {name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.hue <= 0.5:
-            raise UserError(f"multicrop hue must be in [0, 0.5], got {self.hue}")
+            raise ConfigError(f"multicrop hue must be in [0, 0.5], got {self.hue}")
         if self.blur_kernel_size < 1 or self.blur_kernel_size % 2 == 0:
-            raise UserError(f"multicrop blur_kernel_size must be odd and positive, got {self.blur_kernel_size}")
+            raise ConfigError(f"multicrop blur_kernel_size must be odd and positive, got {self.blur_kernel_size}")
         if self.blur_kernel_size // 2 >= min(self.global_size, self.local_size):
-            raise UserError(f"multicrop blur_kernel_size {self.blur_kernel_size} is too large for the crop sizes")
+            raise ConfigError(f"multicrop blur_kernel_size {self.blur_kernel_size} is too large for the crop sizes")
         if self.interpolation not in ("bilinear", "bicubic"):
-            raise UserError(f"multicrop interpolation must be bilinear or bicubic, got {self.interpolation!r}")
+            raise ConfigError(f"multicrop interpolation must be bilinear or bicubic, got {self.interpolation!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise UserError(f"multicrop mean/std must be three numbers each, std > 0, got {self.mean}, {self.std}")
+            raise ConfigError(f"multicrop mean/std must be three numbers each, std > 0, got {self.mean}, {self.std}")
         if self.stain_norm is not None:
             if self.stain_norm not in STAIN_METHODS:
-                raise UserError(f"multicrop stain_norm must be one of {STAIN_METHODS} or None, got {self.stain_norm!r}")
+                raise ConfigError(
+                    f"multicrop stain_norm must be one of {STAIN_METHODS} or None, got {self.stain_norm!r}"
+                )
             if self.stain_reference is None:
-                raise UserError("multicrop stain_norm needs stain_reference (path of a reference image)")
+                raise ConfigError("multicrop stain_norm needs stain_reference (path of a reference image)")
 
 
 class MultiCropPhotometric(nn.Module):
