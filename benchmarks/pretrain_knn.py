@@ -32,8 +32,10 @@ sys.path.insert(0, str(REPO))
 
 from probes.features import extract_features  # noqa: E402
 from probes.knn import run_knn  # noqa: E402
+from ssl_path.data.manifest import MANIFEST, read_manifest  # noqa: E402
 from ssl_path.data.readers import read_amibr  # noqa: E402
 from ssl_path.encoder import encoder_state  # noqa: E402
+from ssl_path.encoder.checkpoint import checkpoint_path, read_checkpoint  # noqa: E402
 from ssl_path.methods.backbone import build_vit, encoder_kwargs  # noqa: E402
 from ssl_path.pretrain import resolve_config  # noqa: E402
 from ssl_path.tiling import TilingParams, make_shards  # noqa: E402
@@ -81,10 +83,10 @@ def main() -> int:
         f"AMi-Br: {len(train)} train patches ({len(train.groups())} slides), {len(test)} test patches ({len(test.groups())} slides)"
     )
     shards = args.out / "shards"
-    if not (shards / "manifest.json").exists():
+    if not (shards / MANIFEST).exists():
         inputs = [r.path for r in train.records] + [str(args.data_root / "monuseg_kumar_norm")]
         make_shards(inputs, shards, TilingParams(tile_size=128, stride=128, workers=2), progress=False)
-    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest = read_manifest(shards / MANIFEST)
     print(f"pretraining tiles: {manifest['total']}")
 
     run_dir = args.out / "run"
@@ -95,7 +97,7 @@ def main() -> int:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
     pretrain_s = time.perf_counter() - start
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(checkpoint_path(run_dir))
 
     refs = {"random init": str(random_init_checkpoint(args.out / "random_init.pt")), "dinov2_tiny_cpu": str(run_dir)}
     rows = {}

@@ -3,6 +3,9 @@
 They check the sets before an encoder is built, match test labels to the training classes by name,
 count train/test group overlap, print the metrics table, and hold the arguments, feature extraction
 and results.json writing that every probe command shares; ``probe`` only names the caller in messages.
+
+The command line ends at :func:`probe_request` (and :func:`feature_options`): past it, everything
+takes a :class:`ProbeRequest` of plain values, never the parsed ``Namespace``.
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from probes.features import DEFAULT_CACHE, POOLS, FeatureSet, extract_features
+from ssl_path.core.cli import add_device, add_out, add_overwrite, add_progress, add_seed, resolve_device
 from ssl_path.core.errors import UserError
-from ssl_path.data.readers import LabelledSet, read_spec
+from ssl_path.core.io import check_out_file
+from ssl_path.data.readers import LabelledSet, parse_spec, read_spec
+from ssl_path.encoder.refs import resolve as resolve_ref
+from ssl_path.evaluation.metrics import SCORES
 from ssl_path.evaluation.results import make_results, write_results
 from ssl_path.evaluation.splits import domain_folds, group_split
 
@@ -28,6 +35,10 @@ __all__ = [
     "format_table",
     "add_feature_arguments",
     "add_probe_arguments",
+    "FeatureOptions",
+    "ProbeRequest",
+    "feature_options",
+    "probe_request",
     "ProbeInputs",
     "probe_inputs",
     "probe_splits",
@@ -86,7 +97,7 @@ def format_table(rows: dict[str, dict[str, Any]], param: tuple[str, str, str] = 
     header_name, key, spec = param
     cells_param = [format(row[key], spec) for row in rows.values()]
     width = max([4, len(header_name), *(len(c) for c in cells_param)])
-    columns = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "cohen_kappa")
+    columns = SCORES
     name_width = max([10, *(len(name) + 2 for name in rows)])
     header = f"{'probe':<{name_width}}{header_name:>{width}}  " + "  ".join(f"{c:>17}" for c in columns)
     lines = [header]
@@ -113,14 +124,14 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     p.add_argument("--input-size", type=int, default=None, help="image side in pixels (default: the encoder's)")
     p.add_argument("--batch-size", type=int, default=64, help="(default %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+    add_device(p, default="cpu")
     p.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
         help="feature cache folder (default $SSL_PATH_CACHE or ~/.cache/ssl_path/features)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress(p)
     return p
 
 
@@ -150,10 +161,100 @@ def add_probe_arguments(parser: argparse.ArgumentParser, seed_help: str) -> argp
         default=0.2,
         help="with --split-by group: share of the images held out (default %(default)s)",
     )
-    p.add_argument("--out", type=Path, default=None, help="write results.json here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    add_out(p, help="write results.json here", required=False)
+    add_overwrite(p)
+    add_seed(p, help=seed_help)
     return p
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """How features are made: the encoder ref and the settings of :func:`probes.features.extract_features`.
+
+    ``cache_dir`` is a folder, ``DEFAULT_CACHE`` for the default one, or None for no cache.
+    """
+
+    ckpt: str
+    pool: str = "cls"
+    tta: bool = False
+    input_size: int | None = None
+    batch_size: int = 64
+    workers: int = 0
+    device: str = "cpu"
+    cache_dir: Any = DEFAULT_CACHE
+    progress: bool = True
+
+    def extract(self, data: LabelledSet) -> FeatureSet:
+        return extract_features(
+            self.ckpt,
+            data,
+            pool=self.pool,
+            tta=self.tta,
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            device=self.device,
+            input_size=self.input_size,
+            cache_dir=self.cache_dir,
+            progress=self.progress,
+        )
+
+    def inputs(self) -> list[Path]:
+        """The checkpoint, run directory or exported folder the ref names, if any (an output must spare it)."""
+        if resolve_ref(self.ckpt).kind in ("timm", "hf-hub"):
+            return []
+        return [Path(self.ckpt).expanduser()]
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What a probe command asked for: the sets (SPECs), how to split them, the features, the output."""
+
+    train: str
+    features: FeatureOptions
+    test: str | None = None
+    leave_one_domain_out: bool = False
+    split_by: str | None = None
+    test_fraction: float = 0.2
+    seed: int = 0
+    out: Path | None = None
+    overwrite: bool = False
+
+    def inputs(self) -> list[Path]:
+        """Every file or folder the probe reads, which no output may replace or lie inside."""
+        specs = [s for s in (self.train, self.test) if s is not None]
+        return [*(Path(parse_spec(s).path) for s in specs), *self.features.inputs()]
+
+
+def feature_options(args: argparse.Namespace) -> FeatureOptions:
+    """The parsed :func:`add_feature_arguments`, as plain values; a bad device or ref fails here, before any work."""
+    resolve_device(args.device)
+    resolve_ref(args.ckpt)
+    return FeatureOptions(
+        ckpt=args.ckpt,
+        pool=args.pool,
+        tta=args.tta,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        cache_dir=DEFAULT_CACHE if args.cache_dir is None else args.cache_dir,
+        progress=not args.no_progress,
+    )
+
+
+def probe_request(args: argparse.Namespace) -> ProbeRequest:
+    """The parsed :func:`add_probe_arguments`, as the plain values the probe functions take."""
+    return ProbeRequest(
+        train=args.train,
+        features=feature_options(args),
+        test=args.test,
+        leave_one_domain_out=args.leave_one_domain_out,
+        split_by=args.split_by,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        out=args.out,
+        overwrite=args.overwrite,
+    )
 
 
 @dataclass(frozen=True)
@@ -171,40 +272,46 @@ class ProbeInputs:
     name: str = ""
 
 
-def probe_inputs(args: argparse.Namespace, probe: str) -> ProbeInputs:
-    """Check ``--out`` and the sets, then extract (or reuse cached) features of both."""
-    _refuse_existing_out(args)
-    if args.test is None:
+def probe_inputs(
+    request: ProbeRequest, probe: str, also_writes: Callable[[Sequence[str]], Sequence[Path]] | None = None
+) -> ProbeInputs:
+    """Check the outputs and the sets, then extract (or reuse cached) features of both."""
+    _check_outputs(request, [""], also_writes)
+    if request.test is None:
         raise UserError("--test SPEC is required (or --leave-one-domain-out, or --split-by group)")
-    train_data, test_data = read_spec(args.train), read_spec(args.test)
-    check_sets(train_data, test_data, args.train, args.test, probe=probe)
-    train, test = _features(args, train_data), _features(args, test_data)
+    train_data, test_data = read_spec(request.train), read_spec(request.test)
+    check_sets(train_data, test_data, request.train, request.test, probe=probe)
+    train, test = request.features.extract(train_data), request.features.extract(test_data)
     shared = shared_groups(train, test)
     if shared:
         print(f"warning: {shared} groups (slides/patients) have images in both train and test", file=sys.stderr)
     return ProbeInputs(train_data, test_data, train, test, shared)
 
 
-def probe_splits(args: argparse.Namespace, probe: str) -> tuple[list[ProbeInputs], dict[str, Any]]:
+def probe_splits(
+    request: ProbeRequest, probe: str, also_writes: Callable[[Sequence[str]], Sequence[Path]] | None = None
+) -> tuple[list[ProbeInputs], dict[str, Any]]:
     """The train/test pairs a probe command asked for, and the ``split`` entry of its results.json.
 
     ``--test SPEC``: one given pair. ``--split-by group``: one pair carved from ``--train`` in whole
     groups. ``--leave-one-domain-out``: one pair per domain of ``--train``. Features of ``--train`` are
-    extracted once and split, never re-extracted.
+    extracted once and split, never re-extracted. ``also_writes(names)``: the files the caller will
+    write besides ``--out`` for splits of these names; they are checked with it, before any features.
     """
-    carved = args.leave_one_domain_out or args.split_by is not None
-    if args.leave_one_domain_out and args.split_by is not None:
+    carved = request.leave_one_domain_out or request.split_by is not None
+    if request.leave_one_domain_out and request.split_by is not None:
         raise UserError("--leave-one-domain-out and --split-by are two ways to make a test set; give one")
-    if carved and args.test is not None:
+    if carved and request.test is not None:
         raise UserError("--test is given, so there is nothing to carve: drop --leave-one-domain-out / --split-by")
     if not carved:
-        return [probe_inputs(args, probe)], {}
-    _refuse_existing_out(args)
-    data = read_spec(args.train)
-    check_sets(data, data, args.train, args.train, probe=probe)
-    if args.leave_one_domain_out:
+        return [probe_inputs(request, probe, also_writes)], {}
+    _check_outputs(request, [], None)
+    data = read_spec(request.train)
+    check_sets(data, data, request.train, request.train, probe=probe)
+    if request.leave_one_domain_out:
         folds = domain_folds([r.domain for r in data.records])  # before the encoder is built
-        features = _features(args, data)
+        _check_outputs(request, [domain for domain, _, _ in folds], also_writes)
+        features = request.features.extract(data)
         splits = []
         for domain, train_idx, test_idx in folds:
             train, test = features.select(train_idx), features.select(test_idx)
@@ -216,13 +323,15 @@ def probe_splits(args: argparse.Namespace, probe: str) -> tuple[list[ProbeInputs
             for s in splits
         ]
         return splits, {"method": "leave-one-domain-out", "folds": folds_info}
-    train_idx, test_idx = group_split(data.targets(), [r.group for r in data.records], args.test_fraction, args.seed)
-    features = _features(args, data)
+    _check_outputs(request, [""], also_writes)
+    groups = [r.group for r in data.records]
+    train_idx, test_idx = group_split(data.targets(), groups, request.test_fraction, request.seed)
+    features = request.features.extract(data)
     train, test = features.select(train_idx), features.select(test_idx)
     split = {
         "method": "group",
-        "test_fraction": args.test_fraction,
-        "seed": args.seed,
+        "test_fraction": request.test_fraction,
+        "seed": request.seed,
         "train_groups": len(set(train.groups)),
         "test_groups": len(set(test.groups)),
     }
@@ -234,30 +343,22 @@ def prefixed(name: str, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
     return {f"{name}/{key}" if name else key: row for key, row in rows.items()}
 
 
-def _refuse_existing_out(args: argparse.Namespace) -> None:
-    # Before spending minutes on features.
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise UserError(f"--out {args.out} already exists; pass --overwrite to replace it")
-
-
-def _features(args: argparse.Namespace, data: LabelledSet) -> FeatureSet:
-    return extract_features(
-        args.ckpt,
-        data,
-        pool=args.pool,
-        tta=args.tta,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=args.device,
-        input_size=args.input_size,
-        cache_dir=DEFAULT_CACHE if args.cache_dir is None else args.cache_dir,
-        progress=not args.no_progress,
-    )
+def _check_outputs(
+    request: ProbeRequest, names: Sequence[str], also_writes: Callable[[Sequence[str]], Sequence[Path]] | None
+) -> None:
+    # Before spending minutes on features: every file the run will write, none over what it reads.
+    inputs = request.inputs()
+    if request.out is not None:
+        check_out_file(request.out, request.overwrite, inputs)
+    for path in also_writes(names) if also_writes is not None else ():
+        check_out_file(path, request.overwrite, inputs, flag="")
 
 
 def report(
-    args: argparse.Namespace,
+    request: ProbeRequest,
     probe: str,
+    task: str,
+    title: str,
     inputs: ProbeInputs,
     rows: dict[str, dict[str, Any]],
     table: str,
@@ -265,7 +366,8 @@ def report(
     config: dict[str, Any],
     seeds: Sequence[int] | None = None,
 ) -> None:
-    """Print the table and, with ``--out``, write the probe's results.json (``seeds``: default ``[--seed]``)."""
+    """Print the table and, with ``--out``, write the probe's results.json, stating its task and title
+    (see :mod:`ssl_path.evaluation.results`); ``seeds`` default to ``[--seed]``."""
     train, test = inputs.train, inputs.test
     folds = split.get("folds")
     sizes = (
@@ -273,13 +375,15 @@ def report(
         if folds
         else f"train {len(train)} | test {len(test)}"
     )
-    print(f"{args.ckpt} | {sizes} | classes {', '.join(train.classes)}")
+    print(f"{request.features.ckpt} | {sizes} | classes {', '.join(train.classes)}")
     print(table)
-    if args.out is None:
+    if request.out is None:
         return
     results = make_results(
         probe=probe,
-        encoder={"ref": args.ckpt, "hash": train.encoder_hash},
+        task=task,
+        title=title,
+        encoder={"ref": request.features.ckpt, "hash": train.encoder_hash},
         dataset={
             "train": inputs.train_data.source,
             "test": inputs.test_data.source,
@@ -289,17 +393,23 @@ def report(
             "train_data_hash": train.data_hash,
             "test_data_hash": test.data_hash,
         },
-        split={"method": "given", "train": args.train, "test": args.test, "shared_groups": inputs.shared, **split},
-        seeds=list(seeds) if seeds is not None else [args.seed],
+        split={
+            "method": "given",
+            "train": request.train,
+            "test": request.test,
+            "shared_groups": inputs.shared,
+            **split,
+        },
+        seeds=list(seeds) if seeds is not None else [request.seed],
         metrics=rows,
         config={
             **config,
-            "pool": args.pool,
-            "tta": args.tta,
+            "pool": request.features.pool,
+            "tta": request.features.tta,
             "input_size": train.input_size,
-            "batch_size": args.batch_size,
-            "device": args.device,
+            "batch_size": request.features.batch_size,
+            "device": request.features.device,
         },
     )
-    write_results(args.out, results, overwrite=args.overwrite)
-    print(f"wrote {args.out}")
+    write_results(request.out, results, overwrite=request.overwrite)
+    print(f"wrote {request.out}")

@@ -24,11 +24,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from probes.common import add_feature_arguments
-from probes.features import DEFAULT_CACHE, FeatureSet, extract_features
+from probes.common import add_feature_arguments, feature_options
+from probes.features import FeatureSet
+from ssl_path.core.cli import Parser, add_out, add_overwrite, add_seed, make_parser
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_dir, atomic_path, check_out_dir, write_json
-from ssl_path.data.readers import read_spec
+from ssl_path.data.readers import parse_spec, read_spec
+from ssl_path.evaluation.features import l2_normalize
 
 __all__ = [
     "METHODS",
@@ -36,7 +38,6 @@ __all__ = [
     "MIN_MAX_POINTS",
     "MIN_IMAGES",
     "subsample",
-    "l2_normalize",
     "reduce_dims",
     "clamp_perplexity",
     "clamp_neighbors",
@@ -91,12 +92,6 @@ def subsample(labels: Sequence[int] | np.ndarray, max_points: int, seed: int) ->
         rng.choice(np.flatnonzero(labels == value), size=int(q), replace=False) for value, q in zip(values, quotas)
     ]
     return np.sort(np.concatenate(picked))
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (float64); zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def reduce_dims(x: np.ndarray, dims: int = PCA_DIMS, seed: int = 0) -> np.ndarray:
@@ -222,14 +217,13 @@ def write_coordinates(path: Path, feats: FeatureSet, maps: dict[str, np.ndarray]
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m probes.embed",
-        description="t-SNE / UMAP maps of a frozen encoder's features, coloured by label and by domain.",
+def build_parser() -> Parser:
+    p = make_parser(
+        "python -m probes.embed",
+        "t-SNE / UMAP maps of a frozen encoder's features, coloured by label and by domain.",
     )
     p.add_argument("--data", required=True, metavar="SPEC", help="the set to map, e.g. amibr:DATA")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    # No argparse choices: its error is a usage block, not the one line every bad input gets here.
+    add_out(p, help="output folder", metavar="DIR")
     p.add_argument(
         "--methods",
         nargs="+",
@@ -243,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=5000,
         help=f"sub-sample per label to at most this many points, >= {MIN_MAX_POINTS} (default %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="sub-sampling, PCA, t-SNE and UMAP seed (default %(default)s)")
+    add_seed(p, help="sub-sampling, PCA, t-SNE and UMAP seed (default %(default)s)")
     p.add_argument(
         "--perplexity",
         type=float,
@@ -256,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=15,
         help="UMAP n_neighbors, lowered to n-1 for small sets (default %(default)s)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_overwrite(p)
     return add_feature_arguments(p)
 
 
@@ -277,6 +271,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     methods = _check_args(args)
+    options = feature_options(args)
     # Everything that can be refused is refused before minutes go into features.
     data = read_spec(args.data)
     if len(data) < MIN_IMAGES:
@@ -284,20 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_labels = len({label for label in data.labels()})
     if n_labels > args.max_points:
         raise UserError(f"--max-points {args.max_points} is fewer than the {n_labels} labels, which are all kept")
-    check_out_dir(args.out, args.overwrite, [args.data])
+    inputs = [Path(parse_spec(args.data).path), *options.inputs()]
+    check_out_dir(args.out, args.overwrite, inputs)
 
-    feats = extract_features(
-        args.ckpt,
-        data,
-        pool=args.pool,
-        tta=args.tta,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=args.device,
-        input_size=args.input_size,
-        cache_dir=DEFAULT_CACHE if args.cache_dir is None else args.cache_dir,
-        progress=not args.no_progress,
-    )
+    feats = options.extract(data)
     kept = feats.select(subsample(feats.labels, args.max_points, args.seed))
     n = len(kept)
     x = reduce_dims(l2_normalize(kept.features), PCA_DIMS, args.seed)
@@ -313,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for method in methods:
         maps[method] = tsne_map(x, perplexity, args.seed) if method == "tsne" else umap_map(x, neighbors, args.seed)
 
-    with atomic_dir(args.out, args.overwrite, [args.data]) as out:
+    with atomic_dir(args.out, args.overwrite, inputs) as out:
         labels, domains = category_names(kept)
         for method, coords in maps.items():
             title = f"{method} of {args.ckpt} on {data.name} (n={n})"

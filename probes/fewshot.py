@@ -21,11 +21,11 @@ and evaluated on the whole TEST set, and this is repeated over several seeds:
     their mean as that seed's value.
 
 Each row, keyed ``"<regime>_<value>/<probe>"`` (e.g. ``"fraction_0.1/knn"``, ``"shots_4/prototype"``),
-holds for balanced accuracy, AUROC, macro F1 and accuracy the mean over seeds, the sample standard
-deviation and a 95 % confidence interval from the t-distribution with ``n_seeds - 1`` degrees of freedom
-(as computed, not clipped to [0, 1]), plus the per-seed values. A learning-curve PNG (balanced accuracy against label fraction and shots, one
-line per probe, the 95 % CI shaded) is written beside ``--out`` as ``fewshot_curves.png``, or in the
-current directory without ``--out``.
+holds for each score of :data:`ssl_path.evaluation.metrics.SCORES` the mean over seeds, the sample
+standard deviation and a 95 % confidence interval from the t-distribution with ``n_seeds - 1`` degrees
+of freedom (:mod:`ssl_path.evaluation.stats`), plus the per-seed values. A learning-curve PNG
+(balanced accuracy against label fraction and shots, one line per probe, the 95 % CI shaded) is
+written beside ``--out`` as ``fewshot_curves.png``, or in the current directory without ``--out``.
 
     python -m probes.fewshot --ckpt REF --train SPEC --test SPEC [--fractions 0.01 0.1 0.5 1.0]
         [--shots 1 2 4 8 16 32] [--seeds 5] [--probes knn linear prototype] [--episodes 100] [--out results.json]
@@ -36,35 +36,38 @@ The seeds are ``--seed`` .. ``--seed + --seeds - 1`` (default 0..4).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import stats
 
 from probes.common import (
     add_probe_arguments,
     align_labels,
     prefixed,
+    probe_request,
     probe_splits,
     report,
 )
 from probes.features import FeatureSet
-from probes.knn import DEFAULT_TEMPERATURE, knn_predict, l2_normalize
-from probes.linear import DEFAULT_C_GRID, DEFAULT_VAL_FRACTION, fit_probe, run_linear
+from probes.knn import DEFAULT_TEMPERATURE, knn_predict
+from probes.linear import DEFAULT_C_GRID, DEFAULT_VAL_FRACTION, class_probabilities, fit_probe, run_linear
+from ssl_path.core.cli import Parser, make_parser
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path
-from ssl_path.evaluation.metrics import classification_metrics
+from ssl_path.evaluation.features import l2_normalize
+from ssl_path.evaluation.metrics import SCORES, classification_metrics
+from ssl_path.evaluation.splits import group_ids, n_folds
+from ssl_path.evaluation.stats import aggregate, summarize
 
 __all__ = [
+    "TITLE",
     "DEFAULT_FRACTIONS",
     "DEFAULT_SHOTS",
     "DEFAULT_SEEDS",
     "DEFAULT_EPISODES",
     "PROBES",
-    "METRICS",
     "KNN_K",
     "FIXED_C",
     "CURVES_NAME",
@@ -72,8 +75,6 @@ __all__ = [
     "prototype_predict",
     "can_validate",
     "probe_subset",
-    "summarize",
-    "aggregate",
     "run_fewshot",
     "format_curves",
     "plot_curves",
@@ -82,12 +83,12 @@ __all__ = [
     "main",
 ]
 
+TITLE = "few-label probes (frozen encoder)"
 DEFAULT_FRACTIONS = (0.01, 0.1, 0.5, 1.0)
 DEFAULT_SHOTS = (1, 2, 4, 8, 16, 32)
 DEFAULT_SEEDS = 5
 DEFAULT_EPISODES = 100
 PROBES = ("knn", "linear", "prototype")
-METRICS = ("balanced_accuracy", "auroc", "macro_f1", "accuracy")  # the scores a few-label curve shows
 KNN_K = 20
 FIXED_C = 1.0
 CURVES_NAME = "fewshot_curves.png"
@@ -154,8 +155,8 @@ def prototype_predict(
     train = np.asarray(train_feats, dtype=np.float64)
     labels = np.asarray(train_labels, dtype=np.int64)
     centre = train.mean(axis=0, keepdims=True)
-    train = l2_normalize(train - centre).astype(np.float64)
-    test = l2_normalize(np.asarray(test_feats, dtype=np.float64) - centre).astype(np.float64)
+    train = l2_normalize(train - centre)
+    test = l2_normalize(np.asarray(test_feats, dtype=np.float64) - centre)
     dist = np.full((len(test), n_classes), np.inf)
     for c in np.unique(labels):
         proto = train[labels == c].mean(axis=0)
@@ -176,16 +177,12 @@ def can_validate(labels: np.ndarray, groups: Sequence[str | None], val_fraction:
     counts = np.bincount(labels)[np.unique(labels)]
     if len(counts) == 0 or counts.min() < 2:
         return False
-    named = [g for g in groups if g is not None]
-    if not named:
+    if all(g is None for g in groups):
         return True
     for c in np.unique(labels):
         if len({groups[i] for i in np.flatnonzero(labels == c)}) < 2:
             return False
-    # As linear.validation_split counts them: an ungrouped row is a group of its own.
-    n_groups = len(set(named)) + (len(groups) - len(named))
-    n_splits = min(max(2, round(1 / val_fraction)), n_groups)
-    return bool(counts.min() >= n_splits)
+    return bool(counts.min() >= n_folds(val_fraction, len(np.unique(group_ids(groups)))))
 
 
 def _linear_row(
@@ -200,9 +197,7 @@ def _linear_row(
             # (ValueError): one small subset must not end a long run; use the fixed C below.
             pass
     pipe = fit_probe(train.features, train.labels, FIXED_C)
-    # predict_proba only has columns for the classes fitted on; widen to all of them.
-    probs = np.zeros((len(test), len(train.classes)))
-    probs[:, pipe.classes_] = pipe.predict_proba(np.asarray(test.features, dtype=np.float64))
+    probs = class_probabilities(pipe, test.features, len(train.classes))
     row = classification_metrics(y_true, probs.argmax(axis=1), probs, classes=train.classes)
     return {**row, "c": FIXED_C, "c_selection": "fixed"}
 
@@ -229,45 +224,6 @@ def probe_subset(
     if probe == "linear":
         return _linear_row(train, test, y_true, c_grid, val_fraction, seed)
     raise UserError(f"unknown probe {probe!r}; choose from {', '.join(PROBES)}")
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def _mean_or_none(values: Sequence[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(np.mean(kept)) if kept else None
-
-
-def summarize(values: Sequence[float | None], confidence: float = 0.95) -> dict[str, Any]:
-    """Mean, sample std (ddof 1) and the two-sided t confidence interval of per-seed values.
-
-    None values (e.g. AUROC of a test set missing a class) are left out and ``n`` counts the rest;
-    std and CI need two values and are None otherwise.
-    """
-    kept = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    n = len(kept)
-    if n == 0:
-        return {"mean": None, "std": None, "ci95": None, "n": 0}
-    mean = float(kept.mean())
-    if n < 2:
-        return {"mean": mean, "std": None, "ci95": None, "n": 1}
-    std = float(kept.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": n}
-
-
-def aggregate(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One row from per-seed metric dicts: ``<metric>`` (the mean), ``<metric>_std``, ``<metric>_ci95``
-    for each of :data:`METRICS`, the per-seed values under ``per_seed`` and ``n_seeds``."""
-    row: dict[str, Any] = {"n_seeds": len(per_seed)}
-    for metric in METRICS:
-        summary = summarize([r.get(metric) for r in per_seed])
-        row[metric] = summary["mean"]
-        row[f"{metric}_std"] = summary["std"]
-        row[f"{metric}_ci95"] = summary["ci95"]
-    row["per_seed"] = {metric: [r.get(metric) for r in per_seed] for metric in METRICS}
-    return row
 
 
 # ----------------------------------------------------------------------------- the curves
@@ -316,7 +272,7 @@ def run_fewshot(
             for seed in seeds:
                 if probe == "prototype" and regime == "shots":
                     runs = [probe_subset(probe, subset(_episode_seed(seed, e)), test, y_true) for e in range(episodes)]
-                    per_seed.append({m: _mean_or_none([r[m] for r in runs]) for m in METRICS})
+                    per_seed.append({s: summarize([r[s] for r in runs])["mean"] for s in SCORES})
                     sizes.append(len(subset(seed)))
                     continue
                 part = subset(seed)
@@ -347,22 +303,22 @@ def run_fewshot(
 
 
 def format_curves(rows: dict[str, dict[str, Any]]) -> str:
-    """A fixed-width table: each row's mean and 95 % CI half-width of the four metrics."""
+    """A fixed-width table: each row's mean and 95 % CI half-width of every score."""
     name_width = max([4, *(len(name) for name in rows)])
-    width = max(len(m) for m in METRICS)
+    width = max(len(s) for s in SCORES)
 
-    def cell(row: dict[str, Any], metric: str) -> str:
-        mean, ci = row[metric], row[f"{metric}_ci95"]
+    def cell(row: dict[str, Any], score: str) -> str:
+        mean, ci = row[score], row[f"{score}_ci95"]
         if mean is None:
             return f"{'-':>{width}}"
         half = "" if ci is None else f"±{(ci[1] - ci[0]) / 2:.3f}"
         return f"{mean:.3f}{half:>7}".rjust(width)
 
-    header = f"{'row':<{name_width}}  {'n_train':>8}  " + "  ".join(f"{m:>{width}}" for m in METRICS)
+    header = f"{'row':<{name_width}}  {'n_train':>8}  " + "  ".join(f"{s:>{width}}" for s in SCORES)
     lines = [header]
     for name, row in rows.items():
         n = f"{np.mean(row['n_train']):.0f}"
-        lines.append(f"{name:<{name_width}}  {n:>8}  " + "  ".join(cell(row, m) for m in METRICS))
+        lines.append(f"{name:<{name_width}}  {n:>8}  " + "  ".join(cell(row, s) for s in SCORES))
     return "\n".join(lines)
 
 
@@ -421,10 +377,10 @@ def plot_curves(rows: dict[str, dict[str, Any]], path: Path, title: str = "") ->
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m probes.fewshot",
-        description="Label-efficiency curves of a frozen encoder: kNN, linear and prototype probes on "
+def build_parser() -> Parser:
+    p = make_parser(
+        "python -m probes.fewshot",
+        "Label-efficiency curves of a frozen encoder: kNN, linear and prototype probes on "
         "stratified subsets of the training set (label fractions and k shots per class).",
     )
     p.add_argument(
@@ -499,9 +455,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--c-grid values must be > 0, got {bad}")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
-    png = curves_path(args.out)
-    if args.out is not None and png.exists() and not args.overwrite:
-        raise UserError(f"{png} already exists; pass --overwrite to replace it")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -512,7 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     shots = sorted(set(args.shots))
     probes = list(dict.fromkeys(args.probes))
     seeds = list(range(args.seed, args.seed + args.seeds))
-    splits, split_info = probe_splits(args, probe="few-shot probe")
+    request = probe_request(args)
+    # The curve PNGs are outputs like --out: refused without --overwrite, before any features.
+    splits, split_info = probe_splits(
+        request, "few-shot probe", also_writes=lambda names: [curves_path(request.out, n) for n in names]
+    )
     rows: dict[str, dict[str, Any]] = {}
     curves: list[tuple[str, dict[str, dict[str, Any]]]] = []
     for inputs in splits:
@@ -545,10 +502,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ci": "95% t-distribution over seeds",
     }
     split = {**split_info, "subsets": "stratified draws from train only", "n_seeds": len(seeds)}
-    report(args, "fewshot", splits[0], rows, format_curves(rows), split, config, seeds=seeds)
+    report(
+        request,
+        "fewshot",
+        "image-classification",
+        TITLE,
+        splits[0],
+        rows,
+        format_curves(rows),
+        split,
+        config,
+        seeds=seeds,
+    )
     for name, split_rows in curves:
         title = f"{args.ckpt}, {name} left out" if name else str(args.ckpt)
-        png = plot_curves(split_rows, curves_path(args.out, name), title=title)
+        png = plot_curves(split_rows, curves_path(request.out, name), title=title)
         print(f"wrote {png}")
     return 0
 

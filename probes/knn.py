@@ -20,7 +20,6 @@ the two share is reported, never corrected.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any, Sequence
 
@@ -33,19 +32,22 @@ from probes.common import (
     check_sets,
     format_table,
     prefixed,
+    probe_request,
     probe_splits,
     report,
     shared_groups,
 )
 from probes.features import FeatureSet
+from ssl_path.core.cli import Parser, make_parser
 from ssl_path.core.errors import UserError, run_cli
+from ssl_path.evaluation.features import l2_normalize
 from ssl_path.evaluation.metrics import classification_metrics
 
 __all__ = [
+    "TITLE",
     "DEFAULT_KS",
     "DEFAULT_TEMPERATURE",
     "UNI_K",
-    "l2_normalize",
     "search",
     "build_index",
     "knn_predict",
@@ -61,19 +63,13 @@ __all__ = [
     "main",
 ]
 
+TITLE = "kNN probe (frozen encoder)"
 DEFAULT_KS = (10, 20, 50)
 DEFAULT_TEMPERATURE = 0.07
 UNI_K = 20
 INDEXES = ("flat", "hnsw", "ivf")
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 IVF_NPROBE = 16
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, float32 C-contiguous as faiss wants; zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 def build_index(train: np.ndarray, kind: str = "flat") -> faiss.Index:
@@ -240,10 +236,10 @@ def run_knn(
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m probes.knn",
-        description="kNN probe of a frozen encoder (DINO weighted vote at each k, and UNI's 20-NN majority vote).",
+def build_parser() -> Parser:
+    p = make_parser(
+        "python -m probes.knn",
+        "kNN probe of a frozen encoder (DINO weighted vote at each k, and UNI's 20-NN majority vote).",
     )
     p.add_argument(
         "--k", type=int, nargs="+", default=list(DEFAULT_KS), help="neighbours for the DINO kNN (default 10 20 50)"
@@ -271,14 +267,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--temperature must be > 0, got {args.temperature}")
     if any(k < 1 for k in args.k):
         raise UserError(f"--k values must be >= 1, got {args.k}")
-    splits, split_info = probe_splits(args, probe="kNN")
+    request = probe_request(args)
+    splits, split_info = probe_splits(request, probe="kNN")
     rows: dict[str, dict[str, Any]] = {}
     for inputs in splits:
         split_rows = run_knn(inputs.train, inputs.test, args.k, args.temperature, args.index, args.ordinal)
         rows.update(prefixed(inputs.name, split_rows))
     report(
-        args,
+        request,
         "knn",
+        "image-classification",
+        TITLE,
         splits[0],
         rows,
         format_table(rows),

@@ -17,7 +17,6 @@ Train and test are data SPECs, as for :mod:`probes.knn`; the groups the two shar
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from typing import Any, Sequence
@@ -35,42 +34,33 @@ from probes.common import (
     align_labels,
     format_table,
     prefixed,
+    probe_request,
     probe_splits,
     report,
 )
 from probes.features import FeatureSet
+from ssl_path.core.cli import Parser, make_parser
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.evaluation.metrics import classification_metrics
+from ssl_path.evaluation.splits import group_ids, n_folds
 
 __all__ = [
+    "TITLE",
     "DEFAULT_C_GRID",
     "DEFAULT_VAL_FRACTION",
     "MAX_ITER",
     "validation_split",
     "fit_probe",
+    "class_probabilities",
     "run_linear",
     "build_parser",
     "main",
 ]
 
+TITLE = "linear probe (frozen encoder)"
 DEFAULT_C_GRID = tuple(10.0**e for e in range(-4, 3))  # 1e-4 ... 1e2, as exact decimals
 DEFAULT_VAL_FRACTION = 0.2
 MAX_ITER = 1000
-
-
-def _group_ids(groups: Sequence[str | None]) -> np.ndarray | None:
-    """Integer group ids, or None when no row has a group; a row without one is a group of its own."""
-    if all(g is None for g in groups):
-        return None
-    names = {g: i for i, g in enumerate(dict.fromkeys(g for g in groups if g is not None))}
-    ids = np.empty(len(groups), dtype=np.int64)
-    next_id = len(names)
-    for i, g in enumerate(groups):
-        if g is None:
-            ids[i], next_id = next_id, next_id + 1
-        else:
-            ids[i] = names[g]
-    return ids
 
 
 def validation_split(
@@ -85,11 +75,11 @@ def validation_split(
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     labels = np.asarray(labels)
     rows = np.arange(len(labels))
-    ids = _group_ids(groups)
-    if ids is not None and len(np.unique(ids)) >= 2:
-        # K folds hold out ~1/K of the images each; the first fold is the validation part.
-        n_splits = min(max(2, round(1 / val_fraction)), len(np.unique(ids)))
-        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    ids = group_ids(groups)
+    n_groups = len(np.unique(ids))
+    if any(g is not None for g in groups) and n_groups >= 2:
+        # The first fold is the validation part.
+        splitter = StratifiedGroupKFold(n_splits=n_folds(val_fraction, n_groups), shuffle=True, random_state=seed)
         with warnings.catch_warnings():
             # "The least populated class has only N members": expected on small sets, the split stays grouped.
             warnings.simplefilter("ignore", UserWarning)
@@ -125,8 +115,9 @@ def _converged(pipe: Pipeline, max_iter: int = MAX_ITER) -> bool:
     return bool(np.max(pipe.named_steps["logreg"].n_iter_) < max_iter)
 
 
-def _full_probs(pipe: Pipeline, features: np.ndarray, n_classes: int) -> np.ndarray:
-    """predict_proba widened to all ``n_classes`` columns (a class absent from the fit rows gets 0)."""
+def class_probabilities(pipe: Pipeline, features: np.ndarray, n_classes: int) -> np.ndarray:
+    """``pipe.predict_proba`` widened to all ``n_classes`` columns: a class absent from the rows it was
+    fitted on (a small few-label subset) gets probability 0, so the columns stay the class ids."""
     probs = np.zeros((len(features), n_classes))
     probs[:, pipe.classes_] = pipe.predict_proba(np.asarray(features, dtype=np.float64))
     return probs
@@ -172,7 +163,7 @@ def run_linear(
     # max() keeps the first best, i.e. the smallest C among ties (grid is ascending).
     best = max(grid, key=lambda c: val_scores[repr(c)])
     final = fit_probe(train.features, train.labels, best)
-    probs = _full_probs(final, test.features, len(classes))
+    probs = class_probabilities(final, test.features, len(classes))
     row: dict[str, Any] = {
         "protocol": "linear",
         "c": best,
@@ -189,10 +180,10 @@ def run_linear(
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m probes.linear",
-        description="Linear probe of a frozen encoder (logistic regression, C chosen on a grouped validation split).",
+def build_parser() -> Parser:
+    p = make_parser(
+        "python -m probes.linear",
+        "Linear probe of a frozen encoder (logistic regression, C chosen on a grouped validation split).",
     )
     p.add_argument(
         "--c-grid",
@@ -223,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--c-grid values must be > 0, got {bad}")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
-    splits, split = probe_splits(args, probe="linear probe")
+    request = probe_request(args)
+    splits, split = probe_splits(request, probe="linear probe")
     rows: dict[str, dict[str, Any]] = {}
     for inputs in splits:
         row = run_linear(inputs.train, inputs.test, args.c_grid, args.val_fraction, args.seed, args.ordinal)
@@ -248,7 +240,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "standardize": True,
         "ordinal": args.ordinal,
     }
-    report(args, "linear", inputs, rows, format_table(rows, ("C", "c", ".0e")), split, config)
+    report(
+        request,
+        "linear",
+        "image-classification",
+        TITLE,
+        inputs,
+        rows,
+        format_table(rows, ("C", "c", ".0e")),
+        split,
+        config,
+    )
     return 0
 
 

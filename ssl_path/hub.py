@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ssl_path.core.cli import make_parser
+from ssl_path.core.cli import Parser, add_out, add_overwrite, make_parser
 from ssl_path.core.errors import run_cli
 from ssl_path.publish.export import DEFAULT_LICENSE, export
 from ssl_path.publish.push import exported_files, push
@@ -25,16 +25,16 @@ from ssl_path.publish.push import exported_files, push
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser("python -m ssl_path.hub", __doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     ex = commands.add_parser("export", help="write a timm-format folder with its model card")
     ex.add_argument("--ckpt", required=True, help="a training checkpoint (.pt) or run directory")
-    ex.add_argument("--out", required=True, type=Path, help="folder to write (must be new or empty)")
+    add_out(ex, help="folder to write (new or empty, or replaced with --overwrite)")
     ex.add_argument("--results", nargs="*", default=[], type=Path, help="results.json files of this encoder's probes")
     ex.add_argument("--name", help="org/name on the Hub (the card's title and loading code)")
     ex.add_argument("--license", default=DEFAULT_LICENSE, help=f"Hub license id (default {DEFAULT_LICENSE})")
     ex.add_argument("--shards", nargs="*", help="the training shards, where run.json's data path no longer holds them")
     ex.add_argument("--template", type=Path, help="a card template instead of model_cards/encoder.md")
-    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_overwrite(ex)
     pu = commands.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
     pu.add_argument("folder", type=Path)
     pu.add_argument("--repo", required=True, help="org/name")

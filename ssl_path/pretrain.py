@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ssl_path.core.cli import add_progress, make_parser, resolve_device
+from ssl_path.core.cli import add_out, add_progress, make_parser, resolve_device
 from ssl_path.core.config import (
     apply_overrides,
     config_path,
@@ -34,7 +34,7 @@ from ssl_path.core.config import (
 )
 from ssl_path.core.distributed import DistInfo, barrier, init_distributed
 from ssl_path.core.errors import UserError, run_cli
-from ssl_path.core.io import atomic_path, write_json
+from ssl_path.core.io import atomic_path, refuse_out_over_inputs, write_json
 from ssl_path.data.loader import shard_loader, shard_urls
 from ssl_path.encoder.checkpoint import checkpoint_path
 from ssl_path.methods import PretrainingMethod, methods
@@ -149,7 +149,10 @@ def run(
 ) -> torch.nn.Module:
     """Build the method and train it; returns the trained method (unwrapped)."""
     dist_info = dist_info or init_distributed()
-    shard_urls(data)  # bad --data fails here, before any model is built
+    urls = shard_urls(data)  # bad --data fails here, before any model is built
+    # A run dir inside a shard folder, or holding one, would mix checkpoints with the data.
+    refuse_out_over_inputs(out, sorted({Path(u).parent for u in urls}))
+    device = resolve_device(cfg.train.device, dist_info.local_rank)  # a bad device writes no run dir
     config = cfg.to_dict()
     prepare_run_dir(out, config, dist_info.is_main)
     barrier()
@@ -170,7 +173,6 @@ def run(
         )
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    device = resolve_device(cfg.train.device, dist_info.local_rank)
     method = methods()[cfg.method].build(cfg.method_cfg, cfg.model, cfg.train, cfg.seed, device)
     stream = shard_stream(method, data, cfg.train, cfg.seed, pin_memory=device.type == "cuda")
     return train(
@@ -217,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, help="shipped config name (e.g. dinov2_vits16) or a YAML file")
     parser.add_argument("--data", required=True, nargs="+", help="shard folder(s), manifest, .tar or brace pattern")
-    parser.add_argument("--out", required=True, type=Path, help="run directory (created, or resumed)")
+    add_out(parser, help="run directory (created, or resumed)")
     parser.add_argument(
         "--max-steps", type=int, default=None, help="stop after this step (schedules still span the full run)"
     )

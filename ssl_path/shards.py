@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
+from ssl_path.core.cli import Parser, add_out, add_overwrite, add_progress, make_parser
 from ssl_path.core.errors import run_cli
 from ssl_path.data.stain import METHODS as STAIN_METHODS
 from ssl_path.tiling import TilingParams, make_shards
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     d = TilingParams()
-    p = argparse.ArgumentParser(
-        prog="python -m ssl_path.shards",
-        description="Tile images and whole slides into WebDataset shards (OUT/shard-*.tar + manifest.json).",
+    p = make_parser(
+        "python -m ssl_path.shards",
+        "Tile images and whole slides into WebDataset shards (OUT/shard-*.tar + manifest.json).",
     )
     p.add_argument(
         "--data",
@@ -26,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="image files or folders (searched recursively): PNG, JPEG, BMP, TIFF, SVS, NDPI, MRXS, ...",
     )
-    p.add_argument("--out", required=True, type=Path, help="output folder for the shards and manifest.json")
+    add_out(p, help="output folder for the shards and manifest.json")
     p.add_argument("--tile-size", type=int, default=d.tile_size, help="tile side in pixels (default %(default)s)")
     p.add_argument("--stride", type=int, default=None, help="tile spacing in tile pixels (default: tile size)")
     p.add_argument("--mpp", type=float, default=None, help="target resolution in µm/px for files that declare theirs")
@@ -60,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.stain_strength,
         help="0 keeps the tile, 1 normalises fully (default %(default)s)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_overwrite(p)
+    add_progress(p)
     return p
 
 

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ssl_path.core.cli import make_parser
+from ssl_path.core.cli import add_out, add_overwrite, make_parser
 from ssl_path.core.errors import UserError, run_cli
+from ssl_path.core.io import check_out_file
 from ssl_path.data.stain import METHODS
 from ssl_path.tiling.preview import find_images, render_preview
 
@@ -26,15 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strength", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="strengths in [0, 1]")
     parser.add_argument("--rows", type=int, default=4, help="at most this many images of a folder")
     parser.add_argument("--max-side", type=int, default=512, help="downscale images to this longer side first")
-    parser.add_argument("--out", required=True, type=Path, help="PNG to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_out(parser, help="PNG to write")
+    add_overwrite(parser)
     args = parser.parse_args(argv)
     if args.rows < 1 or args.max_side < 16:
         raise UserError(f"--rows must be >= 1 and --max-side >= 16, got {args.rows}, {args.max_side}")
-    if args.out.exists() and not args.overwrite:
-        raise UserError(f"--out {args.out} already exists; pass --overwrite to replace it")
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out {args.out} must end in .png")
+    check_out_file(args.out, args.overwrite, [args.data, args.reference])
     images = find_images(args.data, args.rows)
     render_preview(images, args.reference, args.method, args.strength, args.out, args.max_side)
     print(f"wrote {args.out}")

@@ -22,7 +22,7 @@ from ssl_path import encoder, hub
 from ssl_path.core.errors import run_cli
 from ssl_path.data.transforms import as_rgb_tensor, eval_transform
 from ssl_path.evaluation.metrics import SCORES
-from ssl_path.evaluation.results import read_results
+from ssl_path.evaluation.results import read_results, write_results
 from ssl_path.pretrain import resolve_config, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +202,8 @@ def test_card_front_matter_parses_and_holds_every_score(exported, trained):
                 if isinstance(row.get(score), float):
                     expected[(f"{results['probe']}/{row_name}", score)] = row[score]
     assert len(expected) > 20 and index == expected
+    # The Hub's model-index keeps one task name per task and dataset: the first file's title.
+    assert {(r.task_type, r.task_name) for r in data.eval_results} == {("image-classification", knn.TITLE)}
 
     text = card.text
     for section in SECTIONS:
@@ -211,7 +213,22 @@ def test_card_front_matter_parses_and_holds_every_score(exported, trained):
     assert "2 of 8 planned" in text and "4 images per step" in text  # the recipe, from the checkpoint
     assert "13 images" in text  # the shard manifest's sources
     assert "± " in text and "shots_2/prototype" in text  # few-label curves with their confidence intervals
+    assert f"### {knn.TITLE} on amibr_midog21, given" in text and f"### {fewshot.TITLE} on amibr_midog21" in text
     assert "Oquab" in text  # the method's paper
+
+
+def test_card_takes_each_evaluation_task_and_title_from_its_results_file(trained, tmp_path):
+    results = read_results(trained["results"][0])
+    title = "retitled kNN, as a detection evaluator would name itself"
+    retitled = write_results(tmp_path / "retitled.json", {**results, "task": "detection", "title": title})
+    out = tmp_path / "export"
+    argv = ["export", "--ckpt", str(trained["run"]), "--out", str(out), "--results", str(retitled)]
+    assert run_cli(hub.main, argv) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.eval_results and {(r.task_type, r.task_name) for r in card.data.eval_results} == {
+        ("detection", title)
+    }
+    assert f"### {title} on amibr_midog21" in card.text and knn.TITLE not in card.text
 
 
 def test_export_is_method_agnostic(shared_data, tmp_path):

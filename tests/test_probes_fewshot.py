@@ -1,9 +1,7 @@
-"""Few-shot probe: stratified seeded sampling, the three probes on synthetic features, the t confidence
-interval, and the command line on a few real AMi-Br patches."""
+"""Few-shot probe: stratified seeded sampling, the three probes on synthetic features, and the command
+line on a few real AMi-Br patches (the seed statistics are in test_evaluation.py)."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from probe_helpers import probe_args as common
 from probes import fewshot
 from ssl_path import encoder
 from ssl_path.core.errors import UserError, run_cli
+from ssl_path.evaluation.metrics import SCORES
 from ssl_path.evaluation.results import read_results
 
 CLASSES = ("a", "b", "c")
@@ -132,20 +131,6 @@ def test_prototype_is_cl2n_nearest_mean():
     assert (probs[:, 3] == 0).all()  # no training rows of class 3
 
 
-def test_summary_matches_hand_computed_t_interval():
-    values = [0.6, 0.7, 0.8, 0.65, 0.75]
-    mean = sum(values) / 5
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 4)
-    half = 2.7764451051977987 * std / math.sqrt(5)  # t_{0.975, 4}
-    s = fewshot.summarize(values)
-    assert s["n"] == 5 and s["mean"] == pytest.approx(0.7) and s["std"] == pytest.approx(std)
-    assert s["ci95"] == pytest.approx([mean - half, mean + half])
-    assert fewshot.summarize([0.5, None]) == {"mean": 0.5, "std": None, "ci95": None, "n": 1}
-    row = fewshot.aggregate([{m: v for m in fewshot.METRICS} for v in values])
-    assert row["balanced_accuracy"] == pytest.approx(0.7) and row["auroc_ci95"] == pytest.approx(s["ci95"])
-    assert row["per_seed"]["accuracy"] == values and row["n_seeds"] == 5
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -185,6 +170,7 @@ def test_cli_writes_results_and_curves(specs, tmp_path, capsys):
     assert "fraction_0.5/knn" in captured.out and "Traceback" not in captured.err
     results = read_results(out)
     assert results["probe"] == "fewshot" and results["dataset"]["n_train"] == 9
+    assert results["task"] == "image-classification" and results["title"] == "few-label probes (frozen encoder)"
     config = results["config"]
     assert config["fractions"] == [0.5, 1.0] and config["shots"] == [1, 2] and config["seeds"] == [0, 1]
     assert config["episodes"] == 3 and config["probes"] == ["knn", "linear", "prototype"]
@@ -194,6 +180,7 @@ def test_cli_writes_results_and_curves(specs, tmp_path, capsys):
     assert set(results["metrics"]) == names
     row = results["metrics"]["shots_2/prototype"]
     assert row["n_train"] == [4, 4] and row["episodes"] == 3 and len(row["per_seed"]["balanced_accuracy"]) == 2
+    assert all(len(row["per_seed"][score]) == 2 and f"{score}_ci95" in row for score in SCORES)
     assert results["metrics"]["shots_1/linear"]["c_selection"] == ["fixed", "fixed"]
     png = out.parent / fewshot.CURVES_NAME
     assert png.is_file() and png.stat().st_size > 1024

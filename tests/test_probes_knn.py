@@ -16,6 +16,7 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score
 from probes import knn
 from ssl_path import encoder
 from ssl_path.core.errors import UserError, run_cli
+from ssl_path.evaluation.features import l2_normalize
 from ssl_path.evaluation.metrics import classification_metrics
 from ssl_path.evaluation.results import (
     SCHEMA,
@@ -40,9 +41,9 @@ def test_separable_clusters_are_classified_perfectly_by_both_protocols():
 def test_approximate_indexes_find_the_exact_neighbours_of_clustered_features():
     train_x, train_y = blobs(300, seed=0)
     test_x, _ = blobs(50, seed=1)
-    exact_sims, exact_idx = knn.search(knn.l2_normalize(train_x), knn.l2_normalize(test_x), 10)
+    exact_sims, exact_idx = knn.search(l2_normalize(train_x), l2_normalize(test_x), 10)
     for kind in ("hnsw", "ivf"):
-        sims, idx = knn.search(knn.l2_normalize(train_x), knn.l2_normalize(test_x), 10, index=kind)
+        sims, idx = knn.search(l2_normalize(train_x), l2_normalize(test_x), 10, index=kind)
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx.tolist(), exact_idx.tolist())])
         assert recall > 0.95, kind
         assert (sims[:, :-1] >= sims[:, 1:] - 1e-6).all()  # descending, like the exact search
@@ -180,6 +181,8 @@ def test_kappa_quadratic_when_ordinal_and_constant_labels_give_none():
 def _results(**metrics):
     return make_results(
         probe="knn",
+        task="image-classification",
+        title=knn.TITLE,
         encoder={"ref": "timm:x", "hash": "abc"},
         dataset={"train": "a", "test": "b", "n_train": 3, "n_test": 2, "classes": ("n", "a")},
         split={"method": "given"},
@@ -237,6 +240,7 @@ def test_cli_writes_results_and_reuses_the_cache(specs, tmp_path, capsys, monkey
     assert "k3" in captured.out and "uni_k20" in captured.out and "Traceback" not in captured.err
     results = read_results(out)
     assert results["probe"] == "knn" and results["seeds"] == [7]
+    assert results["task"] == "image-classification" and results["title"] == "kNN probe (frozen encoder)"
     assert results["dataset"]["n_train"] == 9 and results["dataset"]["n_test"] == 9
     assert results["dataset"]["classes"] == ["normal", "atypical"] and results["split"]["shared_groups"] == 0
     assert set(results["metrics"]) == {"k3", "k20", "uni_k20"} and results["metrics"]["k20"]["k_used"] == 9

@@ -86,6 +86,17 @@ def test_scaler_is_fitted_on_train_only():
     assert shifted["accuracy"] < 0.6
 
 
+def test_class_probabilities_keep_a_column_for_a_class_the_fit_never_saw():
+    train_x, train_y = blobs(10, seed=0)
+    seen = train_y != 1  # a few-label subset without class 1
+    pipe = linear.fit_probe(train_x[seen], train_y[seen], 1.0)
+    test_x, _ = blobs(5, seed=1)
+    probs = linear.class_probabilities(pipe, test_x, 3)
+    assert probs.shape == (15, 3) and (probs[:, 1] == 0).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    np.testing.assert_allclose(probs[:, [0, 2]], pipe.predict_proba(test_x.astype(np.float64)))
+
+
 def test_bad_grid_and_unknown_test_classes():
     train_x, train_y = blobs(10, seed=0)
     train = feature_set(train_x, train_y, CLASSES)
@@ -116,6 +127,7 @@ def test_cli_writes_results(specs, tmp_path, capsys):
     assert "linear" in captured.out and "Traceback" not in captured.err
     results = read_results(out)
     assert results["probe"] == "linear" and results["seeds"] == [3]
+    assert results["task"] == "image-classification" and results["title"] == "linear probe (frozen encoder)"
     assert results["dataset"]["n_train"] == 18 and results["dataset"]["n_test"] == 9
     assert results["split"]["shared_groups"] == 0 and results["split"]["validation"] == "grouped"
     row = results["metrics"]["linear"]

@@ -2,9 +2,10 @@
 stage shares, and the one device resolver.
 
 Stages build their parser with :func:`make_parser` and add the shared flags with the ``add_*``
-helpers, so ``--out``, ``--overwrite``, ``--device`` and ``--no-progress`` read and behave the same
-everywhere. A bad flag raises :class:`~ssl_path.core.errors.UserError` (``run_cli`` prints it as
-one line), never argparse's usage block.
+helpers, so ``--out``, ``--overwrite``, ``--device``, ``--no-progress`` and ``--seed`` read and
+behave the same everywhere. A bad flag raises :class:`~ssl_path.core.errors.UserError` (``run_cli``
+prints it as one line), never argparse's usage block. Libraries never see the parsed ``Namespace``:
+a stage turns it into plain values.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def make_parser(prog: str, description: str) -> Parser:
     return Parser(prog=prog, description=description)
 
 
-def add_out(parser: argparse.ArgumentParser, help: str, required: bool = True) -> None:
-    parser.add_argument("--out", required=required, type=Path, help=help)
+def add_out(parser: argparse.ArgumentParser, help: str, required: bool = True, metavar: str | None = None) -> None:
+    parser.add_argument("--out", required=required, type=Path, metavar=metavar, help=help)
 
 
 def add_overwrite(parser: argparse.ArgumentParser) -> None:

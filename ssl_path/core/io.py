@@ -56,28 +56,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def refuse_out_over_inputs(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], flag: str = "--out") -> None:
     """Refuse an output that is, holds, or lies inside one of ``inputs`` (files or folders being read).
 
-    Strings that name no path (``timm:ARCH``, ``hf-hub:...``, ``reader:PATH?query``) are read for
-    the path they hold, if any.
+    ``inputs`` are paths: a stage passes the path a data SPEC or an encoder ref names, not the SPEC.
+    ``flag`` names the output in messages ("" for a file the stage names itself).
     """
-    target = Path(out).resolve()
+    target = Path(out).expanduser().resolve()
     for item in inputs:
-        path = _input_path(item)
-        if path is None:
-            continue
+        path = Path(item).expanduser().resolve()
         if path == target or target in path.parents:
-            raise UserError(f"{flag} {out} would replace the input {item}; choose another output")
+            raise UserError(f"{_named(flag, out)} would replace the input {item}; choose another output")
         if path in target.parents:
-            raise UserError(f"{flag} {out} lies inside the input {item}; choose another output")
+            raise UserError(f"{_named(flag, out)} lies inside the input {item}; choose another output")
 
 
-def _input_path(item: str | os.PathLike) -> Path | None:
-    text = os.fspath(item)
-    if text.startswith(("timm:", "hf-hub:")):
-        return None
-    head = text.split("?", 1)[0]
-    if ":" in head and not Path(head).exists():
-        head = head.split(":", 1)[1]  # a labelled-set spec READER:PATH
-    return Path(os.path.expanduser(head)).resolve() if head else None
+def _named(flag: str, path: str | os.PathLike) -> str:
+    return f"{flag} {path}" if flag else str(path)
 
 
 def check_out_file(
@@ -88,9 +80,9 @@ def check_out_file(
     path = Path(path)
     refuse_out_over_inputs(path, inputs, flag)
     if path.is_dir():
-        raise UserError(f"{flag} {path} is a folder; name a file")
+        raise UserError(f"{_named(flag, path)} is a folder; name a file")
     if path.exists() and not overwrite:
-        raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it")
+        raise UserError(f"{_named(flag, path)} already exists; pass --overwrite to replace it")
     return path
 
 

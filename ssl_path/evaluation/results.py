@@ -3,8 +3,10 @@
 A results file is a JSON object::
 
     {
-      "schema": "ssl-path/results/v1",
-      "probe": "knn",                          # which evaluation made it
+      "schema": "ssl-path/results/v2",
+      "probe": "knn",                          # the name of the evaluation that made it
+      "task": "image-classification",          # one of TASKS: what the scores measure
+      "title": "kNN probe (frozen encoder)",   # how a reader (the model card) names it
       "created": "2025-01-01T12:00:00+00:00",  # UTC, ISO 8601
       "ssl_path_version": "0.1.0",
       "encoder": {"ref": ..., "hash": ...},    # hash: the feature cache's encoder hash
@@ -14,6 +16,10 @@ A results file is a JSON object::
       "metrics": {...} or [{...}, ...],        # named rows or a list of rows
       "config": {...}                          # every setting needed to run it again
     }
+
+The evaluation that writes a file states its task and title, so a reader never keeps a table of
+evaluation names. A v1 file (no task, no title: only frozen-feature classification probes wrote
+them) is upgraded as it is read, its title being its probe name.
 
 Values are made JSON-safe on the way in (numpy scalars and arrays to Python, tuples to lists, NaN and
 infinities to None), so a file written here is strict JSON that any reader accepts.
@@ -34,12 +40,17 @@ import ssl_path
 from ssl_path.core.errors import UserError
 from ssl_path.core.io import write_json
 
-__all__ = ["SCHEMA", "make_results", "write_results", "read_results", "validate_results", "jsonable"]
+__all__ = ["SCHEMA", "TASKS", "make_results", "write_results", "read_results", "validate_results", "jsonable"]
 
-SCHEMA = "ssl-path/results/v1"
+SCHEMA = "ssl-path/results/v2"
+SCHEMA_V1 = "ssl-path/results/v1"
+# What a file's scores measure; the model card's model-index states it as the task type.
+TASKS = ("image-classification", "segmentation", "detection")
 REQUIRED_KEYS = (
     "schema",
     "probe",
+    "task",
+    "title",
     "created",
     "ssl_path_version",
     "encoder",
@@ -77,6 +88,8 @@ def jsonable(value: Any) -> Any:
 
 def make_results(
     probe: str,
+    task: str,
+    title: str,
     encoder: Mapping[str, Any],
     dataset: Mapping[str, Any],
     split: Mapping[str, Any],
@@ -88,6 +101,8 @@ def make_results(
     results = {
         "schema": SCHEMA,
         "probe": probe,
+        "task": task,
+        "title": title,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "ssl_path_version": ssl_path.__version__,
         "encoder": jsonable(dict(encoder)),
@@ -112,8 +127,11 @@ def _problem(results: Any) -> str | None:
     missing = [k for k in REQUIRED_KEYS if k not in results]
     if missing:
         return f"missing {', '.join(missing)}"
-    if not isinstance(results["probe"], str) or not results["probe"]:
-        return "probe must be a non-empty string"
+    for key in ("probe", "title"):
+        if not isinstance(results[key], str) or not results[key]:
+            return f"{key} must be a non-empty string"
+    if results["task"] not in TASKS:
+        return f"task is {results['task']!r}, expected one of {', '.join(TASKS)}"
     for key, keys in (("encoder", ENCODER_KEYS), ("dataset", DATASET_KEYS)):
         part = results[key]
         if not isinstance(part, dict):
@@ -162,4 +180,11 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
         results = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read results file {path}: {err}") from None
-    return validate_results(results, where=str(path))
+    return validate_results(_upgraded(results), where=str(path))
+
+
+def _upgraded(results: Any) -> Any:
+    """A v1 results dict as v2; anything else unchanged. Only classification probes wrote v1."""
+    if not isinstance(results, dict) or results.get("schema") != SCHEMA_V1:
+        return results
+    return {**results, "schema": SCHEMA, "task": "image-classification", "title": results.get("probe")}

@@ -6,7 +6,9 @@
   all the others, test on it.
 
 Both work on plain label/group/domain sequences and return index arrays; records without a group
-count as groups of their own, so they can never link train and test.
+count as groups of their own (:func:`group_ids`), so they can never link train and test.
+:func:`n_folds` is the fold count of any held-out share in whole groups, the linear probe's
+validation part included.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ def group_ids(groups: Sequence[str | None]) -> np.ndarray:
     return out
 
 
+def n_folds(held_out_fraction: float, n_groups: int) -> int:
+    """How many group folds hold out about ``held_out_fraction`` each: ~1/fraction, at least 2, at most
+    one per group (``StratifiedGroupKFold`` refuses more folds than groups)."""
+    return min(n_groups, max(2, round(1 / held_out_fraction)))
+
+
 def group_split(
     labels: Sequence[int], groups: Sequence[str | None], test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -37,10 +45,9 @@ def group_split(
         raise UserError(f"--test-fraction must lie strictly between 0 and 1, got {test_fraction}")
     ids = group_ids(groups)
     n_groups = len(np.unique(ids))
-    n_splits = min(n_groups, max(2, round(1 / test_fraction)))
     if n_groups < 2:
         raise UserError(f"a group split needs at least 2 groups (slides/patients); the set has {n_groups}")
-    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    folds = StratifiedGroupKFold(n_splits=n_folds(test_fraction, n_groups), shuffle=True, random_state=seed)
     train, test = next(folds.split(np.zeros(len(ids)), np.asarray(labels), ids))
     return np.sort(train), np.sort(test)
 

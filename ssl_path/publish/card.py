@@ -3,8 +3,12 @@
 Three records feed it:
 - the checkpoint: method, steps, resolved config and wall-clock;
 - the run's ``run.json`` and the shards' ``manifest.json``: hardware and training data;
-- the probes' ``results.json`` files (schema in :mod:`ssl_path.evaluation.results`): every score of every row
-  goes into the front matter's model-index and into the evaluation tables.
+- the evaluations' ``results.json`` files (schema in :mod:`ssl_path.evaluation.results`): every score of
+  every row goes into the front matter's model-index and into the evaluation tables, under the task and
+  title the file states.
+
+The method's title, citation and published weights come from the methods registry; nothing here
+knows a method or an evaluation by name.
 
 :func:`build_card` turns them into a :class:`huggingface_hub.ModelCard`. The prose is the Jinja
 template ``model_cards/encoder.md``; huggingface_hub renders it and writes the front matter.
@@ -33,14 +37,6 @@ from ssl_path.publish.records import TrainingRecord
 TEMPLATE = "encoder.md"
 BASE_TAGS = ("pathology", "histology", "self-supervised", "image-feature-extraction", "timm", "ssl-path")
 PIPELINE_TAG = "image-feature-extraction"
-TASK_TYPE = "image-classification"  # what every probe of a frozen encoder measures
-
-
-PROBE_TITLES = {
-    "knn": "kNN probe",
-    "linear": "linear probe",
-    "fewshot": "few-label probes",
-}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -92,8 +88,8 @@ def eval_results(all_results: Sequence[dict[str, Any]]) -> list[EvalResult]:
                     continue
                 entries.append(
                     EvalResult(
-                        task_type=TASK_TYPE,
-                        task_name=f"{PROBE_TITLES.get(probe, probe)} (frozen encoder)",
+                        task_type=results["task"],
+                        task_name=results["title"],
                         dataset_type=name,
                         dataset_name=name,
                         dataset_split=_split_label(results),
@@ -129,8 +125,7 @@ def evaluation_tables(all_results: Sequence[dict[str, Any]]) -> list[dict[str, A
         split = results["split"]
         tables.append(
             {
-                "title": f"{PROBE_TITLES.get(results['probe'], results['probe'])} on "
-                f"{_tested_on(results)}, {_split_label(results)}",
+                "title": f"{results['title']} on {_tested_on(results)}, {_split_label(results)}",
                 "probe": results["probe"],
                 "columns": ["row", *scores],
                 "rows": body,

@@ -15,7 +15,7 @@ from huggingface_hub.utils import validate_repo_id
 from timm.models import save_for_hf
 
 from ssl_path.core.errors import UserError, first_line
-from ssl_path.core.io import atomic_dir, make_public
+from ssl_path.core.io import atomic_dir, check_out_dir, make_public
 from ssl_path.encoder.checkpoint import encoder_entry, read_checkpoint
 from ssl_path.encoder.identity import encoder_hash
 from ssl_path.encoder.info import encoder_info
@@ -60,10 +60,12 @@ def export(
     overwrite: bool = False,
 ) -> Path:
     """Write the timm-format folder of the checkpoint ``ckpt`` (a ``.pt`` file or a run directory) to ``out``."""
-    out = Path(out)
     if name is not None:
         check_repo_id(name, "--name", with_org=False)
     path = checkpoint_file(ckpt)
+    # The run dir or checkpoint, and every file the card is made of, must outlive a replaced --out.
+    inputs = [Path(ckpt), path, *results, *(shards or ()), *([template] if template is not None else [])]
+    out = check_out_dir(out, overwrite, inputs)
     all_results = [read_results(r) for r in results]  # a missing or foreign file fails before any work
     if all_results:
         own_hash = encoder_hash(str(path))
@@ -73,7 +75,7 @@ def export(
                     f"{file} was measured on encoder {res['encoder'].get('ref')!r} (hash {res['encoder'].get('hash')}), "
                     f"not on {path} (hash {own_hash}); a card only reports its own encoder's results"
                 )
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs) as tmp:
         checkpoint = read_checkpoint(path)
         entry = encoder_entry(checkpoint, path)
         model = model_from_entry(entry, str(path)).eval()

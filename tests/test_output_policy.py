@@ -1,0 +1,188 @@
+"""The one output policy, on the runs that used to lose a user's files: an output never replaces or
+lies inside what the stage reads, a failed or killed run leaves the previous output as it was, and
+no file (PNG included) is replaced without ``--overwrite``. Every refusal is one line and exit 2."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from pretrain_helpers import TINY, make_tiles
+from probe_helpers import assert_one_line_error, probe_args
+
+from probes import embed, fewshot, knn
+from ssl_path import hub, shards
+from ssl_path.core.errors import run_cli
+from ssl_path.data.manifest import MANIFEST
+from ssl_path.pretrain import main as pretrain_main
+from ssl_path.pretrain import resolve_config, run
+
+REPO = Path(__file__).resolve().parents[1]
+AMIBR = "amibr_midog21"
+MONUSEG = "monuseg_kumar_norm/NormalizedPNG"
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (hidden ones too), by relative path, as a digest of its bytes."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(shared_data, tmp_path_factory) -> Path:
+    """A 2-step tiny DINOv2 run directory: config, run.json, metrics and checkpoints/last.pt."""
+    root = tmp_path_factory.mktemp("policy")
+    tiles = make_tiles(shared_data, root / "shards")
+    run(resolve_config("dinov2_tiny_cpu", TINY), tiles, root / "run", max_steps=2, progress=False)
+    return root / "run"
+
+
+def user_images(shared_data: Path, data: Path) -> Path:
+    """A user's folder-per-class set: 3 normal and 3 atypical AMi-Br patches."""
+    for label in ("normal", "atypical"):
+        (data / label).mkdir(parents=True)
+        for image in sorted((shared_data / AMIBR / "patches" / label).glob("*.png"))[:3]:
+            shutil.copy(image, data / label / image.name)
+    return data
+
+
+# ----------------------------------------------------------------------------- an output over an input
+
+
+def test_embed_out_over_its_data_is_refused_and_the_images_stay(shared_data, tmp_path, capsys):
+    data = user_images(shared_data, tmp_path / "images")
+    before = snapshot(data)
+    base = ["--ckpt", "timm:vit_tiny_patch16_224", "--data", f"folder:{data}", "--input-size", "64"]
+    base += ["--cache-dir", str(tmp_path / "cache"), "--no-progress", "--overwrite"]
+    for out, fragment in ((data, "would replace the input"), (data / "maps", "lies inside the input")):
+        assert run_cli(embed.main, [*base, "--out", str(out)]) == 2
+        assert_one_line_error(capsys, fragment)
+        assert snapshot(data) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # not even a temporary folder
+
+
+def test_export_over_the_training_run_is_refused_and_the_run_stays(trained, tmp_path, capsys):
+    before = snapshot(trained)
+    results = tmp_path / "probes" / "knn.json"
+    results.parent.mkdir()
+    results.write_text("{}\n")
+    ckpt = trained / "checkpoints" / "last.pt"
+    cases = [
+        (["--ckpt", str(trained), "--out", str(trained)], "would replace the input"),
+        (["--ckpt", str(ckpt), "--out", str(trained)], "would replace the input"),
+        (["--ckpt", str(trained), "--out", str(trained / "export")], "lies inside the input"),
+        (["--ckpt", str(trained), "--out", str(results.parent), "--results", str(results)], "would replace"),
+    ]
+    for argv, fragment in cases:
+        assert run_cli(hub.main, ["export", *argv, "--overwrite"]) == 2
+        assert_one_line_error(capsys, fragment)
+        assert snapshot(trained) == before
+    assert results.read_text() == "{}\n"
+
+
+def test_probe_results_never_land_in_the_set_or_the_run_they_read(trained, shared_data, tmp_path, capsys):
+    data = user_images(shared_data, tmp_path / "images")
+    argv = probe_args(f"folder:{data}", f"folder:{data}", tmp_path)
+    argv[argv.index("--ckpt") + 1] = str(trained)
+    before = snapshot(trained), snapshot(data)
+    for out in (trained / "knn.json", trained / "checkpoints" / "last.pt", data / "knn.json"):
+        assert run_cli(knn.main, [*argv, "--out", str(out), "--overwrite"]) == 2
+        assert_one_line_error(capsys, "the input")
+    assert (snapshot(trained), snapshot(data)) == before
+
+
+def test_pretrain_out_inside_or_holding_its_shards_is_refused(trained, capsys):
+    tiles = trained.parent / "shards"
+    before = snapshot(tiles)
+    for out in (tiles, tiles / "run", trained.parent):
+        assert run_cli(pretrain_main, ["--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(out)]) == 2
+        assert_one_line_error(capsys, "the input")
+        assert snapshot(tiles) == before
+    assert not (tiles / "run").exists()
+
+
+# ----------------------------------------------------------------------------- a failed or killed rerun
+
+
+def _good_shards(shared_data: Path, out: Path) -> dict[str, str]:
+    argv = ["--data", str(shared_data / MONUSEG / "TCGA-18-5592-01Z-00-DX1.png"), "--out", str(out)]
+    assert run_cli(shards.main, [*argv, "--tile-size", "250", "--no-progress"]) == 0
+    return snapshot(out)
+
+
+def test_shards_rerun_on_unusable_inputs_leaves_the_previous_output(shared_data, tmp_path, capsys):
+    out = tmp_path / "shards"
+    before = _good_shards(shared_data, out)
+    blank = tmp_path / "inputs" / "blank.png"
+    blank.parent.mkdir()
+    Image.new("RGB", (600, 600), (255, 255, 255)).save(blank)  # no tissue
+    broken = tmp_path / "inputs" / "broken.png"
+    broken.write_bytes((shared_data / MONUSEG / "TCGA-A7-A13E-01Z-00-DX1.png").read_bytes()[:2000])
+    capsys.readouterr()
+    argv = ["--data", str(blank), str(broken), "--out", str(out), "--overwrite", "--no-progress"]
+    assert run_cli(shards.main, argv) == 2
+    assert_one_line_error(capsys, "no usable input")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "shards"]
+
+
+def test_killed_shards_rerun_leaves_the_previous_output(shared_data, tmp_path):
+    out = tmp_path / "shards"
+    before = _good_shards(shared_data, out)
+    argv = ["--data", str(shared_data / MONUSEG), "--out", str(out), "--overwrite", "--no-progress"]
+    argv += ["--tile-size", "64", "--min-tissue", "0", "--samples-per-shard", "50"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "ssl_path.shards", *argv], cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        # Killed once it has started writing shards into its folder beside --out.
+        while not any(tmp.is_dir() and any(tmp.iterdir()) for tmp in tmp_path.glob(f".{out.name}.*.tmp")):
+            assert proc.poll() is None, "the rerun ended before it could be killed"
+            assert time.monotonic() < deadline, "the rerun never started writing"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert snapshot(out) == before
+    assert (out / MANIFEST).is_file()
+
+
+# ----------------------------------------------------------------------------- files need --overwrite
+
+
+def test_fewshot_does_not_replace_its_curves_without_overwrite(shared_data, tmp_path, monkeypatch, capsys):
+    root = shared_data / AMIBR
+    argv = probe_args(f"amibr:{root}?group=005.tiff,006.tiff", f"amibr:{root}?group=029.tiff,031.tiff", tmp_path)
+    argv += ["--seeds", "2", "--fractions", "1.0", "--shots", "1", "--episodes", "1", "--c-grid", "1"]
+    argv += ["--probes", "knn", "prototype"]
+    folder = tmp_path / "fewshot"
+    assert run_cli(fewshot.main, [*argv, "--out", str(folder / "results.json")]) == 0
+    curves = folder / fewshot.CURVES_NAME
+    before = curves.read_bytes()
+    capsys.readouterr()
+
+    # A new results file beside it would still replace the curves; so would a run without --out there.
+    assert run_cli(fewshot.main, [*argv, "--out", str(folder / "again.json")]) == 2
+    assert_one_line_error(capsys, str(curves), "--overwrite")
+    monkeypatch.chdir(folder)
+    assert run_cli(fewshot.main, argv) == 2
+    assert_one_line_error(capsys, fewshot.CURVES_NAME, "--overwrite")
+    assert curves.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == [fewshot.CURVES_NAME, "results.json"]
+
+    assert run_cli(fewshot.main, [*argv, "--overwrite"]) == 0  # asked for: replaced
+    assert Image.open(curves).format == "PNG"
