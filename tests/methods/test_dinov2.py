@@ -18,7 +18,7 @@ from ssl_path.core.errors import run_cli
 from ssl_path.data.loader import StreamPosition, shard_loader
 from ssl_path.pretrain import resolve_config, run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

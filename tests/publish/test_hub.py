@@ -25,7 +25,7 @@ from ssl_path.evaluation.metrics import SCORES
 from ssl_path.evaluation.results import read_results, write_results
 from ssl_path.pretrain import resolve_config, run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REPO_ID = "path-lab/tiny-dinov2"
 TOKEN = "hf_sslpathTestTokenThatMustNeverBeShown"
 SECTIONS = (

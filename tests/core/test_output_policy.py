@@ -25,7 +25,7 @@ from ssl_path.data.manifest import MANIFEST
 from ssl_path.pretrain import main as pretrain_main
 from ssl_path.pretrain import resolve_config, run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AMIBR = "amibr_midog21"
 MONUSEG = "monuseg_kumar_norm/NormalizedPNG"
 
