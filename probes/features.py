@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import ssl_path
@@ -44,6 +44,7 @@ from ssl_path import encoder as encoder_lib
 from ssl_path.core.cli import resolve_device
 from ssl_path.core.errors import UserError
 from ssl_path.core.io import atomic_path, write_json
+from ssl_path.data.labelled import LabelledImages, first_error
 from ssl_path.data.readers import LabelledSet
 from ssl_path.data.transforms import EvalTransform, eval_transform
 from ssl_path.encoder.identity import (
@@ -190,24 +191,6 @@ def dihedral_views(images: Tensor) -> list[Tensor]:
 # ----------------------------------------------------------------------------- extraction
 
 
-class _ImageDataset(Dataset):
-    """Images through the eval transform; a read error travels back as text, so that it stays one line
-    from a worker process (the DataLoader would wrap a raised exception in a traceback)."""
-
-    def __init__(self, paths: Sequence[str], transform: EvalTransform) -> None:
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, str]:
-        try:
-            return self.transform(self.paths[index]), ""
-        except UserError as err:
-            size = self.transform.input_size
-            return torch.zeros(3, size, size), f"{self.paths[index]}: {err}"
-
-
 def _load_encoder(ref: str, device: torch.device) -> tuple[nn.Module, encoder_lib.EncoderInfo]:
     """Build the encoder with a fixed torch seed (a ``timm:`` baseline is the same network every time),
     dynamic image size where the model takes it (any input size for a ViT), without touching the
@@ -226,7 +209,7 @@ def _load_encoder(ref: str, device: torch.device) -> tuple[nn.Module, encoder_li
 def _compute(
     model: nn.Module,
     num_prefix_tokens: int,
-    paths: Sequence[str],
+    data: LabelledSet,
     transform: EvalTransform,
     pool: str,
     tta: bool,
@@ -236,7 +219,7 @@ def _compute(
     progress: bool,
 ) -> np.ndarray:
     loader = DataLoader(
-        _ImageDataset(paths, transform),
+        LabelledImages(data, transform, transform.input_size),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -245,13 +228,13 @@ def _compute(
         generator=torch.Generator().manual_seed(RANDOM_INIT_SEED),
     )
     chunks: list[np.ndarray] = []
-    bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(data), desc="features", unit="img", disable=not progress, dynamic_ncols=True)
     with torch.inference_mode(), bar:
-        for images, errors in loader:
-            failed = [e for e in errors if e]
+        for batch in loader:
+            failed = first_error(batch["error"])
             if failed:
-                raise UserError(f"cannot read image {failed[0]}")
-            images = images.to(device, non_blocking=True)
+                raise UserError(f"cannot read image {failed}")
+            images = batch["image"].to(device, non_blocking=True)
             views = dihedral_views(images) if tta else [images]
             pooled = sum(pool_tokens(model.forward_features(v), pool, num_prefix_tokens).float() for v in views)
             chunks.append((pooled / len(views)).cpu().numpy())
@@ -350,7 +333,7 @@ def extract_features(
     size = int(input_size or info.input_size[-1])
     transform = eval_transform(size, info.mean, info.std)
     features = _compute(
-        model, info.num_prefix_tokens, paths, transform, pool, tta, batch_size, num_workers, dev, progress
+        model, info.num_prefix_tokens, data, transform, pool, tta, batch_size, num_workers, dev, progress
     )
     if stem is not None:
         meta = {

@@ -25,7 +25,7 @@ echo "== 3. stream the shards through DINOv2 multi-crop and describe the baselin
 $PY - "$OUT/shards" <<'PY'
 import sys, time
 from ssl_path.data import shard_loader, shard_total
-from ssl_path.data.augment import MultiCropAugment, MultiCropConfig, collate_multicrop
+from ssl_path.data.transforms import MultiCropAugment, MultiCropConfig, collate_multicrop
 from ssl_path.encoder import load
 
 augment = MultiCropAugment(MultiCropConfig(seed=0))

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import torch
+
+from ssl_path.encoder.checkpoint import checkpoint_path
 from ssl_path.tiling import TilingParams, make_shards
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A very small DINOv2: 2 blocks of width 64, 2 register tokens and layer scale, 64 px global and
 # 32 px local crops, 8 steps of 4 tiles.
@@ -39,3 +46,14 @@ def make_tiles(shared_data: Path, out: Path) -> Path:
         [*patches, *monuseg], out, TilingParams(tile_size=64, min_tissue=0.0, samples_per_shard=40), progress=False
     )
     return out
+
+
+def pretrain_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m ssl_path.pretrain --no-progress ARGS`` in a process of its own."""
+    cmd = [sys.executable, "-m", "ssl_path.pretrain", "--no-progress", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole training state of a run's last checkpoint."""
+    return torch.load(checkpoint_path(run_dir), map_location="cpu", weights_only=True)["model"]

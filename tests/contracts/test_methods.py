@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from pretrain_helpers import make_tiles
+from pretrain_helpers import make_tiles, model_state, pretrain_cli
 
 from ssl_path import encoder
 from ssl_path.core.config import CONFIG_DIR
@@ -57,15 +57,6 @@ def tiles(shared_data, tmp_path_factory) -> Path:
     return make_tiles(shared_data, tmp_path_factory.mktemp("tiles") / "shards")
 
 
-def _pretrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "ssl_path.pretrain", "--no-progress", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def _model_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
-
-
 def _fresh_state(name: str) -> dict[str, torch.Tensor]:
     cfg = resolve_config(tiny_config(name), CONTRACT_SIZE)
     torch.manual_seed(cfg.seed)
@@ -88,7 +79,7 @@ def test_a_step_on_real_tiles_is_finite_and_moves_the_weights(name, tiles, tmp_p
 @pytest.mark.parametrize("name", METHODS)
 def test_resume_after_sigkill_reaches_the_uninterrupted_weights(name, tiles, tmp_path):
     common = ["--config", tiny_config(name), "--data", str(tiles), *CONTRACT_SIZE]
-    whole = _pretrain(*common, "--out", str(tmp_path / "whole"))
+    whole = pretrain_cli(*common, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
 
     killed_dir = tmp_path / "killed"
@@ -104,9 +95,9 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_weights(name, tiles, tmp
     step_at_kill = torch.load(last, weights_only=True)["step"]
     assert 0 < step_at_kill < 8
 
-    resumed = _pretrain(*common, "--out", str(killed_dir))
+    resumed = pretrain_cli(*common, "--out", str(killed_dir))
     assert resumed.returncode == 0, resumed.stderr
-    a, b = _model_state(tmp_path / "whole"), _model_state(killed_dir)
+    a, b = model_state(tmp_path / "whole"), model_state(killed_dir)
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel())
     assert worst <= 1e-6

@@ -4,35 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from pretrain_helpers import TINY, make_tiles
+from pretrain_helpers import TINY, make_tiles, pretrain_cli
 
 from ssl_path import encoder, run_log
 from ssl_path.core.errors import run_cli
 from ssl_path.data.loader import StreamPosition, shard_loader
 from ssl_path.pretrain import resolve_config, run
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def tiles(shared_data, tmp_path_factory) -> Path:
     return make_tiles(shared_data, tmp_path_factory.mktemp("tiles") / "shards")
-
-
-def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "ssl_path.pretrain", "--no-progress", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def _model_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
 
 
 def test_a_step_on_real_tiles_is_finite_and_moves_student_and_teacher(tiles, tmp_path):
@@ -124,13 +111,13 @@ def test_corrupt_checkpoint_is_refused_in_one_line(tiles, tmp_path):
     run(cfg, tiles, tmp_path / "run", max_steps=2, progress=False)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    result = _cli("--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "run"), *TINY)
+    result = pretrain_cli("--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "run"), *TINY)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and str(last) in result.stderr and "Traceback" not in result.stderr
 
 
 def test_non_finite_loss_stops_naming_step_and_term_and_keeps_good_checkpoints(tiles, tmp_path):
-    result = _cli(
+    result = pretrain_cli(
         "--config",
         "dinov2_tiny_cpu",
         "--data",
@@ -163,20 +150,20 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_good_checkpoints(t
     ],
 )
 def test_bad_config_fails_in_one_line(tiles, tmp_path, args, words):
-    result = _cli(*args, "--data", str(tiles), "--out", str(tmp_path / "run"))
+    result = pretrain_cli(*args, "--data", str(tiles), "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and words in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_a_run_dir_is_never_reused_with_another_config(tiles, tmp_path):
     cfg = resolve_config("dinov2_tiny_cpu", TINY)
     run(cfg, tiles, tmp_path / "run", max_steps=1, progress=False)
-    result = _cli(
+    result = pretrain_cli(
         "--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "run"), *TINY, "optim.lr=0.5"
     )
     assert result.returncode == 2 and "different config (optim.lr" in result.stderr
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    result = _cli("--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "other"), *TINY)
+    result = pretrain_cli("--config", "dinov2_tiny_cpu", "--data", str(tiles), "--out", str(tmp_path / "other"), *TINY)
     assert result.returncode == 2 and "not a pretraining run directory" in result.stderr
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 

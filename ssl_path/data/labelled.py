@@ -1,0 +1,42 @@
+"""A labelled set as tensors, for probes and heads: the records a reader returned, through a transform.
+
+Every item is ``{"image": float [3, S, S], "target": class id (-1 unlabelled), "error": ""}``. An image
+that cannot be read comes back as a blank placeholder with its one-line reason in ``"error"``, so
+that the reason stays one line from a DataLoader worker process (which would wrap a raised
+exception in a traceback) and the caller decides whether to skip it or stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ssl_path.core.errors import UserError
+from ssl_path.data.readers import LabelledSet
+
+
+class LabelledImages(Dataset):
+    """``data``'s records through ``transform`` (a path -> [3, size, size] tensor, e.g. ``eval_transform``)."""
+
+    def __init__(self, data: LabelledSet, transform: Callable[[str], Tensor], size: int) -> None:
+        self.paths = [r.path for r in data.records]
+        self.targets = data.targets()
+        self.transform, self.size = transform, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            image, error = self.transform(self.paths[index]), ""
+        except UserError as err:
+            image, error = torch.zeros(3, self.size, self.size), f"{self.paths[index]}: {err}"
+        return {"image": image, "target": self.targets[index], "error": error}
+
+
+def first_error(errors: Sequence[str]) -> str | None:
+    """The first reason in a collated batch's ``"error"`` list, None when every image was read."""
+    return next((e for e in errors if e), None)
