@@ -314,7 +314,8 @@ def probe_splits(
         features = request.features.extract(data)
         splits = []
         for domain, train_idx, test_idx in folds:
-            train, test = features.select(train_idx), features.select(test_idx)
+            # The folds index records; an unreadable one has no row.
+            train, test = features.select(features.rows_of(train_idx)), features.select(features.rows_of(test_idx))
             if len(set(train.labels.tolist())) < 2:
                 raise UserError(f"--leave-one-domain-out: without domain {domain!r} the training set has one class")
             splits.append(ProbeInputs(data, data, train, test, shared_groups(train, test), domain))
@@ -327,7 +328,7 @@ def probe_splits(
     groups = [r.group for r in data.records]
     train_idx, test_idx = group_split(data.targets(), groups, request.test_fraction, request.seed)
     features = request.features.extract(data)
-    train, test = features.select(train_idx), features.select(test_idx)
+    train, test = features.select(features.rows_of(train_idx)), features.select(features.rows_of(test_idx))
     split = {
         "method": "group",
         "test_fraction": request.test_fraction,
@@ -369,6 +370,8 @@ def report(
     """Print the table and, with ``--out``, write the probe's results.json, stating its task and title
     (see :mod:`ssl_path.evaluation.results`); ``seeds`` default to ``[--seed]``."""
     train, test = inputs.train, inputs.test
+    # Carved splits share their set's skips; a given pair has a list each.
+    skipped = list(dict.fromkeys([*train.skipped, *test.skipped]))
     folds = split.get("folds")
     sizes = (
         " | ".join(f"{f['domain']} left out: train {f['n_train']}, test {f['n_test']}" for f in folds)
@@ -392,6 +395,8 @@ def report(
             "classes": list(train.classes),
             "train_data_hash": train.data_hash,
             "test_data_hash": test.data_hash,
+            "n_skipped": len(skipped),
+            "skipped": [{"path": path, "reason": reason} for path, reason in skipped],
         },
         split={
             "method": "given",

@@ -11,6 +11,9 @@ of a :class:`~ssl_path.data.readers.LabelledSet` with the evaluation transform a
 ``tta=True`` averages the pooled features of the 8 dihedral views (4 rotations x horizontal flip),
 which tissue tiles have no preferred orientation to tell apart.
 
+An image that cannot be read is skipped: it has no row, and ``FeatureSet.skipped`` names it with its
+reason; more than ``max_skipped_fraction`` of the set unreadable (default 1 %) stops in one line.
+
 Cache: one ``<key>.npy`` (float32 [N, D]) and ``<key>.json`` (meta) per extraction under ``cache_dir``
 (default ``$SSL_PATH_CACHE`` or ``~/.cache/ssl_path/features``). The key hashes the encoder's identity,
 the pool, TTA, the input size and the ordered image files with their sizes and mtimes, so a changed
@@ -44,7 +47,7 @@ from ssl_path import encoder as encoder_lib
 from ssl_path.core.cli import resolve_device
 from ssl_path.core.errors import UserError
 from ssl_path.core.io import atomic_path, write_json
-from ssl_path.data.labelled import LabelledImages, first_error
+from ssl_path.data.labelled import LabelledImages
 from ssl_path.data.readers import LabelledSet
 from ssl_path.data.transforms import EvalTransform, eval_transform
 from ssl_path.encoder.identity import (
@@ -71,6 +74,7 @@ __all__ = [
 
 POOLS = ("cls", "mean", "cls+mean")
 CACHE_ENV = "SSL_PATH_CACHE"
+MAX_SKIPPED_FRACTION = 0.01  # of a set's images that may be unreadable before extraction stops
 # Bump when the stored layout or the meaning of a key changes; old entries then simply miss.
 CACHE_VERSION = 1
 
@@ -86,10 +90,12 @@ DEFAULT_CACHE = _Default.CACHE
 
 @dataclass(frozen=True, eq=False)
 class FeatureSet:
-    """Pooled features of a labelled set, row ``i`` for record ``i``, plus what a probe needs beside them.
+    """Pooled features of a labelled set, a row per readable record, plus what a probe needs beside them.
 
     ``labels`` are class indices into ``classes`` (-1 for an unlabeled record); ``encoder_hash`` and
-    ``data_hash`` identify the encoder and the image files, as the cache key does.
+    ``data_hash`` identify the encoder and the image files, as the cache key does. ``skipped``:
+    (path, reason) of the set's records that could not be read, which have no row; ``records``: the
+    record index of each row (None: row ``i`` is record ``i``), see :meth:`rows_of`.
     """
 
     features: np.ndarray  # float32 [N, D]
@@ -104,6 +110,8 @@ class FeatureSet:
     pool: str
     tta: bool = False
     input_size: int = 224
+    skipped: tuple[tuple[str, str], ...] = ()
+    records: np.ndarray | None = None  # int64 [N]
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -129,7 +137,17 @@ class FeatureSet:
             pool=self.pool,
             tta=self.tta,
             input_size=self.input_size,
+            skipped=self.skipped,
+            records=self._records()[idx],
         )
+
+    def rows_of(self, records: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The rows of the records at indices ``records`` of the set; a skipped record has none."""
+        row = {int(r): i for i, r in enumerate(self._records())}
+        return np.asarray([row[int(r)] for r in records if int(r) in row], dtype=np.int64)
+
+    def _records(self) -> np.ndarray:
+        return self.records if self.records is not None else np.arange(len(self), dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- identities and keys
@@ -217,7 +235,9 @@ def _compute(
     num_workers: int,
     device: torch.device,
     progress: bool,
-) -> np.ndarray:
+    max_skipped_fraction: float,
+) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
+    """Features of the readable records, and (record index, path, reason) of the others."""
     loader = DataLoader(
         LabelledImages(data, transform, transform.input_size),
         batch_size=batch_size,
@@ -228,22 +248,41 @@ def _compute(
         generator=torch.Generator().manual_seed(RANDOM_INIT_SEED),
     )
     chunks: list[np.ndarray] = []
+    skipped: list[tuple[int, str, str]] = []
     bar = tqdm(total=len(data), desc="features", unit="img", disable=not progress, dynamic_ncols=True)
+    first = 0
     with torch.inference_mode(), bar:
         for batch in loader:
-            failed = first_error(batch["error"])
-            if failed:
-                raise UserError(f"cannot read image {failed}")
-            images = batch["image"].to(device, non_blocking=True)
-            views = dihedral_views(images) if tta else [images]
-            pooled = sum(pool_tokens(model.forward_features(v), pool, num_prefix_tokens).float() for v in views)
-            chunks.append((pooled / len(views)).cpu().numpy())
-            bar.update(len(images))
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+            errors = batch["error"]
+            skipped += [(first + i, path, error) for i, (path, error) in enumerate(zip(batch["path"], errors)) if error]
+            _stop_if_too_many(data, skipped, max_skipped_fraction)  # before the rest is spent on a lost cause
+            read = [i for i, error in enumerate(errors) if not error]
+            if read:
+                images = batch["image"][read].to(device, non_blocking=True)
+                views = dihedral_views(images) if tta else [images]
+                pooled = sum(pool_tokens(model.forward_features(v), pool, num_prefix_tokens).float() for v in views)
+                chunks.append((pooled / len(views)).cpu().numpy())
+            first += len(errors)
+            bar.update(len(errors))
+    if not chunks:
+        raise UserError(
+            f"{data.name}: none of the {len(data)} images can be read; first {skipped[0][1]}: {skipped[0][2]}"
+        )
+    return np.concatenate(chunks).astype(np.float32, copy=False), skipped
+
+
+def _stop_if_too_many(data: LabelledSet, skipped: Sequence[tuple[int, str, str]], max_fraction: float) -> None:
+    if len(skipped) > max_fraction * len(data):
+        _, path, reason = skipped[0]
+        raise UserError(
+            f"{data.name}: {len(skipped)} of {len(data)} images cannot be read, more than "
+            f"{max_fraction:.1%} of them; first {path}: {reason}"
+        )
 
 
 def _read_cache(stem: Path, n: int) -> tuple[np.ndarray, dict[str, Any]] | None:
-    """A complete, well-formed cache entry, or None (missing or damaged entries are recomputed)."""
+    """A complete, well-formed cache entry for ``n`` records, or None (missing or damaged entries are
+    recomputed); its meta lists the records skipped, which have no row."""
     meta_path, array_path = stem.with_suffix(".json"), stem.with_suffix(".npy")
     if not meta_path.is_file() or not array_path.is_file():
         return None
@@ -252,7 +291,8 @@ def _read_cache(stem: Path, n: int) -> tuple[np.ndarray, dict[str, Any]] | None:
         features = np.load(array_path, allow_pickle=False)
     except (OSError, ValueError):
         return None
-    if features.dtype != np.float32 or features.ndim != 2 or features.shape[0] != n:
+    skipped = meta.get("skipped", [])
+    if features.dtype != np.float32 or features.ndim != 2 or features.shape[0] + len(skipped) != n:
         return None
     return features, meta
 
@@ -279,11 +319,15 @@ def extract_features(
     input_size: int | None = None,
     cache_dir: str | os.PathLike | None | _Default = DEFAULT_CACHE,
     progress: bool = True,
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
 ) -> FeatureSet:
-    """Pooled features of every record of ``data`` from the encoder ``ref``; see the module docstring.
+    """Pooled features of every readable record of ``data`` from the encoder ``ref``; see the module
+    docstring.
 
     Uses the encoder's own mean/std and input size (``input_size`` overrides the size; a ViT is built
     with ``dynamic_img_size``). ``cache_dir=None`` disables the cache. A cache hit builds no model.
+    Unreadable images are left out and named in one warning line; more than ``max_skipped_fraction``
+    of them is a UserError.
     """
     ref = str(ref)
     if pool not in POOLS:
@@ -303,20 +347,32 @@ def extract_features(
     ref_hash = identity_hash(identity)
     labels = np.asarray(data.targets(), dtype=np.int64)
 
-    def result(features: np.ndarray, size: int) -> FeatureSet:
+    def result(features: np.ndarray, size: int, skipped: Sequence[tuple[int, str, str]]) -> FeatureSet:
+        _stop_if_too_many(data, skipped, max_skipped_fraction)
+        if skipped:
+            _, path, reason = skipped[0]
+            print(
+                f"warning: {data.name}: {len(skipped)} of {len(data)} images cannot be read and are left out; "
+                f"first {path}: {reason}",
+                file=sys.stderr,
+            )
+        gone = {int(i) for i, _, _ in skipped}
+        kept = [i for i in range(len(paths)) if i not in gone]
         return FeatureSet(
             features=features,
-            labels=labels,
+            labels=labels[kept],
             classes=tuple(data.classes),
-            groups=[r.group for r in data.records],
-            domains=[r.domain for r in data.records],
-            paths=paths,
+            groups=[data.records[i].group for i in kept],
+            domains=[data.records[i].domain for i in kept],
+            paths=[paths[i] for i in kept],
             encoder_ref=ref,
             encoder_hash=ref_hash,
             data_hash=data_hash,
             pool=pool,
             tta=tta,
             input_size=size,
+            skipped=tuple((path, reason) for _, path, reason in skipped),
+            records=np.asarray(kept, dtype=np.int64) if skipped else None,
         )
 
     # The input size is part of the key; without an override it is the encoder's own, known only
@@ -327,13 +383,24 @@ def extract_features(
         hit = _read_cache(stem, len(paths))
         if hit is not None:
             features, meta = hit
-            return result(features, int(meta.get("input_size", input_size or 0)))
+            return result(features, int(meta.get("input_size", input_size or 0)), meta.get("skipped", []))
 
     model, info = _load_encoder(ref, dev)
     size = int(input_size or info.input_size[-1])
+    encoder_lib.check_input_size(model, size, ref)
     transform = eval_transform(size, info.mean, info.std)
-    features = _compute(
-        model, info.num_prefix_tokens, data, transform, pool, tta, batch_size, num_workers, dev, progress
+    features, skipped = _compute(
+        model,
+        info.num_prefix_tokens,
+        data,
+        transform,
+        pool,
+        tta,
+        batch_size,
+        num_workers,
+        dev,
+        progress,
+        max_skipped_fraction,
     )
     if stem is not None:
         meta = {
@@ -352,6 +419,7 @@ def extract_features(
             "input_size": size,
             "shape": list(features.shape),
             "paths": paths,
+            "skipped": skipped,  # [record index, path, reason]: no row
         }
         _write_cache(stem, features, meta)
-    return result(features, size)
+    return result(features, size, skipped)

@@ -4,11 +4,13 @@
 writes ``config.json`` (architecture, ``model_args`` and ``pretrained_cfg``, so that loading needs
 no keyword argument), ``model.safetensors`` (timm's key names: the encoder entry of the
 checkpoint, so any pretraining method exports the same way) and ``README.md`` (the model card,
-see :mod:`ssl_path.publish.card`).
+see :mod:`ssl_path.publish.card`), then ``files.json``, their names, sizes and sha256.
 
 ``python -m ssl_path.hub push DIR --repo org/name [--private] [--revision BRANCH] [--dry-run]``
-uploads exactly those files with huggingface_hub. The token comes from ``HF_TOKEN`` or ``hf auth
-login``; it is passed to huggingface_hub and never printed or written.
+uploads exactly the files ``files.json`` lists with huggingface_hub, once each matches its size and
+sha256; a folder with any other file, or a file missing or changed, is refused (``--dry-run``
+too). The token comes from ``HF_TOKEN`` or ``hf auth login``; it is passed to huggingface_hub and
+never printed or written.
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@
 
 ``--config`` is a shipped config name (``ssl_path/configs/*.yaml``) or a YAML file; ``key=value``
 overrides any entry (``seed=3``, ``optim.lr=0.001``, ``train.batch_size=32``,
-``dinov2.crops.n_local=4``). The resolved config is written to ``RUN_DIR/config.yaml``.
-Running the same command on an existing run directory resumes it from
-``RUN_DIR/checkpoints/last.pt``; a run directory is never reused with a different config.
+``dinov2.crops.n_local=4``). Every value is checked before anything is built or written. The
+resolved config is written to ``RUN_DIR/config.yaml`` once the method is built. Running the same
+command on an existing run directory resumes it from ``RUN_DIR/checkpoints/last.pt``; a run
+directory with a checkpoint is never reused with a different config, and one without a checkpoint
+yet (a run that failed or was killed before its first) starts afresh with the new config.
 Several processes (torchrun, ``slurm/launch.py``) train with DDP, or FSDP with ``train.strategy=fsdp``.
 """
 
@@ -28,22 +30,27 @@ from ssl_path.core.config import (
     apply_overrides,
     config_path,
     dump_yaml,
+    first_difference,
     from_dict,
+    lookup,
     read_yaml,
     to_dict,
 )
 from ssl_path.core.distributed import DistInfo, barrier, init_distributed
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path, refuse_out_over_inputs, write_json
-from ssl_path.data.loader import shard_loader, shard_urls
-from ssl_path.encoder.checkpoint import checkpoint_path
+from ssl_path.data.loader import SKIPPED, Skip, check_shards, shard_loader, shard_urls
+from ssl_path.encoder.checkpoint import CHECKPOINT_DIR, checkpoint_path
 from ssl_path.methods import PretrainingMethod, methods
 from ssl_path.methods.backbone import ModelConfig
 from ssl_path.training.config import OptimConfig, TrainConfig
-from ssl_path.training.loop import StreamFactory, TrainingDiverged, train
+from ssl_path.training.loop import SKIPS_LOG, StreamFactory, TrainingDiverged, train
+from ssl_path.training.metrics_log import LOSS_PNG, METRICS
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
+# What a run writes into its run dir; a folder holding anything else is not one.
+RUN_DIR_ENTRIES = (CONFIG_FILE, RUN_FILE, METRICS, LOSS_PNG, SKIPS_LOG, CHECKPOINT_DIR)
 # Settings that may change between a run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = (
     "train.num_workers",
@@ -51,6 +58,7 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every",
     "train.keep_every",
     "train.compile",
+    "train.max_skipped_fraction",  # when a run stops for skips, not what it computes until then
 )
 
 
@@ -98,45 +106,35 @@ def resolve_config(name_or_path: str, overrides: Sequence[str] = ()) -> Pretrain
     )
 
 
-def prepare_run_dir(out: Path, config: dict[str, Any], is_main: bool) -> None:
-    """A new run dir gets the config; an existing one must be a run of the same config.
+def check_run_dir(out: Path, config: dict[str, Any]) -> bool:
+    """True where ``out`` starts a fresh run, False where it resumes one; any other folder is refused.
 
-    Every rank checks before any writes (so all of them fail alike), then rank 0 writes.
+    Fresh: ``out`` is new or empty, or a run dir that holds no checkpoint yet (a run that failed or
+    was killed before its first), whatever config it was started with. Resumed: ``out`` holds a
+    checkpoint and the config the run was started with, up to :data:`RESUMABLE_CHANGES`.
+    Only reads, so that every rank checks (and fails alike) before any of them writes.
     """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a run directory")
     saved = out / CONFIG_FILE
-    if saved.is_file():
-        previous = read_yaml(saved)
-        difference = _first_difference(previous, config)
-        if difference is not None and difference not in RESUMABLE_CHANGES:
-            raise UserError(
-                f"--out {out} is a run with a different config ({difference}: "
-                f"{_lookup(previous, difference)!r} there, {_lookup(config, difference)!r} now); use another --out"
-            )
-    elif out.exists() and any(out.iterdir()):
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not saved.is_file():
         raise UserError(f"--out {out} exists and is not a pretraining run directory (no {CONFIG_FILE})")
-    barrier()
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(saved) as tmp:
-            tmp.write_text(dump_yaml(config))
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-            if found is not None:
-                return found
-        return None
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        a, b = list(a), list(b)
-    return None if a == b else prefix.rstrip(".")
-
-
-def _lookup(data: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
+    if not checkpoint_path(out).exists():
+        # Hidden files are temporaries of a write that was killed; any other file in checkpoints/ is one.
+        kept = sorted(str(p.relative_to(out)) for p in out.glob(f"{CHECKPOINT_DIR}/[!.]*"))
+        foreign = [n for n in entries if n not in RUN_DIR_ENTRIES and not n.startswith(".")] + kept
+        if foreign:
+            raise UserError(f"--out {out} holds {foreign[0]} but no {checkpoint_path(out)}; use another --out")
+        return True
+    previous = read_yaml(saved)
+    difference = first_difference(previous, config)
+    if difference is not None and difference not in RESUMABLE_CHANGES:
+        raise UserError(
+            f"--out {out} is a run with a different config ({difference}: "
+            f"{lookup(previous, difference)!r} there, {lookup(config, difference)!r} now); use another --out"
+        )
+    return False
 
 
 def run(
@@ -152,11 +150,21 @@ def run(
     urls = shard_urls(data)  # bad --data fails here, before any model is built
     # A run dir inside a shard folder, or holding one, would mix checkpoints with the data.
     refuse_out_over_inputs(out, sorted({Path(u).parent for u in urls}))
-    device = resolve_device(cfg.train.device, dist_info.local_rank)  # a bad device writes no run dir
+    urls, unreadable = readable_shards(urls, dist_info.is_main)
+    try:
+        device = resolve_device(cfg.train.device, dist_info.local_rank)
+    except UserError as err:
+        raise UserError(f"train: {err}") from None
     config = cfg.to_dict()
-    prepare_run_dir(out, config, dist_info.is_main)
+    fresh = check_run_dir(out, config)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    # Built before anything is written: a config that builds no method leaves the run dir as it was.
+    method = methods()[cfg.method].build(cfg.method_cfg, cfg.model, cfg.train, cfg.seed, device)
     barrier()
-    if dist_info.is_main and not checkpoint_path(out).exists():
+    if fresh and dist_info.is_main:
+        with atomic_path(out / CONFIG_FILE) as tmp:
+            tmp.write_text(dump_yaml(config))
         write_json(
             out / RUN_FILE,
             {
@@ -171,10 +179,8 @@ def run(
                 "torch": str(torch.__version__),
             },
         )
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    method = methods()[cfg.method].build(cfg.method_cfg, cfg.model, cfg.train, cfg.seed, device)
-    stream = shard_stream(method, data, cfg.train, cfg.seed, pin_memory=device.type == "cuda")
+    barrier()
+    stream = shard_stream(method, urls, cfg.train, cfg.seed, pin_memory=device.type == "cuda")
     return train(
         method,
         stream,
@@ -186,7 +192,24 @@ def run(
         max_steps=max_steps,
         progress=progress,
         desc="pretrain",
+        skipped_key=SKIPPED,
+        skipped=unreadable,
     )
+
+
+def readable_shards(urls: list[str], is_main: bool) -> tuple[list[str], list[Skip]]:
+    """``urls`` without the shards that cannot be read at all, named in one warning line, and a Skip
+    for each of those; a UserError naming them when none is left. Cheap: before any model or worker."""
+    unreadable = check_shards(urls)
+    bad = {skip.shard for skip in unreadable}
+    readable = [u for u in urls if u not in bad]
+    named = "; ".join(f"{skip.shard} ({skip.reason})" for skip in unreadable)
+    if not readable:
+        raise UserError(f"--data: none of the {len(bad)} shards can be read: {named}")
+    if unreadable and is_main:
+        total = len(set(urls))
+        print(f"warning: {len(bad)} of {total} shards cannot be read and are left out: {named}", file=sys.stderr)
+    return readable, unreadable
 
 
 def shard_stream(

@@ -6,7 +6,7 @@ import sys
 from typing import Sequence
 
 from ssl_path.core.cli import Parser, add_out, add_overwrite, add_progress, make_parser
-from ssl_path.core.errors import run_cli
+from ssl_path.core.errors import run_cli, terminate_as_interrupt
 from ssl_path.data.stain import METHODS as STAIN_METHODS
 from ssl_path.tiling import TilingParams, make_shards
 
@@ -83,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stain_reference=args.stain_reference,
         stain_strength=args.stain_strength,
     )
-    manifest = make_shards(args.data, args.out, params, overwrite=args.overwrite, progress=not args.no_progress)
+    # SIGTERM (Slurm, kill) unwinds like Ctrl-C: workers stopped, the half-written folder removed.
+    with terminate_as_interrupt():
+        manifest = make_shards(args.data, args.out, params, overwrite=args.overwrite, progress=not args.no_progress)
     print(
         f"wrote {manifest['total']} tiles from {len(manifest['sources'])} files into "
         f"{len(manifest['shards'])} shards in {args.out} ({len(manifest['skipped'])} skipped)"

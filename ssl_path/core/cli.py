@@ -58,23 +58,30 @@ def add_seed(
     parser.add_argument("--seed", type=int, default=default, help=help)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` (CUDA where there is one, else CPU), ``cpu``, ``cuda`` (this process's local GPU) or ``cuda:N``."""
+def parse_device(name: str) -> tuple[str, int | None]:
+    """The kind (auto, cpu, cuda) and index of a device name: its spelling only, so a config is
+    checked where there is no GPU; whether the device exists is :func:`resolve_device`'s question."""
     match = _DEVICE.match(str(name).strip())
     if match is None:
         raise UserError(f"device {name!r} is not one of {DEVICES}")
     kind, index = match.group(1), match.group(2)
+    if kind == "auto" and index is not None:
+        raise UserError(f"device {name!r} is not one of {DEVICES}")
+    if kind == "cpu" and index is not None:
+        raise UserError(f"device {name!r}: the CPU takes no index")
+    return kind, None if index is None else int(index)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` (CUDA where there is one, else CPU), ``cpu``, ``cuda`` (this process's local GPU) or ``cuda:N``."""
+    kind, index = parse_device(name)
     if kind == "auto":
-        if index is not None:
-            raise UserError(f"device {name!r} is not one of {DEVICES}")
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cpu":
-        if index is not None:
-            raise UserError(f"device {name!r}: the CPU takes no index")
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU (use --device cpu)")
-    device = int(index) if index is not None else local_rank
+        raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU (use cpu instead)")
+    device = index if index is not None else local_rank
     if device >= torch.cuda.device_count():
         raise UserError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return torch.device("cuda", device)

@@ -3,12 +3,15 @@
 A config is a tree of dataclasses; :func:`from_dict` builds one from plain data, checking every
 key and converting values to the declared types (tuples, floats given as ints, ...), so a typo in a
 YAML file or on the command line is one clear error instead of a silently ignored setting.
-Fields typed ``dict`` take any keys (e.g. timm model kwargs).
+Fields typed ``dict`` take any keys (e.g. timm model kwargs). Values are checked for range and
+choice by each dataclass's ``__post_init__``, which raises :class:`~ssl_path.core.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +23,22 @@ from ssl_path.core.errors import ConfigError, UserError
 
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where ``1e-3`` (no dot) is a string; YAML 1.2 and everyone else read a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as plain data, with ``1e-3`` a number."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def config_path(name_or_path: str) -> Path:
@@ -38,7 +57,7 @@ def config_path(name_or_path: str) -> Path:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        content = yaml.safe_load(path.read_text())
+        content = load_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"{path}: unreadable YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(content, dict):
@@ -54,7 +73,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if not eq or not key:
             raise UserError(f"override {item!r} is not key=value (e.g. optim.lr=0.001)")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = load_yaml(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
         node = out
@@ -71,11 +90,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     """Build dataclass ``cls`` from a mapping, validating keys and converting types."""
     if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
     hints = typing.get_type_hints(cls)
     values = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
     try:
@@ -101,6 +120,26 @@ def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first value that differs between two config trees (lists equal tuples)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return None if a == b else prefix.rstrip(".")
+
+
+def lookup(data: Any, dotted: str) -> Any:
+    """``data["a"]["b"]`` for ``"a.b"``; None where a part is missing."""
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -113,41 +152,41 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 continue
             try:
                 return _convert(option, value, where)
-            except UserError as err:
+            except ConfigError as err:
                 errors.append(str(err))
-        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, where) for v in value)
         if len(args) != len(value):
-            raise UserError(f"{where}: expected {len(args)} values, got {list(value)}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)}")
         return tuple(_convert(a, v, where) for a, v in zip(args, value))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise UserError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     return value
 

@@ -7,10 +7,14 @@
   before any work starts (:func:`check_out_file`, :func:`check_out_dir`).
 - An output may never equal, contain or lie inside what the stage reads (its inputs, a run
   directory, a checkpoint): :func:`refuse_out_over_inputs`.
+- A full disk (or quota, or file-size limit) while writing is one :class:`DiskFullError` naming the
+  file, raised by :func:`atomic_path` and :func:`atomic_dir` whatever did the writing (a tar
+  writer, ``json``, PIL, ``torch.save``); the partial file is removed as for any other failure.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,6 +24,42 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ssl_path.core.errors import UserError
+
+# Errors that mean "no room for this file": free space, quota, or RLIMIT_FSIZE / a file system's size cap.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(UserError, OSError):
+    """Writing ``path`` failed for lack of room: a full disk, an exhausted quota or a file-size limit.
+
+    Still the OSError it was (``errno``, ``filename``): code that makes a write optional by catching
+    OSError (a cache) keeps doing so.
+    """
+
+    def __init__(self, path: str | os.PathLike, errno_: int) -> None:
+        super().__init__(errno_, os.strerror(errno_), str(path))
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.strerror}; free some space or choose another output"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.path, self.errno)
+
+
+def _no_room(err: BaseException) -> int | None:
+    """The errno of a lack-of-room OSError that caused ``err``, if one did.
+
+    Writers wrap it: torch.save raises a RuntimeError whose context is the OSError of the write.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in _NO_ROOM:
+            return cause.errno
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def make_public(path: str | os.PathLike) -> None:
@@ -32,18 +72,28 @@ def make_public(path: str | os.PathLike) -> None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A lack of room anywhere, in the block or in making the temporary file, is a :class:`DiskFullError`
+    naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    make_public(tmp_path)
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        make_public(tmp_path)
         yield tmp_path
         os.replace(tmp_path, path)
+    except Exception as err:
+        code = _no_room(err)
+        if code is None or isinstance(err, DiskFullError):
+            raise
+        raise DiskFullError(path, code) from err
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
@@ -107,11 +157,18 @@ def atomic_dir(
     """Yield an empty temporary folder beside ``out``; it becomes ``out`` only if the block succeeds.
 
     :func:`check_out_dir` runs first; an old ``out`` is replaced only at the end, so a failed or
-    killed run leaves it as it was.
+    killed run leaves it as it was. A lack of room is a :class:`DiskFullError` naming the file, as it
+    will be called in ``out``, or ``out`` where the file is not known.
     """
     out = check_out_dir(out, overwrite, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as err:
+        code = _no_room(err)
+        if code is None:
+            raise
+        raise DiskFullError(out, code) from err
     make_public(tmp)
     try:
         yield tmp
@@ -123,6 +180,20 @@ def atomic_dir(
             shutil.rmtree(previous)
         else:
             os.replace(tmp, out)
+    except Exception as err:
+        if isinstance(err, DiskFullError):
+            where, code = err.path, err.errno
+        else:
+            found = _no_room(err)
+            if found is None:
+                raise
+            where, code = Path(getattr(err, "filename", None) or out), found
+        # The temporary folder is gone once this returns: name the file by its place in ``out``.
+        if where == tmp or tmp in where.parents:
+            where = out / where.relative_to(tmp)
+        if isinstance(err, DiskFullError) and where == err.path:
+            raise
+        raise DiskFullError(where, code) from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

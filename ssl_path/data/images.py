@@ -5,15 +5,17 @@ and the default normalisation statistics.
 from __future__ import annotations
 
 import io
+import struct
+import warnings
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from ssl_path.core.errors import UserError
+from ssl_path.core.errors import UserError, first_line
 
 # Suffixes by reader: Pillow, tifffile (pyramidal TIFF level by level), OpenSlide (whole slides).
 PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
@@ -42,11 +44,7 @@ def as_rgb_tensor(image: ImageLike) -> Tensor:
             raise UserError(f"image not found: {path}")
         image = path.read_bytes()
     if isinstance(image, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(image)) as img:
-                image = _pil_to_array(img)
-        except OSError as err:
-            raise UserError(f"cannot decode image ({len(image)} bytes): {err}") from None
+        image = _decode(image)
     if isinstance(image, Image.Image):
         image = _pil_to_array(image)
     if isinstance(image, np.ndarray):
@@ -60,6 +58,29 @@ def as_rgb_tensor(image: ImageLike) -> Tensor:
             raise UserError(f"expected a uint8 [3, H, W] RGB tensor, got {image.dtype} {tuple(image.shape)}")
         return image
     raise UserError(f"cannot read an image from {type(image).__name__}")
+
+
+def _decode(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """Encoded bytes to uint8 [H, W, 3]; a file that does not decode is a UserError saying why.
+
+    Warnings raised while decoding never reach the terminal, where a data worker would print them
+    once per process, away from the image they concern: when decoding fails they join its reason,
+    and an image that decodes is good whatever was said about it (its EXIF, say).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return _pil_to_array(img)
+        except UnidentifiedImageError:
+            reason = "not an image format Pillow reads"
+        # What Pillow raises on damaged data besides OSError: SyntaxError and struct.error from
+        # malformed headers, ValueError, EOFError, and the decompression-bomb guard.
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError) as err:
+            reason = first_line(err)
+    said = "; ".join(dict.fromkeys(first_line(w.message) for w in caught))
+    warned = f" (warned: {said})" if said else ""
+    raise UserError(f"cannot decode image ({len(data)} bytes): {reason}{warned}")
 
 
 def _pil_to_array(img: Image.Image) -> np.ndarray:

@@ -1,14 +1,14 @@
 """A labelled set as tensors, for probes and heads: the records a reader returned, through a transform.
 
-Every item is ``{"image": float [3, S, S], "target": class id (-1 unlabelled), "error": ""}``. An image
-that cannot be read comes back as a blank placeholder with its one-line reason in ``"error"``, so
-that the reason stays one line from a DataLoader worker process (which would wrap a raised
-exception in a traceback) and the caller decides whether to skip it or stop.
+Every item is ``{"image": float [3, S, S], "target": class id (-1 unlabelled), "path": str, "error": ""}``.
+An image that cannot be read comes back as a blank placeholder with its one-line reason in
+``"error"``, so that the reason stays one line from a DataLoader worker process (which would wrap a
+raised exception in a traceback) and the caller skips and counts it, or stops.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -30,13 +30,9 @@ class LabelledImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
         try:
-            image, error = self.transform(self.paths[index]), ""
+            image, error = self.transform(path), ""
         except UserError as err:
-            image, error = torch.zeros(3, self.size, self.size), f"{self.paths[index]}: {err}"
-        return {"image": image, "target": self.targets[index], "error": error}
-
-
-def first_error(errors: Sequence[str]) -> str | None:
-    """The first reason in a collated batch's ``"error"`` list, None when every image was read."""
-    return next((e for e in errors if e), None)
+            image, error = torch.zeros(3, self.size, self.size), str(err)
+        return {"image": image, "target": self.targets[index], "path": path, "error": error}

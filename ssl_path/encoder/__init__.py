@@ -18,11 +18,14 @@ import os
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
+from ssl_path.core.errors import UserError, first_line
 from ssl_path.encoder.checkpoint import encoder_entry, read_checkpoint
 from ssl_path.encoder.info import (
     EncoderInfo,
+    check_input_size,
     default_dense_blocks,
     encoder_info,
     feature_maps,
@@ -41,6 +44,7 @@ __all__ = [
     "EncoderRef",
     "ModelArgumentError",
     "RefError",
+    "check_input_size",
     "checkpoint_file",
     "default_dense_blocks",
     "encoder_info",
@@ -62,7 +66,10 @@ def load(
     elif resolved.kind == "hf-hub":
         model = create_timm(resolved.name, pretrained=True, ref=resolved.text, **model_kwargs)
     elif resolved.kind == "export":
-        model = create_timm(f"local-dir:{resolved.path}", pretrained=True, ref=resolved.text, **model_kwargs)
+        try:
+            model = create_timm(f"local-dir:{resolved.path}", pretrained=True, ref=resolved.text, **model_kwargs)
+        except SafetensorError as err:  # not an OSError: create_timm lets it through
+            raise UserError(f"{resolved.weights_files()[0]}: damaged safetensors file ({first_line(err)})") from None
     else:
         path = resolved.path
         model = model_from_entry(encoder_entry(read_checkpoint(path), path), str(path), model_kwargs)

@@ -39,6 +39,16 @@ def patch_size(vit: nn.Module) -> int:
     return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
 
 
+def check_input_size(model: nn.Module, size: int, ref: str = "") -> None:
+    """Refuse an image side a ViT cannot cut into whole patches (timm would assert deep in the forward)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or getattr(embed, "dynamic_img_pad", False):
+        return
+    patch = patch_size(model)
+    if size % patch:
+        raise UserError(f"input size {size} is not a multiple of the patch size {patch} of {ref or 'the encoder'}")
+
+
 def encoder_info(model: nn.Module, ref: str = "") -> EncoderInfo:
     """Describe a timm model: dims, patching and normalisation from its ``pretrained_cfg``."""
     cfg = getattr(model, "pretrained_cfg", None) or {}

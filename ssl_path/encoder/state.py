@@ -39,6 +39,8 @@ def create_timm(name: str, pretrained: bool, ref: str, **kwargs: Any) -> nn.Modu
     """``timm.create_model(name, num_classes=0)``, its failures as one-line user errors."""
     if not name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(name):
         raise UserError(f"unknown timm architecture in encoder ref {ref!r} (see timm.list_models())")
+    if name.startswith("hf-hub:") and pretrained:
+        _refuse_unreachable_hub(name.removeprefix("hf-hub:"), ref)
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except TypeError as err:
@@ -46,6 +48,36 @@ def create_timm(name: str, pretrained: bool, ref: str, **kwargs: Any) -> nn.Modu
     except (OSError, ValueError, RuntimeError) as err:
         # Hub misses (offline, unknown repo, missing files) surface as these.
         raise UserError(f"cannot load encoder {ref!r}: {first_line(err)}") from None
+
+
+def _refuse_unreachable_hub(repo_ref: str, ref: str) -> None:
+    """Fail at once, in one line, when a Hub model is neither in the local cache nor reachable.
+
+    huggingface_hub retries a file it has not cached for half a minute, logging every try; one
+    request of its own without retries (within its ``HF_HUB_ETAG_TIMEOUT``) first tells whether the
+    Hub answers at all. Offline mode (``HF_HUB_OFFLINE=1``) reads the cache only and needs no check.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    repo, _, revision = repo_ref.partition("@")  # timm's hf-hub:ORG/NAME[@REVISION]
+    if constants.is_offline_mode():
+        return
+    try:
+        if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision or None), str):
+            return  # cached: huggingface_hub falls back to it without retrying
+        get_hf_file_metadata(
+            hf_hub_url(repo, "config.json", revision=revision or None), timeout=constants.HF_HUB_ETAG_TIMEOUT
+        )
+    except HFValidationError as err:
+        raise UserError(f"encoder ref {ref!r} does not name a Hub repo: {first_line(err)}") from None
+    except HfHubHTTPError:
+        return  # the Hub answered: a missing repo or file is reported by the load itself
+    except Exception as err:  # no HTTP answer at all (refused, timed out, no route, DNS): same to a user
+        raise UserError(
+            f"cannot load encoder {ref!r}: the Hub at {constants.ENDPOINT} cannot be reached ({first_line(err)}); "
+            "set HF_HUB_OFFLINE=1 to use only the local cache"
+        ) from None
 
 
 def encoder_state(

@@ -10,12 +10,17 @@ A results file is a JSON object::
       "created": "2025-01-01T12:00:00+00:00",  # UTC, ISO 8601
       "ssl_path_version": "0.1.0",
       "encoder": {"ref": ..., "hash": ...},    # hash: the feature cache's encoder hash
-      "dataset": {"train": SPEC, "test": SPEC, "n_train": int, "n_test": int, "classes": [...]},
+      "dataset": {"train": SPEC, "test": SPEC, "n_train": int, "n_test": int, "classes": [...],
+                  "n_skipped": int, "skipped": [{"path": ..., "reason": ...}, ...]},
       "split": {...},                          # how train and test were chosen
       "seeds": [int, ...],
       "metrics": {...} or [{...}, ...],        # named rows or a list of rows
       "config": {...}                          # every setting needed to run it again
     }
+
+``n_train`` and ``n_test`` count the images evaluated; an image that could not be read is left out
+and listed under ``skipped`` with its reason (``n_skipped`` of them, train and test together). Both
+are optional: files written before they existed have neither, and mean none was skipped.
 
 The evaluation that writes a file states its task and title, so a reader never keeps a table of
 evaluation names. A v1 file (no task, no title: only frozen-feature classification probes wrote
@@ -139,6 +144,9 @@ def _problem(results: Any) -> str | None:
         lacking = [k for k in keys if k not in part]
         if lacking:
             return f"{key} lacks {', '.join(lacking)}"
+    skipped = results["dataset"].get("skipped", [])
+    if not isinstance(skipped, list) or results["dataset"].get("n_skipped", len(skipped)) != len(skipped):
+        return "dataset skipped must be a list of n_skipped entries"
     for key in ("split", "config"):
         if not isinstance(results[key], dict):
             return f"{key} must be an object"

@@ -13,7 +13,7 @@ import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ssl_path.core.errors import UserError
+from ssl_path.core.errors import ConfigError, UserError
 from ssl_path.encoder.state import published_kwargs
 
 
@@ -25,11 +25,14 @@ class ModelConfig:
     kwargs: dict = field(default_factory=lambda: {"reg_tokens": 4, "init_values": 1.0e-5, "drop_path_rate": 0.3})
     drop_path_uniform: bool = True  # dinov2: the same drop-path rate in every block, not timm's linear ramp
 
+    def __post_init__(self) -> None:
+        # A name lookup, so a typo fails with the config rather than after the run dir is made.
+        if not timm.is_model(self.arch):
+            raise ConfigError(f"arch {self.arch!r} is not a timm architecture (see timm.list_models())")
+
 
 def build_vit(model: ModelConfig) -> nn.Module:
     """The timm ViT of ``model`` (``num_classes=0``, ``dynamic_img_size`` so crops of any size fit)."""
-    if not timm.is_model(model.arch):
-        raise UserError(f"model.arch {model.arch!r} is not a timm architecture")
     try:
         vit = timm.create_model(model.arch, pretrained=False, num_classes=0, **encoder_kwargs(model, training=True))
     except TypeError as err:

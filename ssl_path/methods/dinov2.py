@@ -99,6 +99,25 @@ class DINOv2Config:
             raise ConfigError(f"photometric must be auto, workers or device, not {self.photometric!r}")
         if self.crops.n_global < 2:
             raise ConfigError("DINOv2 needs at least 2 global crops")
+        for name in ("n_prototypes", "ibot_n_prototypes", "head_hidden_dim", "head_bottleneck_dim", "head_n_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.sinkhorn_iterations < 1:
+            raise ConfigError(f"sinkhorn_iterations must be >= 1, not {self.sinkhorn_iterations}")
+        weights = ("dino_loss_weight", "ibot_loss_weight", "koleo_loss_weight")
+        for name in (*weights, "warmup_teacher_temperature_epochs", "freeze_last_layer_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if not any(getattr(self, name) > 0 for name in weights):
+            raise ConfigError(f"at least one of {', '.join(weights)} must be > 0")
+        for name in ("student_temperature", "teacher_temperature", "warmup_teacher_temperature"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, not {getattr(self, name)}")
+        for name in ("center_momentum", "mask_probability", "momentum_teacher", "final_momentum_teacher"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if len(self.mask_ratio) != 2 or not 0 <= self.mask_ratio[0] <= self.mask_ratio[1] <= 1:
+            raise ConfigError(f"mask_ratio must be two increasing numbers in [0, 1], not {list(self.mask_ratio)}")
 
 
 class DINOHead(nn.Module):

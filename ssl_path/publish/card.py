@@ -22,12 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+import jinja2
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 import ssl_path
 from ssl_path.core.config import dump_yaml
-from ssl_path.core.errors import UserError
+from ssl_path.core.errors import UserError, first_line
 from ssl_path.data.readers.spec import parse_spec
 from ssl_path.encoder import EncoderInfo
 from ssl_path.evaluation.metrics import SCORES
@@ -37,6 +39,9 @@ from ssl_path.publish.records import TrainingRecord
 TEMPLATE = "encoder.md"
 BASE_TAGS = ("pathology", "histology", "self-supervised", "image-feature-extraction", "timm", "ssl-path")
 PIPELINE_TAG = "image-feature-extraction"
+# What a user's template can raise while it renders: Jinja's own errors, a Python error in one of
+# its expressions, or front matter that is not YAML. The shipped template raising one is a bug, kept.
+TEMPLATE_ERRORS = (jinja2.TemplateError, yaml.YAMLError, ArithmeticError, LookupError, TypeError, ValueError)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -169,12 +174,19 @@ def _slug(name: str) -> str:
 
 
 def template_text(template: Path | None = None) -> str:
-    """The card template: ``template`` if given, else the shipped ``model_cards/encoder.md``."""
-    if template is not None:
-        if not Path(template).is_file():
-            raise UserError(f"card template {template} does not exist")
-        return Path(template).read_text()
-    return resources.files("model_cards").joinpath(TEMPLATE).read_text()
+    """The card template: ``template`` if given (its Jinja syntax checked), else the shipped ``model_cards/encoder.md``."""
+    if template is None:
+        return resources.files("model_cards").joinpath(TEMPLATE).read_text()
+    if not Path(template).is_file():
+        raise UserError(f"card template {template} does not exist")
+    try:
+        text = Path(template).read_text()
+        jinja2.Environment().parse(text)
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"card template {template}: unreadable ({first_line(err)})") from None
+    except jinja2.TemplateSyntaxError as err:
+        raise UserError(f"card template {template}: line {err.lineno}: {err.message}") from None
+    return text
 
 
 def build_card(
@@ -229,4 +241,10 @@ def build_card(
         "year": datetime.now(timezone.utc).year,
         "ssl_path_version": ssl_path.__version__,
     }
-    return ModelCard.from_template(card_data, template_str=template_text(template), **context)
+    text = template_text(template)
+    try:
+        return ModelCard.from_template(card_data, template_str=text, **context)
+    except TEMPLATE_ERRORS as err:
+        if template is None:
+            raise
+        raise UserError(f"card template {template}: {type(err).__name__}: {first_line(err)}") from None

@@ -2,22 +2,26 @@
 (architecture, ``model_args`` and ``pretrained_cfg``, so that loading needs no keyword argument),
 ``model.safetensors`` (timm's key names: the encoder entry of the checkpoint, so any method exports
 the same way) and ``README.md`` (the model card, :mod:`ssl_path.publish.card`).
+
+``files.json`` lists those files with their sizes and sha256 (:func:`write_file_list`): it is what
+:mod:`ssl_path.publish.push` uploads, and checks first, so that a stray or damaged file never goes up.
+It stays local: the Hub keeps its own sha256 of every file it stores.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from timm.models import save_for_hf
 
 from ssl_path.core.errors import UserError, first_line
-from ssl_path.core.io import atomic_dir, check_out_dir, make_public
+from ssl_path.core.io import atomic_dir, check_out_dir, make_public, write_json
 from ssl_path.encoder.checkpoint import encoder_entry, read_checkpoint
-from ssl_path.encoder.identity import encoder_hash
+from ssl_path.encoder.identity import encoder_hash, file_digest
 from ssl_path.encoder.info import encoder_info
 from ssl_path.encoder.refs import checkpoint_file
 from ssl_path.encoder.state import model_from_entry, published_kwargs
@@ -29,6 +33,8 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CARD = "README.md"
 EXPORTED = (CONFIG, WEIGHTS, CARD)
+FILE_LIST = "files.json"
+FILE_LIST_FORMAT = "ssl-path-export-files/1"
 DEFAULT_LICENSE = "other"
 # timm's pretrained_cfg keys that describe where an upstream checkpoint came from, not this one.
 UPSTREAM_CFG_KEYS = (
@@ -108,7 +114,19 @@ def export(
         card.save(tmp / CARD)
         for file in tmp.iterdir():
             make_public(file)
+        write_file_list(tmp)
     return out
+
+
+def write_file_list(folder: Path) -> list[dict[str, Any]]:
+    """Write ``folder/files.json``: every file of the export (name relative to it, size, sha256)."""
+    files = [
+        {"name": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": file_digest(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() != FILE_LIST
+    ]
+    write_json(folder / FILE_LIST, {"format": FILE_LIST_FORMAT, "files": files})
+    return files
 
 
 def check_repo_id(repo: str, flag: str, with_org: bool = True) -> None:

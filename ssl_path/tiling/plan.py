@@ -37,6 +37,7 @@ from ssl_path.tiling.slides import (
     error_summary,
     open_slide,
     read_thumbnail,
+    reader_notes,
 )
 from ssl_path.tiling.tissue import TissueMap, tissue_mask
 
@@ -100,20 +101,21 @@ def plan_source(source: Source, params: TilingParams) -> PlanResult:
         slide = _open_cached(source.path)
     except SlideError as err:
         return PlanResult(source, skip_reason=err.reason)
-    try:
-        geometry = tile_geometry(slide, params)
-        corners = tile_grid(slide.level_dimensions[geometry.level], geometry.read_size, geometry.step)
-        if not corners:
-            w, h = slide.dimensions
-            return PlanResult(
-                source,
-                skip_reason=f"image {w}x{h} px is smaller than one tile ({params.tile_size} px "
-                f"at downsample {geometry.downsample:g} = {geometry.extent:.0f} level-0 px)",
-            )
-        thumbnail, scale = read_thumbnail(slide, _mask_downsample(slide, geometry))
-        tissue = TissueMap(tissue_mask(thumbnail)[0], scale)
-    except Exception as err:  # a decoder failing mid-file is a bad input, not a bug here
-        return PlanResult(source, skip_reason=f"unreadable: {error_summary(err)}")
+    with reader_notes() as notes:
+        try:
+            geometry = tile_geometry(slide, params)
+            corners = tile_grid(slide.level_dimensions[geometry.level], geometry.read_size, geometry.step)
+            if not corners:
+                w, h = slide.dimensions
+                return PlanResult(
+                    source,
+                    skip_reason=f"image {w}x{h} px is smaller than one tile ({params.tile_size} px "
+                    f"at downsample {geometry.downsample:g} = {geometry.extent:.0f} level-0 px)",
+                )
+            thumbnail, scale = read_thumbnail(slide, _mask_downsample(slide, geometry))
+            tissue = TissueMap(tissue_mask(thumbnail)[0], scale)
+        except Exception as err:  # a decoder failing mid-file is a bad input, not a bug here
+            return PlanResult(source, skip_reason=f"unreadable: {error_summary(err, notes)}")
 
     positions = []
     for lx, ly in corners:
@@ -154,17 +156,18 @@ def _encode_tiles(
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(source.path).stem)[:80]
     tiles, errors = [], []
     for x, y, fraction in positions:
-        try:
-            rgb = slide.read_region(x, y, geometry.level, (geometry.read_size, geometry.read_size))
-            if geometry.read_size != params.tile_size:
-                size = (params.tile_size, params.tile_size)
-                rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
-            if normalize is not None:
-                rgb = normalize(rgb)
-            image = _encode_image(rgb, params.format, params.quality)
-        except Exception as err:  # one unreadable tile (a corrupt JPEG block) must not lose the slide
-            errors.append(f"tile at ({x}, {y}): {error_summary(err)}")
-            continue
+        with reader_notes() as notes:
+            try:
+                rgb = slide.read_region(x, y, geometry.level, (geometry.read_size, geometry.read_size))
+                if geometry.read_size != params.tile_size:
+                    size = (params.tile_size, params.tile_size)
+                    rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+                if normalize is not None:
+                    rgb = normalize(rgb)
+                image = _encode_image(rgb, params.format, params.quality)
+            except Exception as err:  # one unreadable tile (a corrupt JPEG block) must not lose the slide
+                errors.append(f"tile at ({x}, {y}): {error_summary(err, notes)}")
+                continue
         meta = {
             "source": source.path,
             "x": x,

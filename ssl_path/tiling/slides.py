@@ -9,15 +9,20 @@
   region of a 100k-pixel level costs the tiles it touches, not the level;
 - PIL for PNG, JPEG, BMP (decoded once, one level).
 
-A file no backend can read raises :class:`SlideError` with each backend's reason.
+A file no backend can read raises :class:`SlideError` with each backend's reason. What a library
+says on the side while reading (tifffile's log records, PIL's warnings on a damaged file) is
+collected by :func:`reader_notes` and joins that reason, instead of reaching the terminal.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -40,6 +45,7 @@ __all__ = [
     "open_slide",
     "best_level",
     "read_thumbnail",
+    "reader_notes",
     "error_summary",
 ]
 
@@ -353,10 +359,11 @@ def open_slide(path: str | Path) -> Slide:
         raise SlideError(path, "empty file")
     errors = []
     for name, backend in _backends(path):
-        try:
-            return backend(path)
-        except Exception as err:  # any decoder's failure on a user file means "try the next backend"
-            errors.append(f"{name}: {error_summary(err)}")
+        with reader_notes() as notes:
+            try:
+                return backend(path)
+            except Exception as err:  # any decoder's failure on a user file means "try the next backend"
+                errors.append(f"{name}: {error_summary(err, notes)}")
     raise SlideError(path, f"unreadable ({'; '.join(errors)})")
 
 
@@ -432,10 +439,56 @@ def _float(value: Any) -> float | None:
     return result if math.isfinite(result) else None
 
 
-def error_summary(err: BaseException, limit: int = 160) -> str:
-    """One short line for an exception: its type and the first line of its message."""
+class _NoteHandler(logging.Handler):
+    def __init__(self, notes: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.notes = notes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notes.append(f"{record.name}: {record.getMessage()}")
+
+
+@contextmanager
+def reader_notes() -> Iterator[list[str]]:
+    """Within the block, warnings and log records of WARNING and above go into the yielded list, not to stderr.
+
+    A reader's complaints explain why a file failed (tifffile logs "invalid offset to first page" on
+    a truncated slide before failing); on a file that reads they are dropped. Meant for a reading
+    process (a tiling worker, or the stage with ``--workers 1``): warning filters are process-wide.
+    """
+    notes: list[str] = []
+    handler = _NoteHandler(notes)
+    root = logging.getLogger()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+
+        def note_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            notes.append(f"{category.__name__}: {message}")
+
+        warnings.showwarning = note_warning  # restored by catch_warnings
+        # A handler on the root logger also keeps logging's last-resort stderr handler out.
+        root.addHandler(handler)
+        try:
+            yield notes
+        finally:
+            root.removeHandler(handler)
+
+
+def error_summary(err: BaseException, notes: Sequence[str] = (), limit: int = 160) -> str:
+    """One short line for an exception: its type and the first line of its message, then what the
+    reader said on the side (``notes`` from :func:`reader_notes`), in brackets."""
     if isinstance(err, SlideError):
-        return err.reason
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(err).__name__}: {text}"
+        text = err.reason
+    else:
+        text = f"{type(err).__name__}: {_clip(str(err), limit) or type(err).__name__}"
+    said = list(dict.fromkeys(_clip(n, limit) for n in notes))
+    if said:
+        more = f"; {len(said) - 3} more" if len(said) > 3 else ""
+        text += f" [{'; '.join(said[:3])}{more}]"
+    return text
+
+
+def _clip(text: str, limit: int) -> str:
+    """The first line of ``text``, squeezed and cut to ``limit`` characters."""
+    line = " ".join(text.strip().splitlines()[0].split()) if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."

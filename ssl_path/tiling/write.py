@@ -9,16 +9,22 @@ json}``, then ``OUT/manifest.json``. The output is the same whatever ``--workers
 encode, the main process writes in a fixed order.
 
 Files that cannot be used (unreadable, empty, no tissue) are skipped and listed in the manifest.
+Worker processes end with the stage however it ends, SIGKILL included (:func:`_init_worker`); a
+failed or stopped run leaves no shard behind, and a full disk is one error naming the file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import webdataset as wds
 from tqdm import tqdm
@@ -36,16 +42,24 @@ from ssl_path.tiling.plan import (
 )
 
 _TAR_MTIME = 0  # fixed member times: the same tiles give byte-identical shards
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class _ShardWriter:
-    """Writes samples into ``shard-%06d.tar`` files of ``per_shard`` samples, each renamed into place when full."""
+    """Writes samples into ``shard-%06d.tar`` files of ``per_shard`` samples, each renamed into place when full.
+
+    A shard's :func:`atomic_path`, file and tar are one stack. An error while finishing a shard (the
+    tar's end, the close) runs through it; any other error, a full disk while writing a sample
+    included, is handed to :meth:`abort`. Either way :func:`atomic_path` sees it, names the shard
+    (a :class:`~ssl_path.core.io.DiskFullError` for a full disk) and removes the temporary file.
+    """
 
     def __init__(self, out: Path, per_shard: int) -> None:
         self.out, self.per_shard = out, per_shard
         self.shards: list[dict[str, Any]] = []
         self._stack: ExitStack | None = None
         self._tar: wds.TarWriter | None = None
+        self._stream: BinaryIO | None = None
         self._count = 0
 
     def write(self, tile: Tile, ext: str) -> None:
@@ -53,36 +67,60 @@ class _ShardWriter:
             self._open()
         assert self._tar is not None
         meta = json.dumps(tile.meta, sort_keys=True).encode("utf-8")
-        self._tar.write({"__key__": tile.key, f"img.{ext}": tile.image, "json": meta})
+        self._tar.write({"__key__": tile.key, f"img.{ext}": tile.image, "json": meta})  # failing: see abort()
         self._count += 1
         if self._count == self.per_shard:
             self._finish()
 
     def _open(self) -> None:
         name = SHARD_NAME.format(len(self.shards))
-        self._stack = ExitStack()
-        tmp = self._stack.enter_context(atomic_path(self.out / name))
-        stream = self._stack.enter_context(open(tmp, "wb"))
-        self._tar = wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME)
-        self._stack.callback(self._tar.close)  # runs before the file closes and the rename
+        with ExitStack() as stack:
+            tmp = stack.enter_context(atomic_path(self.out / name))
+            stream = stack.enter_context(open(tmp, "wb"))
+            tar = wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME)
+            stack.callback(self._close_tar)  # runs before the file closes and the rename
+            self._stack = stack.pop_all()
+        self._tar, self._stream = tar, stream
         self.shards.append({"name": name, "count": 0})
+
+    def _close_tar(self) -> None:
+        if self._tar is not None:  # None once aborted: a dropped shard needs no tar trailer
+            self._tar.close()
 
     def _finish(self) -> None:
         assert self._stack is not None
-        self._stack.close()
-        self.shards[-1]["count"] = self._count
-        self._stack, self._tar, self._count = None, None, 0
+        stack, count = self._stack, self._count
+        try:
+            stack.close()  # the tar's end, the file's close and the rename: any error reaches atomic_path
+        except BaseException:
+            self.shards.pop()
+            raise
+        finally:
+            self._stack, self._tar, self._stream, self._count = None, None, None, 0
+        self.shards[-1]["count"] = count
 
     def close(self) -> None:
         if self._tar is not None:
             self._finish()
 
-    def abort(self) -> None:
-        """Drop the shard being written: its temporary file is removed, nothing is renamed."""
-        if self._stack is not None:
-            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
-            self.shards.pop()
-            self._stack, self._tar, self._count = None, None, 0
+    def abort(self, err: BaseException) -> None:
+        """Drop the shard being written because of ``err``: its temporary file is removed, nothing is renamed.
+
+        Raises what :func:`atomic_path` makes of ``err`` (a :class:`DiskFullError` for a full disk).
+        """
+        if self._stack is None:
+            return
+        stack, tar, stream = self._stack, self._tar, self._stream
+        self._stack, self._tar, self._stream, self._count = None, None, None, 0
+        self.shards.pop()
+        assert tar is not None and stream is not None
+        # The dropped shard's bytes need not reach the disk: the file is closed first, so that neither
+        # a flush into a full disk nor the tar's end replaces ``err`` as the reason for stopping.
+        with suppress(OSError):
+            stream.close()
+        with suppress(ValueError):  # the tar's end goes into the closed file: nothing is written
+            tar.close()
+        stack.__exit__(type(err), err, err.__traceback__)
 
 
 def make_shards(
@@ -115,7 +153,7 @@ def _write_shards(
     executor: Any = InProcess()
     pool = None
     if params.workers > 1:
-        pool = ProcessPoolExecutor(max_workers=params.workers)
+        pool = ProcessPoolExecutor(max_workers=params.workers, initializer=_init_worker, initargs=(os.getpid(),))
         executor = pool
     bar = tqdm(total=len(sources), desc="tiling", unit="file", disable=not progress, dynamic_ncols=True)
     total = 0
@@ -135,8 +173,8 @@ def _write_shards(
                 bar.update(1)
                 bar.set_postfix(tiles=total, refresh=False)
         writer.close()
-    except BaseException:
-        writer.abort()
+    except BaseException as err:
+        writer.abort(err)
         raise
     finally:
         bar.close()
@@ -159,6 +197,26 @@ def _write_shards(
     }
     write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _init_worker(parent: int) -> None:
+    """Pool initializer: a worker ends with the stage, however the stage ends.
+
+    The stage alone answers Ctrl-C and SIGTERM, which reach the workers too (a terminal signals its
+    process group, Slurm every process of the job): it drops its shard and stops the pool, whose
+    workers finish the job at hand and exit. A worker that took them itself would die in the middle
+    of the queue protocol (a traceback, a broken pool). A worker blocks on its job queue, whose other
+    end it inherited, so a stage killed by SIGKILL would leave it waiting forever; Linux's
+    ``PR_SET_PDEATHSIG`` has the kernel kill it instead.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the stage died before the request took effect
+        os._exit(1)
 
 
 def _source_record(plan: PlanResult) -> dict[str, Any]:

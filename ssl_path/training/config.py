@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ssl_path.core.errors import ConfigError
+from ssl_path.core.cli import parse_device
+from ssl_path.core.errors import ConfigError, UserError
 
 LR_SCALINGS = ("sqrt", "linear", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 STRATEGIES = ("ddp", "fsdp")
+NON_NEGATIVE_OPTIM = (
+    "lr",
+    "min_lr",
+    "warmup_epochs",
+    "weight_decay",
+    "weight_decay_end",
+    "clip_grad",
+    "patch_embed_lr_mult",
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,13 @@ class OptimConfig:
             raise ConfigError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, not {self.lr_scaling!r}")
         if self.lr_reference_batch < 1:
             raise ConfigError(f"lr_reference_batch must be >= 1, not {self.lr_reference_batch}")
+        for name in NON_NEGATIVE_OPTIM:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if not 0 < self.layerwise_decay <= 1:
+            raise ConfigError(f"layerwise_decay must be in (0, 1], not {self.layerwise_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), not {list(self.betas)}")
 
     def peak_lr(self, global_batch: int) -> float:
         ratio = global_batch / self.lr_reference_batch
@@ -57,14 +74,30 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_every: int = 0  # also keep checkpoints/step_NNNNNNN.pt every this many steps (0: never)
+    max_skipped_fraction: float = 0.01  # stop when more of the samples drawn than this are unreadable
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
-        if self.batch_size < 1 or self.steps_per_epoch < 1 or self.log_every < 1 or self.checkpoint_every < 1:
-            raise ConfigError("batch_size, steps_per_epoch, log_every and checkpoint_every must be >= 1")
+        for name in ("batch_size", "steps_per_epoch", "shuffle_buffer", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        for name in ("num_workers", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError(f"max_skipped_fraction must be in [0, 1], not {self.max_skipped_fraction}")
+        if self.epochs <= 0 or self.total_steps < 1:
+            raise ConfigError(
+                f"epochs must make at least one step: {self.epochs} epochs of {self.steps_per_epoch} steps make "
+                f"{self.total_steps}"
+            )
+        try:
+            parse_device(self.device)  # the spelling; whether the GPU is there is asked when the run starts
+        except UserError as err:
+            raise ConfigError(str(err)) from None
 
     @property
     def total_steps(self) -> int:

@@ -12,17 +12,24 @@ exactly where a killed run left off.
 Checkpoints (``RUN_DIR/checkpoints/last.pt``, plus a retained copy every ``keep_every`` steps;
 :mod:`ssl_path.encoder.checkpoint`) are whole, unsharded state dicts written atomically by rank 0,
 gathered from FSDP shards when FSDP is on, so they resume at any world size and load on one CPU.
+
+A stream may skip what it cannot read and say so in its batches (``train(..., skipped_key=...)``):
+the loop counts the skips, names each shard with one on stderr once, lists them in
+``RUN_DIR/skipped.jsonl``, logs ``skipped_samples`` and ``skipped_shards`` in metrics.jsonl, and
+stops in one line when more are skipped than ``train.max_skipped_fraction`` allows.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,7 +37,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ssl_path.core.cli import resolve_device
+from ssl_path.core.config import first_difference, lookup
 from ssl_path.core.distributed import DistInfo, all_finite, barrier
+from ssl_path.core.errors import UserError
+from ssl_path.core.io import atomic_path
 from ssl_path.encoder.checkpoint import (
     checkpoint_path,
     kept_path,
@@ -38,12 +48,15 @@ from ssl_path.encoder.checkpoint import (
     save_checkpoint,
 )
 from ssl_path.training.config import OptimConfig, TrainConfig
-from ssl_path.training.metrics_log import MetricsLog, plot_run
+from ssl_path.training.metrics_log import MetricsLog, plot_run, read_metrics
 from ssl_path.training.schedules import cosine, warmup_cosine
 from ssl_path.training.task import TrainingTask
 
 # A stream factory: the batches of a run from batch ``start`` on, the same whenever it is restarted there.
 StreamFactory = Callable[[int], Iterator[Any]]
+# What a stream could not read: (shard, key, reason), key "" for a whole shard.
+SkipRecord = Sequence[str]
+SKIPS_LOG = "skipped.jsonl"
 
 
 class TrainingDiverged(Exception):
@@ -61,11 +74,17 @@ def train(
     max_steps: int | None = None,
     progress: bool = True,
     desc: str = "train",
+    skipped_key: str | None = None,
+    skipped: Sequence[SkipRecord] = (),
 ) -> TrainingTask:
     """Train ``task`` on ``stream`` into ``run_dir``, resuming from its last checkpoint.
 
     ``config`` (the resolved run config) is stored in every checkpoint. ``max_steps`` stops early
     without changing the schedules, which always span ``cfg.total_steps``.
+
+    ``skipped_key``: the key under which the stream's batches (dicts) list what it skipped to make
+    them (``ssl_path.data.loader.SKIPPED``); a step whose batch holds nothing else makes no update.
+    ``skipped``: what was found unreadable before the stream started (a check that named it already).
     """
     if not isinstance(task, TrainingTask):
         raise TypeError(f"the loop trains a TrainingTask, not a {type(task).__name__}")
@@ -77,7 +96,7 @@ def train(
     optimizer = torch.optim.AdamW(task.param_groups(optim_cfg), lr=0.0, betas=optim_cfg.betas)
     total = cfg.total_steps
     end = min(total, max_steps) if max_steps is not None else total
-    start, wall_before = _resume(task, optimizer, run_dir, cfg, dist_info)
+    start, wall_before = _resume(task, optimizer, run_dir, cfg, config, dist_info)
     if cfg.compile:
         task.compile_parts()
     step_fn: nn.Module = task
@@ -89,6 +108,11 @@ def train(
     batches = stream(start)
     log = MetricsLog(run_dir, resume_step=start) if dist_info.is_main else None
     bar = tqdm(total=end, initial=start, desc=desc, disable=not (progress and dist_info.is_main), dynamic_ncols=True)
+    skips = (
+        _Skips(run_dir, start, skipped, cfg.max_skipped_fraction, dist_info, bar.write)
+        if skipped_key is not None
+        else None
+    )
     global_batch = cfg.batch_size * dist_info.world_size
     peak_lr = optim_cfg.peak_lr(global_batch)
     warmup = int(round(optim_cfg.warmup_epochs * cfg.steps_per_epoch))
@@ -99,7 +123,10 @@ def train(
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
-            batch = _to_device(next(batches), device)
+            batch, read = next(batches), True
+            if skips is not None:
+                batch, read = skips.take(batch, skipped_key, device)
+            batch = _to_device(batch, device)
             window_wait += time.perf_counter() - t0
             lr = warmup_cosine(step, total, warmup, peak_lr, optim_cfg.min_lr)
             wd = cosine(step, total, optim_cfg.weight_decay, optim_cfg.weight_decay_end)
@@ -109,23 +136,27 @@ def train(
                 group["weight_decay"] = wd * group["wd_multiplier"]
             logs = task.set_step(step)
 
-            with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-                out = step_fn(batch)
-            _stop_if_not_finite(out, step)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if optim_cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_([p for p in task.parameters() if p.grad is not None], optim_cfg.clip_grad)
-            optimizer.step()
-            task.after_optimizer_step()
+            out: dict[str, torch.Tensor] = {}
+            if read:  # else no rank read a sample for this step, which makes no update
+                with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                    out = step_fn(batch)
+                _stop_if_not_finite(out, step)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if optim_cfg.clip_grad > 0:
+                    nn.utils.clip_grad_norm_([p for p in task.parameters() if p.grad is not None], optim_cfg.clip_grad)
+                optimizer.step()
+                task.after_optimizer_step()
             window_steps += 1
 
             done = step + 1
+            if skips is not None and (done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end):
+                skips.flush(done, drawn=(done - start) * global_batch)  # before the checkpoint that counts them
             if done % cfg.log_every == 0 or done == end:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": done, "epoch": round(done / cfg.steps_per_epoch, 4)}
                 record.update({k: float(v.detach()) for k, v in out.items()})
-                record.update(lr=lr, wd=wd, **logs)
+                record.update(lr=lr, wd=wd, **logs, **(skips.counts() if skips is not None else {}))
                 record.update(
                     img_per_s=round(window_steps * global_batch / max(elapsed, 1e-9), 2),
                     data_wait=round(window_wait / max(elapsed, 1e-9), 4),
@@ -133,7 +164,8 @@ def train(
                 )
                 if log is not None:
                     log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+                if "loss" in record:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
                 window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
             bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == end:
@@ -156,6 +188,105 @@ def train(
     if dist_info.is_main and (Path(run_dir) / "metrics.jsonl").exists() and end > start:
         plot_run(run_dir)
     return task
+
+
+class _Skips:
+    """What the stream skipped, from its batches: counted, named once per shard, listed, bounded.
+
+    Counts are of distinct samples and shards: a resampled stream draws a bad sample again and
+    again, and it is one bad sample. Rank 0 keeps ``RUN_DIR/skipped.jsonl``, one line per distinct
+    skip with the step by which it was seen; a resumed run keeps the lines up to its checkpoint's
+    step, as metrics.jsonl does, and counts on from them. Skips travel to rank 0 at every log and
+    checkpoint step (an all-gather on several ranks), so a checkpoint counts those of its batches.
+
+    The bound is on the share of the places drawn since this process started that were skipped.
+    Measured on few draws a share is noisy, so the run stops only when the skips exceed the count
+    the bound allows by more than three standard deviations of a count at exactly that share: a
+    first batch with one bad tile of 64 does not stop a run whose data are 99.5 % good.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int,
+        before: Sequence[SkipRecord],
+        max_fraction: float,
+        dist_info: DistInfo,
+        write: Callable[..., None],
+    ) -> None:
+        self.path = Path(run_dir) / SKIPS_LOG
+        self.max_fraction, self.dist_info, self.write = max_fraction, dist_info, write
+        self.seen: dict[tuple[str, str], str] = {}  # (shard, key) -> reason
+        self.named: set[str] = set()  # shards already named on stderr
+        self.unlisted: list[tuple[str, str, str]] = []  # distinct skips not yet in skipped.jsonl
+        self.pending: list[tuple[str, str, str]] = []  # skips of batches since the last flush
+        self.draws = 0  # places skipped since this process started, repeats included
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if self.path.exists() else []
+        if dist_info.is_main and self.path.exists():
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        for record in kept:
+            self.seen[(record["shard"], record["key"])] = record["reason"]
+            self.named.add(record["shard"])
+        for shard, key, reason in before:
+            self.named.add(shard)
+            self._remember(shard, key, reason)
+
+    def take(self, batch: Any, key: str, device: torch.device) -> tuple[Any, bool]:
+        """``batch`` without its skips, and whether every rank's batch holds a sample to learn from.
+
+        A batch can hold none (a burst of skips from a broken shard drawn into the shuffle buffer):
+        then no rank makes an update at this step, since each must take part in the same collectives.
+        """
+        if isinstance(batch, dict) and key in batch:
+            self.pending.extend((str(shard), str(k), str(reason)) for shard, k, reason in batch.pop(key))
+        empty = isinstance(batch, dict) and not batch
+        if self.dist_info.world_size > 1:
+            flag = torch.tensor([float(empty)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            empty = bool(flag.item())
+        return batch, not empty
+
+    def flush(self, done: int, drawn: int) -> None:
+        """Take in the skips of the batches up to step ``done``, of every rank; stop if too many."""
+        new, self.pending = self.pending, []
+        if self.dist_info.world_size > 1:
+            parts: list[Any] = [None] * self.dist_info.world_size
+            dist.all_gather_object(parts, new)
+            new = [skip for part in parts for skip in part]
+        self.draws += len(new)
+        for shard, key, reason in new:
+            if shard not in self.named:
+                self.named.add(shard)
+                if self.dist_info.is_main:
+                    what = f"sample {key}" if key else "the shard"
+                    self.write(
+                        f"warning: skipping unreadable data in {shard}, first {what}: {reason} "
+                        f"(every skip is listed in {self.path})",
+                        file=sys.stderr,
+                    )
+            self._remember(shard, key, reason)
+        if self.dist_info.is_main and self.unlisted:
+            with self.path.open("a") as f:
+                for shard, key, reason in self.unlisted:
+                    f.write(json.dumps({"step": done, "shard": shard, "key": key, "reason": reason}) + "\n")
+        self.unlisted = []
+        allowed = self.max_fraction * drawn
+        if self.draws > allowed + 3 * math.sqrt(allowed):
+            raise UserError(
+                f"{self.draws} of the {drawn} samples drawn by step {done} were skipped as unreadable "
+                f"({self.draws / max(drawn, 1):.1%}), more than train.max_skipped_fraction={self.max_fraction} "
+                f"allows; they are listed in {self.path}"
+            )
+
+    def counts(self) -> dict[str, int]:
+        shards = sum(1 for _, key in self.seen if not key)
+        return {"skipped_samples": len(self.seen) - shards, "skipped_shards": shards}
+
+    def _remember(self, shard: str, key: str, reason: str) -> None:
+        if (shard, key) not in self.seen:
+            self.seen[(shard, key)] = reason
+            self.unlisted.append((shard, key, reason))
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -230,12 +361,18 @@ def _full_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
 
 
 def _resume(
-    module: nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path, cfg: TrainConfig, dist_info: DistInfo
+    module: TrainingTask,
+    optimizer: torch.optim.Optimizer,
+    run_dir: Path,
+    cfg: TrainConfig,
+    config: dict[str, Any],
+    dist_info: DistInfo,
 ) -> tuple[int, float]:
     path = checkpoint_path(run_dir)
     if not path.exists():
         return 0, 0.0
     checkpoint = read_training_checkpoint(path)
+    _refuse_foreign(checkpoint, module, config, path)
     data = checkpoint.get("data", {})
     if dist_info.is_main and (data.get("num_workers"), data.get("world_size")) != (
         cfg.num_workers,
@@ -266,6 +403,31 @@ def _resume(
         optimizer.load_state_dict(optim_state)
     _set_rng_state(checkpoint["rng"])
     return int(checkpoint["step"]), float(checkpoint.get("wall_time", 0.0))
+
+
+def _refuse_foreign(checkpoint: dict[str, Any], task: TrainingTask, config: dict[str, Any], where: Path) -> None:
+    """Refuse, before anything is loaded, a checkpoint of another run: one :class:`UserError` naming
+    the first difference in method, ``model`` config (architecture and kwargs) or tensor name and shape."""
+    if checkpoint.get("method") != task.name:
+        raise UserError(f"{where} was written by method {checkpoint.get('method')!r}, this run is {task.name!r}")
+    saved = {"model": (checkpoint.get("config") or {}).get("model")}
+    wanted = {"model": config.get("model")}
+    if isinstance(saved["model"], dict) and isinstance(wanted["model"], dict):
+        key = first_difference(saved, wanted)
+        if key is not None:
+            raise UserError(
+                f"{where} was written by {key}={lookup(saved, key)!r}, the config says {lookup(wanted, key)!r}"
+            )
+    theirs = {k: tuple(getattr(v, "shape", ())) for k, v in checkpoint["model"].items()}
+    ours = {k: tuple(getattr(v, "shape", ())) for k, v in task.state_dict().items()}
+    for key, shape in ours.items():
+        if key not in theirs:
+            raise UserError(f"{where} has no {key}, which this run's model has")
+        if theirs[key] != shape:
+            raise UserError(f"{where} holds {key} of shape {list(theirs[key])}, this run's model {list(shape)}")
+    extra = [k for k in theirs if k not in ours]
+    if extra:
+        raise UserError(f"{where} holds {extra[0]}, which this run's model has not")
 
 
 def _keyed_by_name(optim_state: dict) -> bool:

@@ -17,7 +17,7 @@ METRICS = "metrics.jsonl"
 LOSS_PNG = "loss.png"
 # Logged values that are not loss terms, drawn in a panel of their own.
 SCHEDULE_KEYS = ("lr", "wd", "momentum", "teacher_temperature")
-NOT_PLOTTED = ("step", "epoch", "time", "img_per_s", "data_wait")
+NOT_PLOTTED = ("step", "epoch", "time", "img_per_s", "data_wait", "skipped_samples", "skipped_shards")
 
 
 class MetricsLog:

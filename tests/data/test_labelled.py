@@ -6,7 +6,7 @@ import shutil
 
 from torch.utils.data import DataLoader
 
-from ssl_path.data.labelled import LabelledImages, first_error
+from ssl_path.data.labelled import LabelledImages
 from ssl_path.data.readers import read_spec
 from ssl_path.data.transforms import eval_transform
 
@@ -24,7 +24,8 @@ def test_images_and_targets_come_back_and_an_unreadable_image_is_one_line_from_a
     batch = batches[0]
     assert batch["image"].shape == (5, 3, 32, 32)
     assert batch["target"].tolist() == data.targets() == [0, 0, 1, 1, 1]
-    error = first_error(batch["error"])
-    assert error is not None and "zz_broken.png" in error and "\n" not in error
+    assert batch["path"] == [r.path for r in data.records] and batch["path"][4].endswith("zz_broken.png")
+    assert batch["error"][:4] == [""] * 4
+    reason = batch["error"][4]
+    assert reason.startswith("cannot decode image") and "\n" not in reason
     assert batch["image"][4].abs().sum() == 0  # the placeholder of the unreadable one
-    assert first_error(["", ""]) is None

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ from ssl_path.data.readers import LabelledSet, Record, read_spec
 from ssl_path.encoder.identity import encoder_identity
 
 REF = "timm:vit_tiny_patch16_224"
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 64
 
 
@@ -166,3 +171,69 @@ def test_bad_inputs_are_user_errors(eight, tmp_path):
     bad = LabelledSet([Record(path=str(broken), label="normal")], eight.classes, "x", "x")
     with pytest.raises(UserError, match="broken.png"):
         extract(bad, None)
+
+
+def _with_unreadable(data: LabelledSet, folder, position: int) -> tuple[LabelledSet, str]:
+    """``data`` with a truncated TIFF, which Pillow warns about and cannot decode, at ``position``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cut = folder / "cut.tif"
+    buffer = io.BytesIO()
+    Image.open(data.records[0].path).convert("RGB").save(buffer, "TIFF")
+    cut.write_bytes(buffer.getvalue()[:40])
+    records = list(data.records)
+    records.insert(position, Record(path=str(cut), label=records[position].label))
+    return LabelledSet(records, data.classes, name="with-a-cut-tiff", source="test"), str(cut)
+
+
+def test_an_unreadable_image_is_left_out_named_once_and_cached(eight, tmp_path, capfd, monkeypatch):
+    data, cut = _with_unreadable(eight, tmp_path / "images", position=5)
+    out = extract(data, tmp_path / "cache", max_skipped_fraction=0.2)
+    err = capfd.readouterr().err
+    # The rows are those of the eight readable images, in order; the cut one is named with its reason.
+    np.testing.assert_allclose(out.features, extract(eight, None).features, rtol=1e-5, atol=1e-6)
+    assert out.paths == [r.path for r in eight] and out.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    [(path, reason)] = out.skipped
+    assert path == cut and reason.startswith("cannot decode image") and "(warned: " in reason
+    assert err.count("\n") == 1 and err.startswith("warning: with-a-cut-tiff: 1 of 9 images cannot be read")
+    assert "Warning" not in err  # Pillow's warning went into the reason
+    # Records 5 (the cut one) and 6 map to row 5 alone; a selection keeps the skips and the mapping.
+    assert out.rows_of([4, 5, 6]).tolist() == [4, 5]
+    picked = out.select(out.rows_of([6, 8]))
+    assert picked.paths == [eight.records[5].path, eight.records[7].path] and picked.skipped == out.skipped
+    assert picked.rows_of([6]).tolist() == [0]
+
+    monkeypatch.setattr(encoder, "load", _no_build)
+    again = extract(data, tmp_path / "cache", max_skipped_fraction=0.2)
+    np.testing.assert_array_equal(again.features, out.features)
+    assert again.skipped == out.skipped and again.paths == out.paths
+    assert capfd.readouterr().err.startswith("warning: with-a-cut-tiff: 1 of 9")
+    with pytest.raises(UserError, match=r"1 of 9 images cannot be read, more than 1.0% of them; first .*cut.tif"):
+        extract(data, tmp_path / "cache")
+
+
+def test_a_probe_leaves_out_an_unreadable_image_and_counts_it_in_its_results(shared_data, tmp_path):
+    """A real knn run on 100 patches and a cut TIFF: 1 % may be unreadable, so it runs and says so."""
+    root = tmp_path / "set"
+    for label in ("atypical", "normal"):
+        (root / label).mkdir(parents=True)
+        for path in sorted((shared_data / "amibr_midog21" / "patches" / label).glob("*.png"))[:50]:
+            shutil.copy(path, root / label / path.name)
+    data = read_spec(f"folder:{root}")
+    _, cut = _with_unreadable(data, root / "normal", position=0)
+    out = tmp_path / "knn.json"
+    args = ["--ckpt", REF, "--train", f"folder:{root}", "--test", f"folder:{root}", "--input-size", "32"]
+    cmd = [sys.executable, "-m", "probes.knn", *args, "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    result = subprocess.run([*cmd, "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert warning_count(result.stderr) == 2 and "Traceback" not in result.stderr  # train, then test
+    assert "Warning" not in result.stderr
+    dataset = json.loads(out.read_text())["dataset"]
+    assert (dataset["n_train"], dataset["n_test"], dataset["n_skipped"]) == (100, 100, 1)
+    [skipped] = dataset["skipped"]
+    assert skipped["path"] == cut and skipped["reason"].startswith("cannot decode image")
+
+
+def warning_count(stderr: str) -> int:
+    return sum(
+        line.startswith("warning: ") and "cannot be read and are left out" in line for line in stderr.splitlines()
+    )

@@ -311,7 +311,8 @@ def test_push_dry_run_lists_the_exported_files_and_no_path_shows_the_token(expor
     dry = _push(str(exported), "--repo", REPO_ID, "--dry-run", HF_TOKEN=TOKEN, HF_HUB_VERBOSITY="debug")
     assert dry.returncode == 0, dry.stderr
     listed = [line.split()[2] for line in dry.stdout.splitlines()]
-    assert listed == sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "files.json", "model.safetensors"]
+    assert listed == ["README.md", "config.json", "model.safetensors"]  # the file list itself stays local
     umask = os.umask(0)
     os.umask(umask)
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in exported.iterdir())  # as open() would make them

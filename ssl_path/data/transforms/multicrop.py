@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -124,6 +125,8 @@ class MultiCropConfig:
                 )
             if self.stain_reference is None:
                 raise ConfigError("multicrop stain_norm needs stain_reference (path of a reference image)")
+            if not Path(self.stain_reference).is_file():
+                raise ConfigError(f"multicrop stain_reference {self.stain_reference} not found")
 
 
 class MultiCropPhotometric(nn.Module):
