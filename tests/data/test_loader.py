@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from ssl_path.core.errors import UserError
 from ssl_path.data import shard_dataset, shard_loader, shard_total, shard_urls
+from ssl_path.data.loader import check_shards
 from ssl_path.tiling import TilingParams, make_shards
 
 
@@ -104,7 +106,7 @@ def test_data_forms_name_the_same_shards(shard_dir):
     [
         ("/no/such/shards", "no such shard"),
         ("{parent}", "has no manifest.json"),
-        ("{dir}/shard-{{000000..000009}}.tar", "6 of 10 shards missing"),
+        ("{dir}/shard-{{000100..000109}}.tar", "none of its 10 shards exists"),
     ],
 )
 def test_bad_data_fails_with_a_clear_message(shard_dir, data, words):
@@ -112,8 +114,18 @@ def test_bad_data_fails_with_a_clear_message(shard_dir, data, words):
         shard_urls(data.format(dir=shard_dir, parent=shard_dir.parent))
 
 
-def test_manifest_listing_a_missing_shard_is_refused(shard_dir, tmp_path):
+def test_missing_shards_of_a_manifest_or_pattern_are_all_named_by_the_start_check(shard_dir, tmp_path):
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="lists shard-000000.tar, which is missing"):
+    with pytest.raises(UserError, match="none of the .* shards it lists exists"):
         shard_urls(tmp_path)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    names = [s["name"] for s in manifest["shards"]]
+    shutil.copy(shard_dir / names[0], partial / names[0])
+    urls = shard_urls(partial)
+    assert len(urls) == len(names)
+    assert [(Path(s.shard).name, s.reason) for s in check_shards(urls)] == [(n, "missing") for n in names[1:]]
+    pattern = shard_urls(f"{shard_dir}/shard-{{000000..000009}}.tar")
+    assert len([s for s in check_shards(pattern) if s.reason == "missing"]) == 10 - len(names)
