@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from file_helpers import snapshot
 
 from ssl_path.core.errors import run_cli
 
@@ -164,12 +165,6 @@ def test_every_stage_with_an_out_has_a_failing_rerun():
     assert set(STAGES) - NO_OUT <= set(FAILING_RERUNS), set(STAGES) - NO_OUT - set(FAILING_RERUNS)
 
 
-def _snapshot(path: Path) -> dict[str, bytes]:
-    if path.is_file():
-        return {"": path.read_bytes()}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("module", sorted(FAILING_RERUNS))
 def test_a_failing_rerun_with_overwrite_leaves_the_previous_output(
     module, shared_data, unreadable_set, tmp_path, capsys
@@ -184,11 +179,11 @@ def test_a_failing_rerun_with_overwrite_leaves_the_previous_output(
     else:
         out = out.with_suffix(".png") if module == "ssl_path.stain_preview" else out
         out.write_bytes(b"the previous result, byte for byte")
-    before = _snapshot(out)
+    before = snapshot(out)
     capsys.readouterr()
     assert run_cli(stage_main(module), [*argv, "--out", str(out), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
     assert not leftovers, leftovers  # no half-built output beside it either

@@ -4,7 +4,6 @@ no file (PNG included) is replaced without ``--overwrite``. Every refusal is one
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from file_helpers import snapshot
 from PIL import Image
 from pretrain_helpers import TINY, make_tiles
 from probe_helpers import assert_one_line_error, probe_args
@@ -28,15 +28,6 @@ from ssl_path.pretrain import resolve_config, run
 REPO = Path(__file__).resolve().parents[2]
 AMIBR = "amibr_midog21"
 MONUSEG = "monuseg_kumar_norm/NormalizedPNG"
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (hidden ones too), by relative path, as a digest of its bytes."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")

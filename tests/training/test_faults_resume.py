@@ -8,27 +8,18 @@ one that holds anything a run does not write is still refused.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from file_helpers import snapshot
 from pretrain_helpers import TINY, make_tiles, pretrain_cli
 
 from ssl_path.core.config import read_yaml
 from ssl_path.core.errors import UserError
 from ssl_path.encoder.checkpoint import checkpoint_path
 from ssl_path.pretrain import check_run_dir, resolve_config, run
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root``, by relative path, as a digest of its bytes."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
