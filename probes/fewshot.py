@@ -52,7 +52,14 @@ from probes.common import (
 )
 from probes.features import FeatureSet
 from probes.knn import DEFAULT_TEMPERATURE, knn_predict
-from probes.linear import DEFAULT_C_GRID, DEFAULT_VAL_FRACTION, class_probabilities, fit_probe, run_linear
+from probes.linear import (
+    DEFAULT_C_GRID,
+    DEFAULT_VAL_FRACTION,
+    add_linear_arguments,
+    class_probabilities,
+    fit_probe,
+    run_linear,
+)
 from ssl_path.core.cli import Parser, make_parser
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path
@@ -418,20 +425,7 @@ def build_parser() -> Parser:
         default=DEFAULT_EPISODES,
         help="k-shot draws per seed for the prototype probe (default %(default)s)",
     )
-    p.add_argument(
-        "--c-grid",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_C_GRID),
-        metavar="C",
-        help="linear probe C grid when a subset allows a validation split (default 1e-4 ... 1e2)",
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=DEFAULT_VAL_FRACTION,
-        help="linear probe validation share of a subset (default %(default)s)",
-    )
+    add_linear_arguments(p, ", in a subset that allows a validation split")
     return add_probe_arguments(p, seed_help="first seed of the subset draws (default %(default)s)")
 
 

@@ -180,25 +180,30 @@ def run_linear(
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> Parser:
-    p = make_parser(
-        "python -m probes.linear",
-        "Linear probe of a frozen encoder (logistic regression, C chosen on a grouped validation split).",
-    )
-    p.add_argument(
+def add_linear_arguments(parser: Parser, where: str = "") -> None:
+    """``--c-grid`` and ``--val-fraction``, for every command that fits this probe; ``where`` says on what."""
+    parser.add_argument(
         "--c-grid",
         type=float,
         nargs="+",
         default=list(DEFAULT_C_GRID),
         metavar="C",
-        help="inverse regularisation strengths to choose from (default 1e-4 ... 1e2, 7 log-spaced)",
+        help=f"inverse regularisation strengths to choose C among{where} (default 1e-4 ... 1e2, 7 log-spaced)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--val-fraction",
         type=float,
         default=DEFAULT_VAL_FRACTION,
-        help="share of the training images (whole groups) held out to choose C (default %(default)s)",
+        help=f"share of the training images (whole groups) held out to choose C{where} (default %(default)s)",
     )
+
+
+def build_parser() -> Parser:
+    p = make_parser(
+        "python -m probes.linear",
+        "Linear probe of a frozen encoder (logistic regression, C chosen on a grouped validation split).",
+    )
+    add_linear_arguments(p)
     p.add_argument(
         "--ordinal",
         action="store_true",
