@@ -13,6 +13,17 @@ from ssl_path.tiling import TilingParams, make_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
+# 8 steps of 4 tiles, every step logged, a checkpoint every 2: any method's tiny run.
+TINY_STEPS = [
+    "train.batch_size=4",
+    "train.steps_per_epoch=4",
+    "train.epochs=2",
+    "train.num_workers=0",
+    "train.shuffle_buffer=20",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "optim.warmup_epochs=0.5",
+]
 # A very small DINOv2: 2 blocks of width 64, 2 register tokens and layer scale, 64 px global and
 # 32 px local crops, 8 steps of 4 tiles.
 TINY = [
@@ -24,14 +35,7 @@ TINY = [
     "dinov2.n_prototypes=256",
     "dinov2.head_hidden_dim=64",
     "dinov2.head_bottleneck_dim=32",
-    "train.batch_size=4",
-    "train.steps_per_epoch=4",
-    "train.epochs=2",
-    "train.num_workers=0",
-    "train.shuffle_buffer=20",
-    "train.log_every=1",
-    "train.checkpoint_every=2",
-    "optim.warmup_epochs=0.5",
+    *TINY_STEPS,
     "dinov2.freeze_last_layer_epochs=0.25",
     "optim.lr=0.01",
     "optim.lr_scaling=none",

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from pretrain_helpers import make_tiles, model_state, pretrain_cli
+from pretrain_helpers import TINY_STEPS, make_tiles, model_state, pretrain_cli
 
 from ssl_path import encoder
 from ssl_path.core.config import CONFIG_DIR
@@ -35,14 +35,7 @@ CONTRACT_SIZE = [
     "model.kwargs.depth=2",
     "model.kwargs.embed_dim=64",
     "model.kwargs.num_heads=2",
-    "train.batch_size=4",
-    "train.steps_per_epoch=4",
-    "train.epochs=2",
-    "train.num_workers=0",
-    "train.shuffle_buffer=20",
-    "train.log_every=1",
-    "train.checkpoint_every=2",
-    "optim.warmup_epochs=0.5",
+    *TINY_STEPS,
 ]
 
 
