@@ -1,19 +1,23 @@
-"""Speed of the full DINOv2 step (2x224 + 8x96 crops, heads, losses, optimiser, EMA) beside a plain timm step.
+"""Speed of a full pretraining step (DINOv2 or MAE, with the shipped config's recipe) beside a plain timm step.
 
-For each backbone (default ViT-S/16 and ViT-B/16) and mode (eager, compiled) it times:
+For each backbone and mode (eager, compiled) it times:
 
-- ``dinov2``: ``DINOv2.forward`` + backward + AdamW + teacher EMA on a collated multi-crop batch
-  (iBOT masks from the real collate), bf16 autocast on CUDA;
+- the method's step through the task contract: ``set_step``, ``forward`` + backward, AdamW over the
+  method's ``param_groups``, ``after_optimizer_step``, bf16 autocast on CUDA, on a batch of its
+  shape: DINOv2 2x224 + 8x96 crops with iBOT masks from the real collate (heads, losses, teacher
+  EMA); MAE one 224 px view with the real collate's masking noise (75 % of the patches removed);
 - ``supervised``: the same timm backbone with a 1000-class head, one 224 px view, cross-entropy;
 
 and reports images/s (an image = one source tile with all its crops) and model FLOP utilisation:
 FLOPs of one step from ``torch.utils.flop_counter`` divided by the step time and by the device's
 measured peak (a large bf16 matmul on CUDA, float32 on the CPU). Data loading is not included
-(``bench_augment.py`` measures it). Goals on one H100: ViT-S/16 >= 2,000 img/s, ViT-B/16 >= 50% MFU.
+(``bench_augment.py`` measures it). Goals on one H100: DINOv2 ViT-S/16 >= 2,000 img/s, ViT-B/16
+>= 50% MFU; MAE ViT-B/16 >= 4,000 img/s.
 
-    .venv/bin/python benchmarks/bench_pretrain.py [--device cuda] [--batch-size 128] [--steps 20] [--compile]
+    .venv/bin/python benchmarks/bench_pretrain.py [--method dinov2|mae] [--device cuda] [--batch-size 128]
+        [--steps 20] [--compile]
 
-Prints a table and writes ``benchmarks/out/bench_pretrain.json``.
+Prints a table and writes ``benchmarks/out/bench_pretrain_METHOD.json``.
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ sys.path.insert(0, str(REPO))
 from ssl_path.methods import methods  # noqa: E402
 from ssl_path.methods.masking import batch_masks  # noqa: E402
 from ssl_path.pretrain import resolve_config  # noqa: E402
-from ssl_path.training.optim import param_groups  # noqa: E402
 
-CONFIGS = {"vit_small_patch16_224": "dinov2_vits16", "vit_base_patch16_224": "dinov2_vitb16"}
+# The shipped config of each method and backbone; the first two of a method are its default backbones.
+CONFIGS = {
+    "dinov2": {"vit_small_patch16_224": "dinov2_vits16", "vit_base_patch16_224": "dinov2_vitb16"},
+    "mae": {"vit_base_patch16_224": "mae_vitb16", "vit_large_patch16_224": "mae_vitl16"},
+}
 
 
 def measured_peak(device: torch.device) -> tuple[float, str]:
@@ -85,14 +92,26 @@ def dinov2_batch(cfg, batch_size: int, device: torch.device, patch: int) -> dict
     }
 
 
-def dinov2_step_fn(arch: str, batch_size: int, device: torch.device, compile_: bool, bf16: bool):
-    cfg = resolve_config(CONFIGS.get(arch, "dinov2_vits16"), [f"model.arch={arch}", "dinov2.photometric=workers"])
-    method = methods()["dinov2"].build(cfg.method_cfg, cfg.model, cfg.train, 0, device).to(device)
+def mae_batch(method, batch_size: int, device: torch.device) -> dict:
+    size = method.cfg.view.size
+    samples = [{"image": torch.randn(3, size, size), "key": str(i), "index": i} for i in range(batch_size)]
+    return {k: v.to(device) for k, v in method.collate_fn()(samples).items()}
+
+
+def method_step_fn(name: str, arch: str, batch_size: int, device: torch.device, compile_: bool, bf16: bool):
+    config = CONFIGS[name].get(arch, next(iter(CONFIGS[name].values())))
+    overrides = [f"model.arch={arch}", *(["dinov2.photometric=workers"] if name == "dinov2" else [])]
+    cfg = resolve_config(config, overrides)
+    method = methods()[name].build(cfg.method_cfg, cfg.model, cfg.train, 0, device).to(device)
     method.train()
+    method.set_step(0)
     if compile_:
         method.compile_parts()
-    optimizer = torch.optim.AdamW(param_groups(method, 0.9, 0.2), lr=1e-4, fused=device.type == "cuda")
-    batch = dinov2_batch(cfg, batch_size, device, method.patch_size)
+    optimizer = torch.optim.AdamW(method.param_groups(cfg.optim), lr=1e-4, fused=device.type == "cuda")
+    if name == "dinov2":
+        batch = dinov2_batch(cfg, batch_size, device, method.patch_size)
+    else:
+        batch = mae_batch(method, batch_size, device)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -100,7 +119,7 @@ def dinov2_step_fn(arch: str, batch_size: int, device: torch.device, compile_: b
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        method.update_teacher(0.996)
+        method.after_optimizer_step()
 
     return step
 
@@ -139,14 +158,17 @@ def measure(step, device: torch.device, steps: int, warmup: int) -> tuple[float,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=sorted(CONFIGS), default="dinov2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--archs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--archs", nargs="+", default=None, help="timm backbones (default: the method's two)")
     parser.add_argument("--batch-size", type=int, default=None, help="per step (default 128 on CUDA, 4 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 2 on CPU)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "bench_pretrain.json")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/out/bench_pretrain_METHOD.json")
     args = parser.parse_args()
+    archs = args.archs or list(CONFIGS[args.method])
+    out = args.out or REPO / "benchmarks" / "out" / f"bench_pretrain_{args.method}.json"
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch_size = args.batch_size or (128 if cuda else 4)
@@ -163,10 +185,13 @@ def main() -> int:
     print(f"device: {name}; measured {peak_dtype} matmul peak {peak / 1e12:.2f} TFLOP/s; batch {batch_size}")
     rows = []
     modes = ["eager", "compiled"] if args.compile else ["eager"]
-    for arch in args.archs:
+    for arch in archs:
         for mode in modes:
-            for kind, build in (("dinov2", dinov2_step_fn), ("supervised", supervised_step_fn)):
-                step = build(arch, batch_size, device, mode == "compiled", bf16=cuda)
+            for kind in (args.method, "supervised"):
+                if kind == "supervised":
+                    step = supervised_step_fn(arch, batch_size, device, mode == "compiled", bf16=cuda)
+                else:
+                    step = method_step_fn(kind, arch, batch_size, device, mode == "compiled", bf16=cuda)
                 seconds, flops = measure(step, device, steps, warmup)
                 row = {
                     "arch": arch,
@@ -185,11 +210,12 @@ def main() -> int:
                 del step
                 if cuda:
                     torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "method": args.method,
                 "device": name,
                 "peak_flops": peak,
                 "peak_dtype": peak_dtype,

@@ -1,15 +1,18 @@
-"""The real result of the DINOv2 engine: ``dinov2_tiny_cpu`` on 2 CPU cores, then frozen kNN on AMi-Br.
+"""The real result of a pretraining method: its ``<method>_tiny_cpu`` on 2 CPU cores, then frozen kNN
+and linear probes on held-out AMi-Br slides.
 
 1. Slide split of AMi-Br (normal vs atypical mitoses): per scanner, every third slide (sorted) is
    a test slide; the others are train slides.
 2. Pretraining tiles: the train slides' patches and the MoNuSeg images, tiled at 128 px (test
    slides' images are never seen in pretraining).
-3. ``python -m ssl_path.pretrain --config dinov2_tiny_cpu`` (the goal: at most 15 minutes on 2 cores).
+3. ``python -m ssl_path.pretrain --config CONFIG`` (the goal: at most 15 minutes on 2 cores).
 4. Frozen kNN (DINO weighted vote, k = 10/20/50, and UNI's k=20 majority) with train-slide patches
-   as the memory and test-slide patches as queries, for the pretrained teacher and for the same
-   architecture at random init (seed 0), both at the training resolution.
+   as the memory and test-slide patches as queries, and the linear probe (logistic regression, C
+   chosen on a slide-grouped validation part of the train slides), for the published encoder and
+   for the same architecture at random init (seed 0), both at the training resolution.
 
-    .venv/bin/python benchmarks/pretrain_knn.py [--out benchmarks/out/pretrain_knn] [--max-steps N]
+    .venv/bin/python benchmarks/pretrain_knn.py [--config dinov2_tiny_cpu|mae_tiny_cpu]
+        [--out benchmarks/out/pretrain_knn] [--max-steps N]
 
 Prints a table and writes ``OUT/pretrain_knn.json``.
 """
@@ -32,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from probes.features import extract_features  # noqa: E402
 from probes.knn import run_knn  # noqa: E402
+from probes.linear import run_linear  # noqa: E402
 from ssl_path.data.manifest import MANIFEST, read_manifest  # noqa: E402
 from ssl_path.data.readers import read_amibr  # noqa: E402
 from ssl_path.encoder import encoder_state  # noqa: E402
@@ -39,8 +43,6 @@ from ssl_path.encoder.checkpoint import checkpoint_path, read_checkpoint  # noqa
 from ssl_path.methods.backbone import build_vit, encoder_kwargs  # noqa: E402
 from ssl_path.pretrain import resolve_config  # noqa: E402
 from ssl_path.tiling import TilingParams, make_shards  # noqa: E402
-
-CONFIG = "dinov2_tiny_cpu"
 
 
 def slide_split(data):
@@ -54,20 +56,22 @@ def slide_split(data):
     return train, held
 
 
-def random_init_checkpoint(path: Path) -> Path:
-    """The tiny config's architecture at random init (torch seed 0), as an encoder checkpoint."""
-    cfg = resolve_config(CONFIG)
+def random_init_checkpoint(config: str, run_dir: Path, path: Path) -> Path:
+    """The config's architecture at random init (torch seed 0), as an encoder checkpoint with the
+    input size of the run's published encoder."""
+    cfg = resolve_config(config)
     torch.manual_seed(0)
     vit = build_vit(cfg.model)
     state = encoder_state(vit, cfg.model.arch, encoder_kwargs(cfg.model))
-    size = cfg.method_cfg.crops.global_size
-    state["pretrained_cfg"]["input_size"] = (3, size, size)
+    published = read_checkpoint(checkpoint_path(run_dir))["encoder"]["pretrained_cfg"]
+    state["pretrained_cfg"]["input_size"] = tuple(published["input_size"])
     torch.save({"encoder": state}, path)
     return path
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="dinov2_tiny_cpu", help="the pretraining config (a shipped name)")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "pretrain_knn")
     parser.add_argument(
@@ -90,7 +94,8 @@ def main() -> int:
     print(f"pretraining tiles: {manifest['total']}")
 
     run_dir = args.out / "run"
-    cmd = [sys.executable, "-m", "ssl_path.pretrain", "--config", CONFIG, "--data", str(shards), "--out", str(run_dir)]
+    cmd = [sys.executable, "-m", "ssl_path.pretrain", "--config", args.config, "--data", str(shards)]
+    cmd += ["--out", str(run_dir)]
     if args.max_steps:
         cmd += ["--max-steps", str(args.max_steps)]
     cmd += args.overrides
@@ -99,7 +104,8 @@ def main() -> int:
     pretrain_s = time.perf_counter() - start
     checkpoint = read_checkpoint(checkpoint_path(run_dir))
 
-    refs = {"random init": str(random_init_checkpoint(args.out / "random_init.pt")), "dinov2_tiny_cpu": str(run_dir)}
+    random_init = random_init_checkpoint(args.config, run_dir, args.out / "random_init.pt")
+    refs = {"random init": str(random_init), args.config: str(run_dir)}
     rows = {}
     for name, ref in refs.items():
         # The class token alone flatters pretraining (a random ViT's class tokens are near-identical),
@@ -109,7 +115,7 @@ def main() -> int:
                 extract_features(ref, s, pool=pool, batch_size=64, cache_dir=None, progress=False)
                 for s in (train, test)
             ]
-            rows[f"{name} [{pool}]"] = run_knn(*feats)
+            rows[f"{name} [{pool}]"] = {**run_knn(*feats), "linear": run_linear(*feats)}
     print(
         f"\npretraining: {checkpoint['step']} steps in {pretrain_s / 60:.1f} min (checkpointed wall {checkpoint['wall_time'] / 60:.1f} min)"
     )
@@ -133,7 +139,8 @@ def main() -> int:
             "train_slides": len(train.groups()),
             "test_slides": len(test.groups()),
         },
-        "knn": rows,
+        "config": args.config,
+        "probes": rows,
     }
     (args.out / "pretrain_knn.json").write_text(json.dumps(report, indent=2))
     return 0

@@ -39,18 +39,28 @@ from ssl_path.core.config import (
 from ssl_path.core.distributed import DistInfo, barrier, init_distributed
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path, refuse_out_over_inputs, write_json
-from ssl_path.data.loader import SKIPPED, Skip, check_shards, shard_loader, shard_urls
-from ssl_path.encoder.checkpoint import CHECKPOINT_DIR, checkpoint_path
+from ssl_path.data.loader import SKIPPED, Skip, check_shards, shard_dataset, shard_loader, shard_urls
+from ssl_path.encoder.checkpoint import CHECKPOINT_DIR, checkpoint_path, read_training_checkpoint
 from ssl_path.methods import PretrainingMethod, methods
 from ssl_path.methods.backbone import ModelConfig
 from ssl_path.training.config import OptimConfig, TrainConfig
+from ssl_path.training.figures import draw_panels
 from ssl_path.training.loop import SKIPS_LOG, StreamFactory, TrainingDiverged, train
 from ssl_path.training.metrics_log import LOSS_PNG, METRICS
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
+FIGURE_IMAGES = 6  # the first readable tiles of the run's shards, in shard order
 # What a run writes into its run dir; a folder holding anything else is not one.
-RUN_DIR_ENTRIES = (CONFIG_FILE, RUN_FILE, METRICS, LOSS_PNG, SKIPS_LOG, CHECKPOINT_DIR)
+RUN_DIR_ENTRIES = (
+    CONFIG_FILE,
+    RUN_FILE,
+    METRICS,
+    LOSS_PNG,
+    SKIPS_LOG,
+    CHECKPOINT_DIR,
+    *sorted({spec.method.figure for spec in methods().values() if spec.method.figure}),
+)
 # Settings that may change between a run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = (
     "train.num_workers",
@@ -181,7 +191,7 @@ def run(
         )
     barrier()
     stream = shard_stream(method, urls, cfg.train, cfg.seed, pin_memory=device.type == "cuda")
-    return train(
+    trained = train(
         method,
         stream,
         out,
@@ -195,6 +205,47 @@ def run(
         skipped_key=SKIPPED,
         skipped=unreadable,
     )
+    if dist_info.is_main and method.figure:
+        draw_figure(out, urls)  # from the checkpoint: the same under every strategy, FSDP included
+    return trained
+
+
+def draw_figure(run_dir: Path, data: Any = None) -> Path:
+    """Draw the ``figure`` of a run's method (its last checkpoint) for the first readable tiles of
+    ``data``, by default the shards the run was started on, into the run dir."""
+    _, method, record = load_run(run_dir)
+    if not method.figure:
+        raise UserError(f"method {method.name!r} draws no figure")
+    data = data if data is not None else record.get("data")
+    if not data:
+        raise UserError(f"{run_dir}: {RUN_FILE} names no training data; give the shards with --data")
+    images = []
+    for sample in shard_dataset(data, "eval"):
+        if isinstance(sample, dict):
+            images.append(sample["image"])
+        if len(images) == FIGURE_IMAGES:
+            break
+    if not images:
+        raise UserError(f"no readable tile in {data} to draw {method.figure} with")
+    panels = method.eval().figure_panels(images)
+    return draw_panels(panels, Path(run_dir) / method.figure, title=f"{Path(run_dir).name}: {method.name}")
+
+
+def load_run(run_dir: Path) -> tuple[PretrainConfig, PretrainingMethod, dict[str, Any]]:
+    """The config of a run dir, its method built on the CPU with the last checkpoint's weights, and
+    the run's ``run.json`` record."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir}: no {CONFIG_FILE} (is it a pretraining run directory?)")
+    if not checkpoint_path(run_dir).is_file():
+        raise UserError(f"{run_dir}: no checkpoint yet ({checkpoint_path(run_dir)})")
+    cfg = resolve_config(str(run_dir / CONFIG_FILE))
+    checkpoint = read_training_checkpoint(checkpoint_path(run_dir))
+    method = methods()[cfg.method].build(cfg.method_cfg, cfg.model, cfg.train, cfg.seed, torch.device("cpu"))
+    method.load_state_dict(checkpoint["model"])
+    run_file = run_dir / RUN_FILE
+    record = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    return cfg, method, record
 
 
 def readable_shards(urls: list[str], is_main: bool) -> tuple[list[str], list[Skip]]:
@@ -238,7 +289,7 @@ def shard_stream(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser(
         "python -m ssl_path.pretrain",
-        "Pretrain an encoder (DINOv2) on WebDataset shards; rerun the same command to resume.",
+        "Pretrain an encoder (DINOv2 or MAE) on WebDataset shards; rerun the same command to resume.",
     )
     parser.add_argument("--config", required=True, help="shipped config name (e.g. dinov2_vits16) or a YAML file")
     parser.add_argument("--data", required=True, nargs="+", help="shard folder(s), manifest, .tar or brace pattern")

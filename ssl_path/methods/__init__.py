@@ -32,6 +32,9 @@ class MethodSpec:
 
 def methods() -> dict[str, MethodSpec]:
     # Imported here so that importing one loss does not build every method.
-    from ssl_path.methods import dinov2
+    from ssl_path.methods import dinov2, mae
 
-    return {"dinov2": MethodSpec(dinov2.DINOv2, dinov2.DINOv2Config, dinov2.build)}
+    return {
+        "dinov2": MethodSpec(dinov2.DINOv2, dinov2.DINOv2Config, dinov2.build),
+        "mae": MethodSpec(mae.MAE, mae.MAEConfig, mae.build),
+    }

@@ -14,7 +14,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ssl_path.core.errors import ConfigError, UserError
-from ssl_path.encoder.state import published_kwargs
+from ssl_path.encoder.state import encoder_state, published_kwargs
 
 
 @dataclass(frozen=True)
@@ -52,24 +52,51 @@ def encoder_kwargs(model: ModelConfig, training: bool = False) -> dict[str, Any]
     return kwargs if training else published_kwargs(kwargs)
 
 
+def published_encoder(
+    vit: nn.Module,
+    model: ModelConfig,
+    model_state: dict[str, Tensor] | None,
+    prefix: str,
+    input_size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+) -> dict[str, Any]:
+    """The encoder entry of ``vit``: its weights from ``model_state`` (a method's whole state dict,
+    the keys under ``prefix``) or from ``vit`` itself, with the resolution and normalisation it learned at."""
+    weights = (
+        None if model_state is None else {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
+    )
+    state = encoder_state(vit, model.arch, encoder_kwargs(model), state_dict=weights)
+    state["pretrained_cfg"]["input_size"] = (3, input_size, input_size)  # whatever timm's default
+    state["pretrained_cfg"]["mean"], state["pretrained_cfg"]["std"] = mean, std
+    return state
+
+
 class MaskedViT(nn.Module):
     """A timm ViT whose patch tokens can be masked (replaced by a learned token before the position
-    embedding) or subsampled (only ``keep`` patches, chosen after the position embedding)."""
+    embedding; iBOT) or subsampled (only ``keep`` patches, chosen after the position embedding; MAE).
 
-    def __init__(self, vit: nn.Module) -> None:
+    ``mask_token=False`` leaves out the mask token for a method that only subsamples: a parameter
+    that never gets a gradient would stall DDP.
+    """
+
+    def __init__(self, vit: nn.Module, mask_token: bool = True) -> None:
         super().__init__()
         self.vit = vit
-        self.mask_token = nn.Parameter(torch.zeros(1, vit.embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, vit.embed_dim)) if mask_token else None
 
     def forward(self, images: Tensor, masks: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """-> (class tokens [B, D], patch tokens [B, P or K, D]).
+        """-> (prefix tokens [B, prefix, D]: the class token first, then registers; patch tokens [B, P or K, D]).
 
         ``masks``: bool [B, P], True where a patch is replaced by the mask token.
         ``keep``: long [B, K], the patch indices to keep (the other patches are dropped).
+        One ``forward``, no other entry point: FSDP gathers a module's shards around its forward only.
         """
         vit = self.vit
         x = vit.patch_embed(images)  # [B, H, W, D] with dynamic_img_size, else [B, P, D]
         if masks is not None:
+            if self.mask_token is None:
+                raise ValueError("this MaskedViT was built without a mask token")
             x = torch.where(masks.view(*x.shape[:-1], 1), self.mask_token.to(x.dtype), x)
         x = vit._pos_embed(x)  # [B, prefix + P, D]
         prefix = vit.num_prefix_tokens
@@ -80,4 +107,4 @@ class MaskedViT(nn.Module):
         x = vit.norm_pre(x)
         x = vit.blocks(x)
         x = vit.norm(x)
-        return x[:, 0], x[:, prefix:]
+        return x[:, :prefix], x[:, prefix:]

@@ -41,8 +41,7 @@ from ssl_path.data.transforms import (
     key_entropy,
 )
 from ssl_path.encoder.info import patch_size
-from ssl_path.encoder.state import encoder_state
-from ssl_path.methods.backbone import MaskedViT, ModelConfig, build_vit, encoder_kwargs
+from ssl_path.methods.backbone import MaskedViT, ModelConfig, build_vit, published_encoder
 from ssl_path.methods.base import PretrainingMethod
 from ssl_path.methods.losses import (
     SoftmaxCentering,
@@ -282,18 +281,10 @@ class DINOv2(PretrainingMethod):
 
     def encoder_state(self, model_state: dict[str, Tensor] | None = None) -> dict[str, Any]:
         """The teacher backbone as the published encoder; ``model_state``: this module's whole state dict."""
-        prefix = "teacher.backbone.vit."
-        weights = (
-            None
-            if model_state is None
-            else {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
-        )
+        crops = self.cfg.crops
         vit = self.teacher["backbone"].vit
-        state = encoder_state(vit, self.model_cfg.arch, encoder_kwargs(self.model_cfg), state_dict=weights)
-        size = self.cfg.crops.global_size  # the resolution it learned at, whatever the timm default
-        state["pretrained_cfg"]["input_size"] = (3, size, size)
-        state["pretrained_cfg"]["mean"], state["pretrained_cfg"]["std"] = self.cfg.crops.mean, self.cfg.crops.std
-        return state
+        prefix = "teacher.backbone.vit."
+        return published_encoder(vit, self.model_cfg, model_state, prefix, crops.global_size, crops.mean, crops.std)
 
     def fsdp_units(self) -> list[nn.Module]:
         """Blocks first, then whole parts: student and teacher sharded alike, so the EMA acts on matching shards."""
@@ -321,10 +312,11 @@ class DINOv2(PretrainingMethod):
 
         teacher_cls, teacher_patch = self._teacher_targets(global_crops, masks, n_global)
 
-        student_cls, student_patch = self.student["backbone"](global_crops, masks)
+        student_prefix, student_patch = self.student["backbone"](global_crops, masks)
+        student_cls = student_prefix[:, 0]
         cls_tokens = [student_cls]
         if n_local:
-            cls_tokens.append(self.student["backbone"](local_crops)[0])
+            cls_tokens.append(self.student["backbone"](local_crops)[0][:, 0])
         masked_tokens = student_patch[masks]  # [M, D]
         n_cls = sum(t.shape[0] for t in cls_tokens)
         if c.ibot_separate_head:
@@ -345,7 +337,8 @@ class DINOv2(PretrainingMethod):
     def _teacher_targets(self, global_crops: Tensor, masks: Tensor, n_global: int) -> tuple[Tensor, Tensor]:
         """Centred teacher probabilities: class tokens [n_global, B, K] and masked patches [M, K]."""
         c, temperature = self.cfg, self.teacher_temperature
-        cls, patch = self.teacher["backbone"](global_crops)
+        prefix, patch = self.teacher["backbone"](global_crops)
+        cls = prefix[:, 0]
         masked = patch[masks]
         if c.ibot_separate_head:
             cls_logits, patch_logits = self.teacher["dino_head"](cls), self.teacher["ibot_head"](masked)

@@ -13,6 +13,9 @@ stratified over the ratio range so each batch covers it evenly, and the rest are
 
 All randomness comes from the ``numpy.random.Generator`` passed in, never from global state, so the
 same seed gives the same masks in any process.
+
+:func:`random_masking` is MAE's (He et al. 2022, arXiv:2111.06377): independent patches, the same
+number per image, chosen by sorting per-patch noise; it works on tensors, on the accelerator.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from ssl_path.core.errors import UserError
 
-__all__ = ["block_mask", "batch_masks"]
+__all__ = ["block_mask", "batch_masks", "random_masking"]
 
 
 def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
@@ -138,3 +143,21 @@ def batch_masks(
         ratio = rng.uniform(edges[i], edges[i + 1])
         masks[i] = block_mask(rng, (height, width), int(n_cells * ratio)).reshape(-1)
     return masks[rng.permutation(n_images)]
+
+
+def random_masking(noise: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
+    """MAE's masking from per-patch ``noise`` [B, P]: the ``n_keep`` patches of lowest noise stay.
+
+    Returns ``keep`` long [B, n_keep] (the kept patch indices, in noise order), ``removed`` bool
+    [B, P] (True where a patch was dropped) and ``restore`` long [B, P], which puts a sequence in
+    noise order (kept patches first, then the removed ones) back into patch order:
+    ``torch.gather(shuffled, 1, restore)``.
+    """
+    n_patches = noise.shape[1]
+    if not 1 <= n_keep < n_patches:
+        raise UserError(f"MAE must keep between 1 and {n_patches - 1} of {n_patches} patches, not {n_keep}")
+    shuffle = noise.argsort(dim=1)
+    restore = shuffle.argsort(dim=1)
+    removed = torch.ones_like(noise, dtype=torch.bool)
+    removed[:, :n_keep] = False
+    return shuffle[:, :n_keep], torch.gather(removed, 1, restore), restore

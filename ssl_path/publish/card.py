@@ -7,8 +7,8 @@ Three records feed it:
   every row goes into the front matter's model-index and into the evaluation tables, under the task and
   title the file states.
 
-The method's title, citation and published weights come from the methods registry; nothing here
-knows a method or an evaluation by name.
+The method's title, citation, published weights and what is known of its features come from the
+methods registry; nothing here knows a method or an evaluation by name.
 
 :func:`build_card` turns them into a :class:`huggingface_hub.ModelCard`. The prose is the Jinja
 template ``model_cards/encoder.md``; huggingface_hub renders it and writes the front matter.
@@ -231,6 +231,7 @@ def build_card(
         "method_title": facts.title if facts else record.method,
         "method_citation": facts.citation if facts else None,
         "method_published": facts.published if facts else "the encoder",
+        "method_known": facts.known if facts else "",
         "model": _model_facts(model, info, model_args),
         "record": record,
         "hours": record.wall_time_s / 3600 if record.wall_time_s is not None else None,

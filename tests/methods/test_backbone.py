@@ -17,9 +17,10 @@ def test_without_masks_or_keep_it_is_timms_forward_features():
     backbone = MaskedViT(build_vit(TINY)).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        cls, patches = backbone(images)
+        prefix, patches = backbone(images)
         reference = backbone.vit.forward_features(images)
-    assert torch.allclose(cls, reference[:, 0], atol=1e-6)
+    assert prefix.shape == (2, 1 + 2, 32)  # the class token, then the registers
+    assert torch.allclose(prefix, reference[:, : backbone.vit.num_prefix_tokens], atol=1e-6)
     assert torch.allclose(patches, reference[:, backbone.vit.num_prefix_tokens :], atol=1e-6)
 
 

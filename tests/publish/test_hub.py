@@ -245,8 +245,8 @@ def test_export_is_method_agnostic(shared_data, tmp_path):
         "std": (0.2, 0.25, 0.2),
         "input_size": (3, 56, 56),
     }
-    ckpt = tmp_path / "mae.pt"
-    torch.save({"method": "mae", "encoder": encoder.encoder_state(vit, arch, kwargs)}, ckpt)
+    ckpt = tmp_path / "msn.pt"
+    torch.save({"method": "msn", "encoder": encoder.encoder_state(vit, arch, kwargs)}, ckpt)
     out = tmp_path / "export"
     assert run_cli(hub.main, ["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
 
@@ -257,8 +257,8 @@ def test_export_is_method_agnostic(shared_data, tmp_path):
     with torch.inference_mode():
         assert (model(x) - reference(x)).abs().max().item() < 1e-5
     text = (out / "README.md").read_text()
-    # a method the registry does not know (MAE, until it registers) is named as its checkpoint names it
-    assert "with mae" in text and "no evaluation" in text and "carries no training config" in text
+    # a method the registry does not know is named as its checkpoint names it
+    assert "with msn" in text and "no evaluation" in text and "carries no training config" in text
     assert "the publisher named none" in text and f"local-dir:{out.resolve()}" in text
     assert not re.search(r"\{\{ *[a-z_.]+ *\}\}|\{%|None", text)
 

@@ -2,6 +2,7 @@
 
 - :mod:`.multicrop`: DINOv2-style multi-crop (:class:`MultiCropConfig`, :class:`MultiCropAugment`,
   :func:`collate_multicrop`, :class:`MultiCropPhotometric` for the photometric part on the GPU);
+- :mod:`.single_view`: one augmented view per image (MAE): :class:`SingleViewConfig`, :class:`SingleViewAugment`;
 - :mod:`.geometric`: crop boxes, resized crops with flips and rotations (per sample, uint8);
 - :mod:`.photometric`: HED, colour jitter, blur, solarisation, normalisation (batched);
 - :mod:`.stain`: stain normalisation as a transform;
@@ -29,6 +30,7 @@ from ssl_path.data.transforms.photometric import (
     sample_photometric,
     solarize,
 )
+from ssl_path.data.transforms.single_view import SingleViewAugment, SingleViewConfig
 from ssl_path.data.transforms.stain import StainNormalize
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "MultiCropConfig",
     "MultiCropPhotometric",
     "PhotometricParams",
+    "SingleViewAugment",
+    "SingleViewConfig",
     "StainNormalize",
     "apply_photometric",
     "as_rgb_tensor",
