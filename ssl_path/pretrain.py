@@ -286,7 +286,8 @@ def shard_stream(
     return stream
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _arguments(argv: Sequence[str] | None) -> tuple[PretrainConfig, Any, Path, int | None, bool]:
+    """``main``'s arguments, each checked: (config, data, run dir, max steps, progress bar)."""
     parser = make_parser(
         "python -m ssl_path.pretrain",
         "Pretrain an encoder (DINOv2 or MAE) on WebDataset shards; rerun the same command to resume.",
@@ -311,13 +312,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, not {args.max_steps}")
     cfg = resolve_config(args.config, overrides)
+    return cfg, data if len(data) > 1 else data[0], args.out, args.max_steps, not args.no_progress
+
+
+def check(argv: Sequence[str] | None = None) -> None:
+    """Refuse what ``main(argv)`` would refuse before it trains (arguments, config, data, run dir),
+    building and writing nothing: ``slurm.launch`` calls it before it submits a job that would fail."""
+    cfg, data, out, _, _ = _arguments(argv)
+    urls = shard_urls(data)
+    refuse_out_over_inputs(out, sorted({Path(u).parent for u in urls}))
+    check_run_dir(out, cfg.to_dict())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, data, out, max_steps, progress = _arguments(argv)
     try:
-        run(cfg, data if len(data) > 1 else data[0], args.out, args.max_steps, progress=not args.no_progress)
+        run(cfg, data, out, max_steps, progress=progress)
     except TrainingDiverged as err:
-        print(f"error: {err}; last good checkpoint: {checkpoint_path(args.out)}", file=sys.stderr)
+        print(f"error: {err}; last good checkpoint: {checkpoint_path(out)}", file=sys.stderr)
         return 1
     if init_distributed().is_main:
-        print(json.dumps({"run_dir": str(args.out), "checkpoint": str(checkpoint_path(args.out))}))
+        print(json.dumps({"run_dir": str(out), "checkpoint": str(checkpoint_path(out))}))
     return 0
 
 

@@ -4,6 +4,11 @@ A user error (missing file, wrong format, bad value) is one line on stderr and e
 anything else is a bug and keeps its traceback. Ctrl-C is "interrupted" and exit code 130; a stage
 that cleans up on the way out runs under :func:`terminate_as_interrupt`, so that SIGTERM (Slurm,
 ``kill``) unwinds the same way and exits with 143.
+
+A job that may be preempted or reach its time limit runs its stage under :func:`stop_on_signal`
+(``slurm/job.py``): the scheduler's warning signal then only asks the training loop to stop, which
+it does at the next step that every rank agrees on, after saving it, by raising
+:class:`StopRequested`; the stage exits with :data:`EXIT_STOPPED` and the same command resumes it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 EXIT_USER_ERROR = 2
+# sysexits' EX_TEMPFAIL: stopped on request with its state saved; the same command continues it.
+EXIT_STOPPED = 75
 
 
 class UserError(Exception):
@@ -31,6 +38,52 @@ class ConfigError(UserError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the main thread is so that cleanup (``finally``, context managers) runs as for Ctrl-C."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """The loop saved the step it reached and stopped, as :func:`stop_on_signal` asked; rerunning resumes it.
+
+    An interruption rather than an ``Exception``, so that no ``except Exception`` between the loop and
+    :func:`run_cli` takes it for a failure.
+    """
+
+
+class _StopSignal:
+    armed = False  # within stop_on_signal: the loop asks every step whether a rank was signalled
+    requested = False
+
+
+_STOP = _StopSignal()
+
+
+@contextmanager
+def stop_on_signal(signum: int) -> Iterator[None]:
+    """Within the block, ``signum`` asks the training loop to save and stop at its next step instead of
+    acting at once (see :func:`stop_requested`). A no-op outside the main thread, as :func:`terminate_as_interrupt`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        _STOP.requested = True  # nothing else: the signal may land inside a collective or a write
+
+    previous = signal.signal(signum, request_stop)
+    _STOP.armed, _STOP.requested = True, False
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+        _STOP.armed = False
+
+
+def stop_armed() -> bool:
+    """Whether a stop can be requested at all; outside :func:`stop_on_signal` the loop never asks the ranks."""
+    return _STOP.armed
+
+
+def stop_requested() -> bool:
+    """Whether this process was signalled to stop; the loop agrees on it with the other ranks."""
+    return _STOP.requested
 
 
 @contextmanager
@@ -66,6 +119,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except StopRequested as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return EXIT_STOPPED
     except Terminated:
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM

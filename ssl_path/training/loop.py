@@ -13,6 +13,12 @@ Checkpoints (``RUN_DIR/checkpoints/last.pt``, plus a retained copy every ``keep_
 :mod:`ssl_path.encoder.checkpoint`) are whole, unsharded state dicts written atomically by rank 0,
 gathered from FSDP shards when FSDP is on, so they resume at any world size and load on one CPU.
 
+Under a scheduler that warns before it preempts or ends a job, the stage runs within
+:func:`ssl_path.core.errors.stop_on_signal`: after each step the ranks agree whether any of them
+was signalled, and if so every rank stops at that same step, rank 0 saves it, and the loop raises
+:class:`~ssl_path.core.errors.StopRequested`; only the step in flight when the signal came is
+finished first, none is lost, and rerunning the same command resumes it (``slurm/job.py``).
+
 A stream may skip what it cannot read and say so in its batches (``train(..., skipped_key=...)``):
 the loop counts the skips, names each shard with one on stderr once, lists them in
 ``RUN_DIR/skipped.jsonl``, logs ``skipped_samples`` and ``skipped_shards`` in metrics.jsonl, and
@@ -38,8 +44,8 @@ from tqdm import tqdm
 
 from ssl_path.core.cli import resolve_device
 from ssl_path.core.config import first_difference, lookup
-from ssl_path.core.distributed import DistInfo, all_finite, barrier
-from ssl_path.core.errors import UserError
+from ssl_path.core.distributed import DistInfo, all_finite, any_rank, barrier
+from ssl_path.core.errors import StopRequested, UserError, stop_armed, stop_requested
 from ssl_path.core.io import atomic_path
 from ssl_path.encoder.checkpoint import (
     checkpoint_path,
@@ -150,7 +156,11 @@ def train(
             window_steps += 1
 
             done = step + 1
-            if skips is not None and (done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end):
+            # One small all-reduce a step, only where a stop can be asked for: every rank stops at one step.
+            stop = done < end and stop_armed() and any_rank(stop_requested(), device)
+            if skips is not None and (
+                done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end or stop
+            ):
                 skips.flush(done, drawn=(done - start) * global_batch)  # before the checkpoint that counts them
             if done % cfg.log_every == 0 or done == end:
                 elapsed = time.perf_counter() - window_start
@@ -168,7 +178,7 @@ def train(
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
                 window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
             bar.update(1)
-            if done % cfg.checkpoint_every == 0 or done == end:
+            if done % cfg.checkpoint_every == 0 or done == end or stop:
                 keep = cfg.keep_every > 0 and done % cfg.keep_every == 0
                 _save(
                     task,
@@ -180,6 +190,10 @@ def train(
                     dist_info,
                     wall_before + time.perf_counter() - run_start,
                     keep=keep,
+                )
+            if stop:
+                raise StopRequested(
+                    f"saved step {done} of {end} in {checkpoint_path(run_dir)}; the same command resumes it"
                 )
     finally:
         bar.close()

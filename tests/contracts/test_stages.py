@@ -56,6 +56,7 @@ def test_the_stages_are_found():
         "ssl_path.encoder",
         "probes.knn",
         "probes.embed",
+        "slurm.launch",
     }
     assert expected <= set(STAGES)
     assert not {"probes.common", "probes.features", "ssl_path.core.cli"} & set(STAGES)
@@ -151,8 +152,9 @@ FAILING_RERUNS: dict[str, Callable[[Path, Path, Path], tuple[list[str], bool]]] 
     ),
 }
 # Stages without an --out of their own: the run dir is their output (pretrain refuses any folder
-# that is not its run), or they write inside a run dir (run_log), or print (encoder).
-NO_OUT = {"ssl_path.pretrain", "ssl_path.run_log", "ssl_path.encoder"}
+# that is not its run), or they write inside a run dir (run_log), or print (encoder), or they run
+# another stage, whose --out it is (slurm.launch).
+NO_OUT = {"ssl_path.pretrain", "ssl_path.run_log", "ssl_path.encoder", "slurm.launch"}
 
 
 def _bad_checkpoint(tmp: Path) -> Path:
