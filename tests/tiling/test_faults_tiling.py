@@ -69,6 +69,8 @@ def start_long_run(shared_data: Path, out: Path, *extra: str) -> tuple[subproces
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal or a batch job gives it
+        # Ctrl-C answered, as in a terminal, even where this test runs in a background job (which ignores SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not any(tmp.is_dir() and any(tmp.iterdir()) for tmp in out.parent.glob(f".{out.name}.*.tmp")):
