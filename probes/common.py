@@ -26,7 +26,7 @@ from ssl_path.data.readers import LabelledSet, parse_spec, read_spec
 from ssl_path.encoder.refs import resolve as resolve_ref
 from ssl_path.evaluation.metrics import SCORES
 from ssl_path.evaluation.results import make_results, write_results
-from ssl_path.evaluation.splits import domain_folds, group_split
+from ssl_path.evaluation.splits import DEFAULT_TEST_FRACTION, domain_folds, group_split
 
 __all__ = [
     "align_labels",
@@ -158,7 +158,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser, seed_help: str) -> argp
     p.add_argument(
         "--test-fraction",
         type=float,
-        default=0.2,
+        default=DEFAULT_TEST_FRACTION,
         help="with --split-by group: share of the images held out (default %(default)s)",
     )
     add_out(p, help="write results.json here", required=False)
@@ -214,7 +214,7 @@ class ProbeRequest:
     test: str | None = None
     leave_one_domain_out: bool = False
     split_by: str | None = None
-    test_fraction: float = 0.2
+    test_fraction: float = DEFAULT_TEST_FRACTION
     seed: int = 0
     out: Path | None = None
     overwrite: bool = False

@@ -65,7 +65,7 @@ from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path
 from ssl_path.evaluation.features import l2_normalize
 from ssl_path.evaluation.metrics import SCORES, classification_metrics
-from ssl_path.evaluation.splits import group_ids, n_folds
+from ssl_path.evaluation.splits import group_ids, n_folds, sample_subset
 from ssl_path.evaluation.stats import aggregate, summarize
 
 __all__ = [
@@ -102,44 +102,6 @@ CURVES_NAME = "fewshot_curves.png"
 
 
 # ----------------------------------------------------------------------------- sampling
-
-
-def sample_subset(
-    labels: np.ndarray,
-    fraction: float | None = None,
-    shots: int | None = None,
-    seed: int | Sequence[int] = 0,
-    n_classes: int | None = None,
-) -> np.ndarray:
-    """Sorted row indices of a stratified random subset of the labelled rows of ``labels``.
-
-    Exactly one of ``fraction`` (each class keeps ``round(fraction * its size)`` rows, at least one, so
-    the class proportions stay within one image of the full set's) or ``shots`` (``min(shots, its size)``
-    rows per class). Rows labelled -1 are never drawn. ``seed`` goes to ``np.random.default_rng`` (an int
-    or a sequence of ints, e.g. ``(seed, episode)``); the same seed gives the same subset. With
-    ``n_classes``, a class in ``range(n_classes)`` without any row is a UserError.
-    """
-    if (fraction is None) == (shots is None):
-        raise ValueError("give exactly one of fraction and shots")
-    if fraction is not None and not 0 < fraction <= 1:
-        raise UserError(f"a label fraction must lie in (0, 1], got {fraction}")
-    if shots is not None and shots < 1:
-        raise UserError(f"shots per class must be >= 1, got {shots}")
-    labels = np.asarray(labels, dtype=np.int64)
-    present = np.unique(labels[labels >= 0])
-    if n_classes is not None:
-        empty = sorted(set(range(n_classes)) - set(present.tolist()))
-        if empty:
-            raise UserError(f"classes {empty} have no training images; every class needs at least one")
-    if len(present) == 0:
-        raise UserError("the training set has no labelled images")
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in present:  # ascending class order, so one seed always makes the same draws
-        members = np.flatnonzero(labels == c)
-        n = max(1, round(fraction * len(members))) if fraction is not None else min(shots, len(members))
-        picked.append(rng.permutation(members)[:n])
-    return np.sort(np.concatenate(picked))
 
 
 def _shortfall(labels: np.ndarray, shots: int, classes: Sequence[str]) -> dict[str, int]:

@@ -30,9 +30,7 @@ from ssl_path.core.config import (
     apply_overrides,
     config_path,
     dump_yaml,
-    first_difference,
     from_dict,
-    lookup,
     read_yaml,
     to_dict,
 )
@@ -47,28 +45,19 @@ from ssl_path.training.config import OptimConfig, TrainConfig
 from ssl_path.training.figures import draw_panels
 from ssl_path.training.loop import SKIPS_LOG, StreamFactory, TrainingDiverged, train
 from ssl_path.training.metrics_log import LOSS_PNG, METRICS
+from ssl_path.training.run_dir import CONFIG_FILE
+from ssl_path.training.run_dir import check_run_dir as check_any_run_dir
 
-CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 FIGURE_IMAGES = 6  # the first readable tiles of the run's shards, in shard order
 # What a run writes into its run dir; a folder holding anything else is not one.
 RUN_DIR_ENTRIES = (
-    CONFIG_FILE,
     RUN_FILE,
     METRICS,
     LOSS_PNG,
     SKIPS_LOG,
     CHECKPOINT_DIR,
     *sorted({spec.method.figure for spec in methods().values() if spec.method.figure}),
-)
-# Settings that may change between a run and its resumption without changing what it computes.
-RESUMABLE_CHANGES = (
-    "train.num_workers",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_every",
-    "train.compile",
-    "train.max_skipped_fraction",  # when a run stops for skips, not what it computes until then
 )
 
 
@@ -117,34 +106,9 @@ def resolve_config(name_or_path: str, overrides: Sequence[str] = ()) -> Pretrain
 
 
 def check_run_dir(out: Path, config: dict[str, Any]) -> bool:
-    """True where ``out`` starts a fresh run, False where it resumes one; any other folder is refused.
-
-    Fresh: ``out`` is new or empty, or a run dir that holds no checkpoint yet (a run that failed or
-    was killed before its first), whatever config it was started with. Resumed: ``out`` holds a
-    checkpoint and the config the run was started with, up to :data:`RESUMABLE_CHANGES`.
-    Only reads, so that every rank checks (and fails alike) before any of them writes.
-    """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a run directory")
-    saved = out / CONFIG_FILE
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and not saved.is_file():
-        raise UserError(f"--out {out} exists and is not a pretraining run directory (no {CONFIG_FILE})")
-    if not checkpoint_path(out).exists():
-        # Hidden files are temporaries of a write that was killed; any other file in checkpoints/ is one.
-        kept = sorted(str(p.relative_to(out)) for p in out.glob(f"{CHECKPOINT_DIR}/[!.]*"))
-        foreign = [n for n in entries if n not in RUN_DIR_ENTRIES and not n.startswith(".")] + kept
-        if foreign:
-            raise UserError(f"--out {out} holds {foreign[0]} but no {checkpoint_path(out)}; use another --out")
-        return True
-    previous = read_yaml(saved)
-    difference = first_difference(previous, config)
-    if difference is not None and difference not in RESUMABLE_CHANGES:
-        raise UserError(
-            f"--out {out} is a run with a different config ({difference}: "
-            f"{lookup(previous, difference)!r} there, {lookup(config, difference)!r} now); use another --out"
-        )
-    return False
+    """True where ``out`` starts a fresh pretraining run, False where it resumes one
+    (:func:`ssl_path.training.run_dir.check_run_dir`)."""
+    return check_any_run_dir(out, config, RUN_DIR_ENTRIES)
 
 
 def run(

@@ -41,16 +41,16 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def config_path(name_or_path: str) -> Path:
-    """A shipped config by name (``dinov2_vits16``) or a YAML file path."""
+def config_path(name_or_path: str, shipped_dir: Path = CONFIG_DIR) -> Path:
+    """A shipped config by name (``dinov2_vits16``, from ``shipped_dir``) or a YAML file path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise UserError(f"--config {name_or_path}: no such file")
         return path
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    shipped = shipped_dir / f"{name_or_path}.yaml"
     if not shipped.is_file():
-        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        names = ", ".join(sorted(p.stem for p in shipped_dir.glob("*.yaml")))
         raise UserError(f"--config {name_or_path}: not a YAML file nor a shipped config ({names})")
     return shipped
 

@@ -14,6 +14,7 @@ hashes what a ref names. ``python -m ssl_path.encoder --ckpt REF`` prints the in
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -51,6 +52,7 @@ __all__ = [
     "encoder_state",
     "feature_maps",
     "load",
+    "model_kwargs",
     "patch_size",
     "resolve",
 ]
@@ -75,3 +77,24 @@ def load(
         model = model_from_entry(encoder_entry(read_checkpoint(path), path), str(path), model_kwargs)
     model.eval().to(device)
     return model, encoder_info(model, resolved.text)
+
+
+def model_kwargs(ref: str | os.PathLike) -> dict[str, Any]:
+    """The timm kwargs that rebuild the architecture ``ref`` names (``depth=6``, say), as its checkpoint
+    or export stored them; ``{}`` for ``timm:ARCH``. A fine-tuning run stores them with its encoder."""
+    resolved = resolve(ref)
+    if resolved.kind == "checkpoint":
+        return dict(encoder_entry(read_checkpoint(resolved.path), resolved.path).get("model_kwargs", {}))
+    if resolved.kind == "export":
+        try:
+            return dict(json.loads((resolved.path / "config.json").read_text()).get("model_args", {}))
+        except (OSError, ValueError) as err:
+            raise UserError(f"{resolved.path / 'config.json'}: unreadable ({first_line(err)})") from None
+    if resolved.kind == "hf-hub":
+        from timm.models import load_model_config_from_hf
+
+        try:
+            return dict(load_model_config_from_hf(resolved.name.removeprefix("hf-hub:"))[2] or {})
+        except Exception as err:  # offline, no such repo, no config: huggingface_hub raises many types
+            raise UserError(f"cannot read the config of encoder {resolved.text!r}: {first_line(err)}") from None
+    return {}

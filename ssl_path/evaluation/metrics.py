@@ -17,10 +17,15 @@ import numpy as np
 from sklearn import metrics as skm
 from sklearn.exceptions import UndefinedMetricWarning
 
-__all__ = ["classification_metrics", "auroc", "SCORES"]
+__all__ = ["classification_metrics", "auroc", "SCORES", "SEGMENTATION_SCORES", "TASK_SCORES"]
 
 # The scores of a row (higher is better); the rest of a row (n, confusion matrix) describes it.
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "cohen_kappa")
+# A segmentation row's scores (finetune.metrics computes them): per label pixel Dice / IoU, and per
+# object (GlaS, AJI) where objects are scored; the object Hausdorff distance is lower-better, in pixels.
+SEGMENTATION_SCORES = ("dice", "iou", "dice_pooled", "aji", "object_f1", "object_dice", "object_hausdorff")
+# What a model card shows of a results file, by the task it states.
+TASK_SCORES = {"image-classification": SCORES, "segmentation": SEGMENTATION_SCORES, "detection": ()}
 
 
 def _finite(value: float) -> float | None:

@@ -32,7 +32,7 @@ from ssl_path.core.config import dump_yaml
 from ssl_path.core.errors import UserError, first_line
 from ssl_path.data.readers.spec import parse_spec
 from ssl_path.encoder import EncoderInfo
-from ssl_path.evaluation.metrics import SCORES
+from ssl_path.evaluation.metrics import TASK_SCORES
 from ssl_path.methods import methods
 from ssl_path.publish.records import TrainingRecord
 
@@ -87,7 +87,7 @@ def eval_results(all_results: Sequence[dict[str, Any]]) -> list[EvalResult]:
         probe = results["probe"]
         name = _tested_on(results)
         for row_name, row in _rows(results):
-            for score in SCORES:
+            for score in TASK_SCORES.get(results["task"], ()):
                 value = _score(row, score)
                 if value is None:
                     continue
@@ -112,7 +112,7 @@ def evaluation_tables(all_results: Sequence[dict[str, Any]]) -> list[dict[str, A
     tables = []
     for results in all_results:
         rows = _rows(results)
-        scores = [s for s in SCORES if any(_score(row, s) is not None for _, row in rows)]
+        scores = [s for s in TASK_SCORES.get(results["task"], ()) if any(_score(row, s) is not None for _, row in rows)]
         body = []
         for row_name, row in rows:
             cells = []
@@ -217,7 +217,11 @@ def build_card(
         pipeline_tag=PIPELINE_TAG,
         tags=[*BASE_TAGS, *([record.method] if record.method else [])],
         datasets=datasets or None,
-        metrics=[s for s in SCORES if any(_score(row, s) is not None for r in all_results for _, row in _rows(r))]
+        metrics=[
+            s
+            for s in dict.fromkeys(s for scores in TASK_SCORES.values() for s in scores)
+            if any(_score(row, s) is not None for r in all_results for _, row in _rows(r))
+        ]
         or None,
         eval_results=eval_results(all_results) or None,
     )

@@ -7,7 +7,8 @@ method but its trainable parameters. As in dinov2 (``get_params_groups_with_deca
   ``blocks.i``, and ``num_blocks + 1`` for everything after the trunk (final norm, heads);
   lr multiplier ``layerwise_decay ** (num_blocks + 1 - layer_id)``;
 - the patch embedding's multiplier is further scaled by ``patch_embed_lr_mult``;
-- biases, norms and layer-scale gammas have no weight decay;
+- biases, norms and layer-scale gammas have no weight decay (by name, and every 1-D parameter, so a
+  head's ``nn.Sequential``-numbered batch norms too);
 - ``tag(name)`` splits groups further for a task's own rules (DINOv2 freezes its heads' last layer).
 """
 
@@ -61,6 +62,8 @@ def param_groups(
     groups: dict[tuple[ParamRule, str], dict[str, Any]] = {}
     for name, param in named:
         rule = param_rule(name, num_blocks, layerwise_decay, patch_embed_lr_mult)
+        if param.ndim <= 1:  # every bias, norm scale and layer-scale gamma, however its module is named
+            rule = ParamRule(rule.lr_multiplier, 0.0)
         group = groups.setdefault(
             (rule, tag(name)),
             {

@@ -150,11 +150,25 @@ FAILING_RERUNS: dict[str, Callable[[Path, Path, Path], tuple[list[str], bool]]] 
         ],
         True,
     ),
+    "finetune.predict": lambda shared, tmp, bad: (["--run", str(_not_a_run(tmp)), "--data", str(bad)], True),
 }
-# Stages without an --out of their own: the run dir is their output (pretrain refuses any folder
-# that is not its run), or they write inside a run dir (run_log), or print (encoder), or they run
-# another stage, whose --out it is (slurm.launch).
-NO_OUT = {"ssl_path.pretrain", "ssl_path.run_log", "ssl_path.encoder", "slurm.launch"}
+# Stages without an --out of their own: the run dir is their output (pretrain and the heads refuse
+# any folder that is not their run, and never train over a finished one), or they write inside a run
+# dir (run_log), or print (encoder), or they run another stage, whose --out it is (slurm.launch).
+NO_OUT = {
+    "ssl_path.pretrain",
+    "ssl_path.run_log",
+    "ssl_path.encoder",
+    "slurm.launch",
+    "finetune.segment",
+    "finetune.classify",
+}
+
+
+def _not_a_run(tmp: Path) -> Path:
+    (tmp / "not_a_run").mkdir(exist_ok=True)
+    (tmp / "not_a_run" / "config.yaml").write_text("task: regress\n")
+    return tmp / "not_a_run"
 
 
 def _bad_checkpoint(tmp: Path) -> Path:

@@ -70,6 +70,44 @@ def test_amibr_expert_subtypes_as_target(shared_data: Path) -> None:
         read_amibr(shared_data / "amibr_midog21", target="expert3")
 
 
+def test_amibr_benchmark_split_is_slide_disjoint(shared_data: Path) -> None:
+    root = shared_data / "amibr_midog21"
+    assert {r.split for r in read_amibr(root)} == {None}
+    ds = read_spec(f"amibr:{root}?split=benchmark")
+    assert Counter(r.split for r in ds) == {"train": 783, "test": 250}
+    assert ds.splits() == ["test", "train"] and ds.info["split_rows_without_patch"] == 0
+    train, test = ds.filter(split="train"), ds.filter(split="test")
+    assert not set(train.groups()) & set(test.groups())
+    assert len(train.groups()) + len(test.groups()) == 88
+    assert ds.source == f"amibr:{root}?split=benchmark"
+    assert read_spec(ds.source).records == ds.records
+    # The option goes to the reader; the record filters still apply beside it.
+    xr = read_spec(f"amibr:{root}?split=benchmark&domain=hamamatsu_xr")
+    assert len(xr) == 451 and {r.split for r in xr} == {"train", "test"}
+    with pytest.raises(UserError, match="split must be one of benchmark; got 'kumar'"):
+        read_amibr(root, split="kumar")
+
+
+def test_amibr_benchmark_split_errors(tmp_path: Path, shared_data: Path) -> None:
+    src = shared_data / "amibr_midog21"
+    (tmp_path / "patches").symlink_to(src / "patches")
+    (tmp_path / "AMI-BR_MIDOG21.csv").symlink_to(src / "AMI-BR_MIDOG21.csv")
+    with pytest.raises(UserError, match=rf"split=benchmark needs benchmark_split.csv under {tmp_path}"):
+        read_amibr(tmp_path, split="benchmark")
+    lines = (src / "benchmark_split.csv").read_text().splitlines()
+    table = tmp_path / "benchmark_split.csv"
+    cases = {
+        "\n".join(lines[:-1]): rf"1 patch\(es\) have no row in {table}, e.g. uid {lines[-1].split(',')[0]}",
+        "\n".join([*lines[:3], lines[3].replace("train", "val"), *lines[4:]]): r"line 4 of .*split is 'val'",
+        "\n".join([*lines, lines[1]]): rf"line {len(lines) + 1} of .*uid {lines[1].split(',')[0]} is listed twice",
+        "uid,fold\n6,1": r"lacks column\(s\) split",
+    }
+    for text, message in cases.items():
+        table.write_text(text + "\n")
+        with pytest.raises(UserError, match=message):
+            read_amibr(tmp_path, split="benchmark")
+
+
 def test_folder_per_class_reads_amibr_patches(shared_data: Path) -> None:
     ds = read_folder(shared_data / "amibr_midog21" / "patches")
     assert ds.classes == ("atypical", "normal")
@@ -324,6 +362,45 @@ def test_monuseg_images_masks_layout_and_missing_mask(tmp_path: Path, shared_dat
     (tmp_path / "masks" / names[1]).unlink()
     with pytest.raises(UserError, match=f"no mask of the same name .*e.g. {names[1]}"):
         read_monuseg(tmp_path)
+
+
+def test_monuseg_kumar_split(tmp_path: Path, shared_data: Path) -> None:
+    root = shared_data / "monuseg_kumar_norm"
+    assert {r.split for r in read_monuseg(root)} == {None}
+    ds = read_spec(f"monuseg:{root}?split=kumar")
+    assert ds.source == f"monuseg:{root}?split=kumar" and read_spec(ds.source).records == ds.records
+    assert Counter(r.split for r in ds) == {"train": 16, "test_same_organ": 8, "test_other_organ": 6}
+    organs = {part: Counter(r.domain for r in ds.filter(split=part)) for part in ds.splits()}
+    assert organs["train"] == {"breast": 4, "kidney": 4, "prostate": 4, "lung": 4}
+    assert organs["test_same_organ"] == {"breast": 2, "kidney": 2, "prostate": 2, "lung": 2}
+    assert organs["test_other_organ"] == {"bladder": 2, "colon": 2, "stomach": 1, "liver": 1}
+    by_patient = {r.group: r.split for r in ds}
+    assert (by_patient["TCGA-E2-A1B5"], by_patient["TCGA-RD-A8N9"]) == ("test_same_organ", "test_other_organ")
+    assert ds.info["split_train_missing"] == []
+    with pytest.raises(UserError, match="option split must be one of kumar; got 'test'"):
+        read_monuseg(root, split="test")
+
+    # images/masks layout: some of the 30 and one stranger, by symlinks to the real pairs.
+    names = sorted(p.name for p in (root / "NormalizedPNG").iterdir())
+    for sub, origin in (("images", "NormalizedPNG"), ("masks", "GroundTruthInside")):
+        (tmp_path / sub).mkdir()
+        for name in names:
+            (tmp_path / sub / name).symlink_to(root / origin / name)
+    train_name = next(n for n in names if n.startswith("TCGA-A7-A13E"))
+    test_name = next(n for n in names if n.startswith("TCGA-KB-A93J"))
+    for sub in ("images", "masks"):
+        (tmp_path / sub / train_name).unlink()
+    assert read_monuseg(tmp_path, split="kumar").info["split_train_missing"] == ["TCGA-A7-A13E"]
+    for sub in ("images", "masks"):
+        (tmp_path / sub / test_name).unlink()
+    with pytest.raises(UserError, match=r"1 test image\(s\) missing from .*images: TCGA-KB-A93J"):
+        read_monuseg(tmp_path, split="kumar")
+    for sub, origin in (("images", "NormalizedPNG"), ("masks", "GroundTruthInside")):
+        (tmp_path / sub / test_name).symlink_to(root / origin / test_name)
+        (tmp_path / sub / "TCGA-A7-A13G-01Z-00-DX1.png").symlink_to(root / origin / train_name.replace("A13E", "A13F"))
+    with pytest.raises(UserError, match=r"TCGA-A7-A13G-01Z-00-DX1.png in .*images is none of the 30 Kumar"):
+        read_monuseg(tmp_path, split="kumar")
+    assert len(read_monuseg(tmp_path)) == 30  # without the option any TCGA images will do
 
 
 def _glas_folder(tmp_path: Path, shared_data: Path) -> Path:

@@ -217,18 +217,27 @@ def test_card_front_matter_parses_and_holds_every_score(exported, trained):
     assert "Oquab" in text  # the method's paper
 
 
-def test_card_takes_each_evaluation_task_and_title_from_its_results_file(trained, tmp_path):
+def test_card_takes_each_evaluation_task_title_and_scores_from_its_results_file(trained, tmp_path):
     results = read_results(trained["results"][0])
-    title = "retitled kNN, as a detection evaluator would name itself"
-    retitled = write_results(tmp_path / "retitled.json", {**results, "task": "detection", "title": title})
+    title = "a U-Net head, as a segmentation evaluator would name itself"
+    rows = {"nucleus": {"dice": 0.81, "iou": 0.68, "aji": 0.55, "n": 14}, "cell": {"dice": 0.9, "n": 14}}
+    retitled = write_results(
+        tmp_path / "retitled.json", {**results, "task": "segmentation", "title": title, "metrics": rows}
+    )
     out = tmp_path / "export"
     argv = ["export", "--ckpt", str(trained["run"]), "--out", str(out), "--results", str(retitled)]
     assert run_cli(hub.main, argv) == 0
     card = ModelCard.load(out / "README.md")
-    assert card.data.eval_results and {(r.task_type, r.task_name) for r in card.data.eval_results} == {
-        ("detection", title)
+    assert {(r.task_type, r.task_name) for r in card.data.eval_results} == {("segmentation", title)}
+    index = {(r.metric_config.split("/", 1)[1], r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert index == {
+        ("nucleus", "dice"): 0.81,
+        ("nucleus", "iou"): 0.68,
+        ("nucleus", "aji"): 0.55,
+        ("cell", "dice"): 0.9,
     }
     assert f"### {title} on amibr_midog21" in card.text and knn.TITLE not in card.text
+    assert "0.810" in card.text and "n/a" in card.text  # the cell row has no IoU
 
 
 def test_export_is_method_agnostic(shared_data, tmp_path):

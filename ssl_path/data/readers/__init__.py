@@ -5,6 +5,7 @@ Nothing downstream (probes, heads, fine-tuning) parses dataset files; it asks fo
 function, and uses only records. New formats join through :func:`register_reader`.
 """
 
+from ssl_path.data.readers._common import list_images
 from ssl_path.data.readers.amibr import read_amibr
 from ssl_path.data.readers.coco import read_coco
 from ssl_path.data.readers.folder import read_csv, read_folder
@@ -37,6 +38,7 @@ __all__ = [
     "Point",
     "Record",
     "Spec",
+    "list_images",
     "midog21_scanner",
     "parse_spec",
     "read_amibr",

@@ -1,0 +1,140 @@
+"""The classification head: label fractions over seeds in the probes' schema, exact resume through
+model selection, scoring a trained run on another set, predictions as CSV, bad input in one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from finetune_helpers import assert_one_line_error, tiny_checkpoint
+
+from finetune import classify, predict
+from ssl_path.core.errors import run_cli
+from ssl_path.encoder.checkpoint import read_training_checkpoint
+from ssl_path.evaluation.results import read_results
+
+SMALL = ["classify.input_size=32", "train.batch_size=16", "train.num_workers=0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def amibr_small(shared_data, tmp_path_factory):
+    """48 AMi-Br patches of each class, from two scanners, as a folder-per-class set."""
+    root = tmp_path_factory.mktemp("amibr") / "set"
+    for label in ("normal", "atypical"):
+        (root / label).mkdir(parents=True)
+        for path in sorted((shared_data / "amibr_midog21" / "patches" / label).glob("*.png"))[:48]:
+            shutil.copy(path, root / label / path.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("enc") / "tiny.pt")
+
+
+def test_fractions_and_seeds_give_one_row_per_fraction_with_its_spread(amibr_small, tiny_ref, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--ckpt", str(tiny_ref), "--train", f"folder:{amibr_small}", "--out", str(out), "--mode", "last-1",
+            "--fractions", "0.25", "1", "--seeds", "2", "train.epochs=2", *SMALL]  # fmt: skip
+    assert run_cli(classify.main, [*argv, "--max-steps", "2"]) == 0  # a pause in the first run
+    assert not (out / "results.json").exists()
+    assert run_cli(classify.main, argv) == 0  # the same command resumes it and trains the rest
+    results = read_results(out / "results.json")
+    assert results["task"] == "image-classification" and results["seeds"] == [0, 1]
+    assert set(results["metrics"]) == {"fraction_0.25/last-1", "fraction_1/last-1"}
+    row = results["metrics"]["fraction_0.25/last-1"]
+    assert row["n_seeds"] == 2 and len(row["per_seed"]["balanced_accuracy"]) == 2
+    assert row["balanced_accuracy_std"] is not None and (out / "learning_curve.png").is_file()
+    one = read_results(out / "fraction_0.25" / "seed_1" / "results.json")
+    full = read_results(out / "fraction_1" / "seed_1" / "results.json")
+    assert one["split"]["n_train"] < full["split"]["n_train"]
+    # Every run of the command is scored on the same test images, carved once.
+    assert one["dataset"]["n_test"] == full["dataset"]["n_test"] == results["dataset"]["n_test"]
+    assert run_cli(classify.main, argv) == 2  # finished: never trained again over itself
+
+
+def test_a_paused_run_resumes_exactly_through_validation_and_selection(amibr_small, tiny_ref, tmp_path):
+    base = ["--ckpt", str(tiny_ref), "--train", f"folder:{amibr_small}", "--mode", "full", "train.epochs=3",
+            "select.val_every=0.5", "train.checkpoint_every=2", *SMALL]  # fmt: skip
+    whole, paused = tmp_path / "whole", tmp_path / "paused"
+    assert run_cli(classify.main, [*base, "--out", str(whole)]) == 0
+    assert run_cli(classify.main, [*base, "--out", str(paused), "--max-steps", "5"]) == 0
+    assert not (paused / "results.json").exists()
+    assert run_cli(classify.main, [*base, "--out", str(paused)]) == 0
+    assert (whole / "validation.jsonl").read_text() == (paused / "validation.jsonl").read_text()
+    a, b = (read_training_checkpoint(r / "checkpoints" / "best.pt") for r in (whole, paused))
+    assert a["step"] == b["step"]
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
+
+
+def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tiny_ref, shared_data, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(classify.main, ["--ckpt", str(tiny_ref), "--train", f"folder:{amibr_small}", "--out", str(run),
+                                   "train.epochs=1", *SMALL]) == 0  # fmt: skip
+    other = f"amibr:{shared_data / 'amibr_midog21'}?domain=hamamatsu_s360"
+    scored = tmp_path / "scored.json"
+    assert run_cli(classify.main, ["--eval", str(run), "--test", other, "--out", str(scored)]) == 0
+    row = read_results(scored)["metrics"]["frozen"]
+    assert row["n"] > 300 and 0 <= row["balanced_accuracy"] <= 1
+    out = tmp_path / "pred"
+    assert run_cli(predict.main, ["--run", str(run), "--data", str(amibr_small / "normal"), "--out", str(out)]) == 0
+    with (out / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 48 and {r["prediction"] for r in rows} <= {"normal", "atypical"}
+    assert all(abs(float(r["p_normal"]) + float(r["p_atypical"]) - 1) < 1e-5 for r in rows)
+    assert json.loads((run / "selection.json").read_text())["mode"] == "frozen"
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--fractions", "0"], "--fractions must lie in (0, 1]"),
+        (["--mode", "half"], "encoder.mode must be frozen, last-N"),
+        (["classify.balance=oversample"], "classify.balance must be one of"),
+        (["train.steps_per_epoch=3"], "set by the training set"),
+        (["--mode", "lora", "encoder.lora_targets=[q]"], "names no linear layer"),
+    ],
+)
+def test_bad_requests_are_one_line(extra, fragment, amibr_small, tiny_ref, tmp_path, capsys):
+    argv = ["--ckpt", str(tiny_ref), "--train", f"folder:{amibr_small}", "--out", str(tmp_path / "r"), *SMALL]
+    assert run_cli(classify.main, [*argv, *extra]) == 2
+    assert_one_line_error(capsys, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def _ddp_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
+    )
+    torch.set_num_threads(1)
+    assert classify.main(argv) == 0
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ddp_ranks_of_8_train_as_one_process_of_16(amibr_small, tiny_ref, tmp_path):
+    """Each rank takes its half of every global batch: with a frozen encoder and no dropout, two gloo
+    ranks of 8 images make the updates of one process of 16, so they validate alike."""
+    base = ["--ckpt", str(tiny_ref), "--train", f"folder:{amibr_small}", "train.epochs=2", "select.val_every=1",
+            "classify.input_size=32", "train.num_workers=0", "--no-progress"]  # fmt: skip
+    assert run_cli(classify.main, [*base, "--out", str(tmp_path / "one"), "train.batch_size=16"]) == 0
+    port = 29600 + os.getpid() % 1000
+    argv = [*base, "--out", str(tmp_path / "two"), "train.batch_size=8"]
+    mp.spawn(_ddp_worker, args=(2, port, argv), nprocs=2)
+    one, two = (
+        [json.loads(line) for line in (tmp_path / name / "validation.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    )
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [3, 6]
+    for a, b in zip(one, two):
+        assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-6)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    assert (
+        read_results(tmp_path / "two" / "results.json")["dataset"]["n_test"]
+        == read_results(tmp_path / "one" / "results.json")["dataset"]["n_test"]
+    )
