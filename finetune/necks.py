@@ -63,3 +63,58 @@ class UNetSkips(nn.Module):
             raise ValueError(f"UNetSkips takes {len(self.levels)} maps, got {len(maps)}")
         deep_first = list(maps)[::-1]
         return [level(m) for level, m in zip(self.levels, deep_first)]
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid (Li et al. 2022, arXiv 2203.16527, section 3): the last block's
+    map alone, at stride 16, made 4x and 2x finer by transposed convolutions, kept, and pooled 2x; each
+    level then a 1x1 and a 3x3 convolution with layer norm to ``channels``; and one more level max-pooled
+    from the coarsest. Out: ``{"p2": stride 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}``.
+
+    An encoder whose patch is not 16 (DINOv2's 14) is first resampled onto the stride-16 grid, so the
+    strides are powers of two as torchvision's anchor generator and RoI pooling assume; the resampling
+    keeps token centres where they are in the image (``align_corners=False`` at scale ``patch / 16``).
+    """
+
+    scales = (4.0, 2.0, 1.0, 0.5)
+    names = ("p2", "p3", "p4", "p5", "p6")
+    strides = (4, 8, 16, 32, 64)
+
+    def __init__(self, embed_dim: int, patch_size: int, channels: int = 256) -> None:
+        super().__init__()
+        from timm.layers import LayerNorm2d
+
+        self.patch_size, self.out_channels = patch_size, channels
+        half, quarter = embed_dim // 2, embed_dim // 4
+        self.resample = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.ConvTranspose2d(embed_dim, half, 2, stride=2),
+                    LayerNorm2d(half),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(half, quarter, 2, stride=2),
+                ),
+                nn.ConvTranspose2d(embed_dim, half, 2, stride=2),
+                nn.Identity(),
+                nn.MaxPool2d(2, stride=2),
+            ]
+        )
+        widths = (quarter, half, embed_dim, embed_dim)
+        self.output = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(width, channels, 1, bias=False),
+                LayerNorm2d(channels),
+                nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                LayerNorm2d(channels),
+            )
+            for width in widths
+        )
+
+    def forward(self, tokens: Tensor) -> dict[str, Tensor]:
+        if self.patch_size != 16:
+            tokens = nn.functional.interpolate(
+                tokens, scale_factor=self.patch_size / 16, mode="bilinear", recompute_scale_factor=False
+            )
+        levels = [out(resample(tokens)) for resample, out in zip(self.resample, self.output)]
+        levels.append(nn.functional.max_pool2d(levels[-1], kernel_size=1, stride=2))
+        return dict(zip(self.names, levels))

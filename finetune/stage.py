@@ -223,6 +223,8 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
         rank=dist_info.rank,
         world_size=dist_info.world_size,
     )
+    if dist_info.world_size > 1 and device.type == "cuda":  # torch syncs batch norm on GPUs only
+        task = nn.SyncBatchNorm.convert_sync_batchnorm(task)
     task.to(device)
     best = fit(
         task,

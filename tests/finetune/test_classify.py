@@ -119,9 +119,10 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
 
 def test_two_ddp_ranks_of_8_train_as_one_process_of_16(amibr_small, tiny_ref, tmp_path):
     """Each rank takes its half of every global batch: with a frozen encoder and no dropout, two gloo
-    ranks of 8 images make the updates of one process of 16, so they validate alike."""
+    ranks of 8 images make the updates of one process of 16, so they validate alike. (Layer norm: the
+    default batch norm is synchronised across ranks on GPUs only.)"""
     base = ["--ckpt", str(tiny_ref), "--train", f"folder:{amibr_small}", "train.epochs=2", "select.val_every=1",
-            "classify.input_size=32", "train.num_workers=0", "--no-progress"]  # fmt: skip
+            "classify.input_size=32", "classify.norm=layer", "train.num_workers=0", "--no-progress"]  # fmt: skip
     assert run_cli(classify.main, [*base, "--out", str(tmp_path / "one"), "train.batch_size=16"]) == 0
     port = 29600 + os.getpid() % 1000
     argv = [*base, "--out", str(tmp_path / "two"), "train.batch_size=8"]
@@ -138,3 +139,17 @@ def test_two_ddp_ranks_of_8_train_as_one_process_of_16(amibr_small, tiny_ref, tm
         read_results(tmp_path / "two" / "results.json")["dataset"]["n_test"]
         == read_results(tmp_path / "one" / "results.json")["dataset"]["n_test"]
     )
+
+
+def test_the_linear_head_standardises_features_and_trains_on_one_image():
+    torch.manual_seed(0)
+    head = classify.LinearHead(8, 3)
+    head.train()
+    scales = torch.tensor([1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5])
+    batch = torch.randn(64, 8) * scales
+    head(batch, batch)
+    standard = head.norm(batch)
+    assert torch.allclose(standard.std(0), torch.ones(8), atol=0.03)  # every dimension at one scale
+    logits = head(batch[:1], batch[:1])  # a batch of one (a fraction's last images) still learns
+    logits.sum().backward()
+    assert head.fc.weight.grad is not None and head.training and head.norm.training

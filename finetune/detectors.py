@@ -1,0 +1,160 @@
+"""torchvision's detectors on a plain ViT: RetinaNet, FCOS, Faster R-CNN and Mask R-CNN over ViTDet's
+simple feature pyramid (:class:`finetune.necks.SimpleFeaturePyramid`).
+
+torchvision's detectors take a ``backbone`` that maps a padded, normalised batch to named maps. Here
+that backbone is the pyramid over the task's encoder: :class:`Detector` hands the task's ``encode``
+to it for the length of one forward, so that the encoder stays the task's own module (one set of
+weights, tuned, frozen or LoRA'd as the task says) while torchvision resizes, pads, normalises and
+computes its losses as it always does.
+
+Sizes and statistics come from the encoder and the data, not COCO's: the transform normalises with
+the encoder's mean and std and never resizes (every crop and window is ``window`` pixels square; the
+data's own scale is applied when images are read); anchors follow the training boxes
+(:func:`anchor_sizes`). Labels are class index + 1 for every head, 0 being torchvision's background for
+the R-CNNs; RetinaNet and FCOS have no background class, and :class:`Detector` shifts their labels.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from torch import Tensor, nn
+
+from finetune.necks import SimpleFeaturePyramid
+
+HEADS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
+ONE_STAGE = ("retinanet", "fcos")
+
+
+def anchor_sizes(box_sides: Sequence[float], levels: int = len(SimpleFeaturePyramid.strides)) -> tuple[int, ...]:
+    """One anchor size per pyramid level, doubling from level to level as the strides do, starting at
+    the 2nd percentile of the training boxes' sides (square root of the area): the smallest objects
+    find an anchor on the finest level and each coarser level takes objects twice as large."""
+    base = max(4, round(float(np.percentile(np.asarray(box_sides, dtype=float), 2)))) if len(box_sides) else 32
+    return tuple(base * 2**i for i in range(levels))
+
+
+class PyramidBackbone(nn.Module):
+    """The encoder's last block map -> the simple feature pyramid, for torchvision's detectors."""
+
+    def __init__(self, pyramid: SimpleFeaturePyramid) -> None:
+        super().__init__()
+        self.pyramid = pyramid
+        self.out_channels = pyramid.out_channels
+        self.encode: Callable[[Tensor], Sequence[Tensor]] | None = None
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        assert self.encode is not None, "Detector.forward sets the encoder"
+        patch = self.pyramid.patch_size
+        # torchvision pads the batch to a multiple of 32; a patch of 14 needs its own multiple.
+        padded = nn.functional.pad(images, (0, -images.shape[-1] % patch, 0, -images.shape[-2] % patch))
+        return self.pyramid(self.encode(padded)[-1])
+
+
+class Detector(nn.Module):
+    """A torchvision detector whose backbone reads the task's encoder; ``reads = "encoder"``: the task
+    passes its ``encode`` (images -> block maps) rather than features, since the detector's transform
+    decides what the encoder sees."""
+
+    reads = "encoder"
+
+    def __init__(self, model: nn.Module, block: int, kind: str) -> None:
+        super().__init__()
+        self.model, self.blocks, self.kind = model, (block,), kind
+        self.shift = 1 if kind in ONE_STAGE else 0  # their class 0 is the first class, not background
+
+    def forward(
+        self,
+        encode: Callable[[Tensor], Sequence[Tensor]],
+        images: Tensor,
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> Any:
+        """Training (with ``targets``): torchvision's loss dict; else its detections per image."""
+        backbone = self.model.backbone
+        backbone.encode = encode
+        if targets is not None and self.shift:
+            targets = [{**t, "labels": t["labels"] - self.shift} for t in targets]
+        try:
+            out = self.model(list(images), targets)
+        finally:
+            backbone.encode = None
+        if targets is None and self.shift:
+            out = [{**d, "labels": d["labels"] + self.shift} for d in out]
+        return out
+
+
+def build_detector(
+    kind: str,
+    embed_dim: int,
+    patch_size: int,
+    num_blocks: int,
+    n_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    window: int,
+    anchors: Sequence[int],
+    channels: int = 256,
+    max_detections: int = 300,
+    score_threshold: float = 0.05,
+) -> Detector:
+    """The ``kind`` detector (:data:`HEADS`) for ``n_classes`` classes on ``window``-pixel inputs."""
+    from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.fcos import FCOSHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.models.detection.retinanet import RetinaNetHead
+    from torchvision.models.detection.rpn import RPNHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    backbone = PyramidBackbone(SimpleFeaturePyramid(embed_dim, patch_size, channels))
+    names = list(SimpleFeaturePyramid.names)
+    common: dict[str, Any] = {
+        "min_size": window,
+        "max_size": window,
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "size_divisible": 32,
+    }
+    group_norm = partial(nn.GroupNorm, 32)
+    num_classes = n_classes if kind in ONE_STAGE else n_classes + 1
+    ratios = (0.5, 1.0, 2.0)
+    if kind == "retinanet":
+        # RetinaNet's three octave scales per level (Lin et al. 2017), on the data's sizes.
+        sizes = tuple(tuple(int(round(a * 2 ** (k / 3))) for k in range(3)) for a in anchors)
+        generator = AnchorGenerator(sizes, (ratios,) * len(sizes))
+        head = RetinaNetHead(channels, generator.num_anchors_per_location()[0], num_classes, norm_layer=group_norm)
+        model = RetinaNet(backbone, num_classes, anchor_generator=generator, head=head,
+                          score_thresh=score_threshold, detections_per_img=max_detections, **common)  # fmt: skip
+    elif kind == "fcos":
+        # FCOS assigns objects to levels by size relative to the stride (4x to 8x an anchor of one
+        # stride), so its "anchors" are the strides themselves.
+        generator = AnchorGenerator(tuple((s,) for s in SimpleFeaturePyramid.strides), ((1.0,),) * len(names))
+        head = FCOSHead(channels, 1, num_classes)
+        model = FCOS(backbone, num_classes, anchor_generator=generator, head=head,
+                     score_thresh=score_threshold, detections_per_img=max_detections, **common)  # fmt: skip
+    elif kind in ("fasterrcnn", "maskrcnn"):
+        generator = AnchorGenerator(tuple((a,) for a in anchors), (ratios,) * len(anchors))
+        rpn_head = RPNHead(channels, generator.num_anchors_per_location()[0], conv_depth=2)
+        box_pool = MultiScaleRoIAlign(names[:4], output_size=7, sampling_ratio=2)
+        rcnn: dict[str, Any] = {
+            "rpn_anchor_generator": generator,
+            "rpn_head": rpn_head,
+            "box_roi_pool": box_pool,
+            "box_head": TwoMLPHead(channels * 7 * 7, 1024),
+            "box_score_thresh": score_threshold,
+            "box_detections_per_img": max_detections,
+            **common,
+        }
+        if kind == "fasterrcnn":
+            model = FasterRCNN(backbone, num_classes, **rcnn)
+        else:
+            mask_pool = MultiScaleRoIAlign(names[:4], output_size=14, sampling_ratio=2)
+            model = MaskRCNN(backbone, None, box_predictor=FastRCNNPredictor(1024, num_classes),
+                             mask_roi_pool=mask_pool, mask_head=MaskRCNNHeads(channels, [256] * 4, 1),
+                             mask_predictor=MaskRCNNPredictor(256, 256, num_classes), **rcnn)  # fmt: skip
+    else:
+        raise ValueError(f"unknown detector {kind!r}; choose one of {', '.join(HEADS)}")
+    return Detector(model, num_blocks - 1, kind)
