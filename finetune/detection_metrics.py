@@ -78,13 +78,18 @@ IOU_TYPES = ("bbox", "segm")
 # ----------------------------------------------------------------------------- points
 
 
+def _as_rows(array: np.ndarray, width: int, name: str, what: str) -> np.ndarray:
+    """``array`` as float64 [N, width] (an empty one of any shape as [0, width])."""
+    rows = np.asarray(array, dtype=np.float64)
+    if rows.size == 0:
+        return rows.reshape(0, width)
+    if rows.ndim != 2 or rows.shape[1] != width:
+        raise ValueError(f"{name} must be [N, {width}] {what}, got shape {rows.shape}")
+    return rows
+
+
 def _as_points(array: np.ndarray, name: str) -> np.ndarray:
-    points = np.asarray(array, dtype=np.float64)
-    if points.size == 0:
-        return points.reshape(0, 2)
-    if points.ndim != 2 or points.shape[1] != 2:
-        raise ValueError(f"{name} must be [N, 2] points (x, y), got shape {points.shape}")
-    return points
+    return _as_rows(array, 2, name, "points (x, y)")
 
 
 def box_centres(boxes: np.ndarray) -> np.ndarray:
@@ -251,12 +256,7 @@ def choose_threshold(
 
 
 def _as_boxes(array: np.ndarray, name: str) -> np.ndarray:
-    boxes = np.asarray(array, dtype=np.float64)
-    if boxes.size == 0:
-        return boxes.reshape(0, 4)
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"{name} must be [N, 4] xyxy boxes, got shape {boxes.shape}")
-    return boxes
+    return _as_rows(array, 4, name, "xyxy boxes")
 
 
 def _labels(record: dict, n: int, n_classes: int, where: str) -> np.ndarray:
