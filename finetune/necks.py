@@ -76,7 +76,6 @@ class SimpleFeaturePyramid(nn.Module):
     keeps token centres where they are in the image (``align_corners=False`` at scale ``patch / 16``).
     """
 
-    scales = (4.0, 2.0, 1.0, 0.5)
     names = ("p2", "p3", "p4", "p5", "p6")
     strides = (4, 8, 16, 32, 64)
 
