@@ -43,7 +43,7 @@ from ssl_path.data.transforms.eval import eval_transform
 from ssl_path.data.transforms.single_view import SingleViewAugment, SingleViewConfig
 from ssl_path.encoder import EncoderInfo
 from ssl_path.evaluation.metrics import SCORES, classification_metrics
-from ssl_path.evaluation.results import make_results, read_results, write_results
+from ssl_path.evaluation.results import make_results, write_results
 from ssl_path.evaluation.stats import aggregate
 
 BALANCES = ("sampler", "loss", "none")
@@ -243,33 +243,29 @@ def run_fractions(request: stage.Request, fractions: Sequence[float], seeds: Seq
     assert request.out is not None
     out = request.out
     base = resolve_config(request.config, HEAD.name, HEAD.config, request.overrides)
-    names = {run_name(f, s).split("/")[0] for f in fractions for s in seeds}
-    foreign = (
-        sorted(p.name for p in out.iterdir() if p.name not in {*names, stage.RESULTS, CURVE}) if out.is_dir() else []
-    )
-    if out.exists() and not out.is_dir() or foreign:
-        raise UserError(f"--out {out} holds {foreign[0] if foreign else 'a file'}, not only runs of this command")
-    if (out / stage.RESULTS).exists():
-        raise UserError(f"--out {out} is finished (its scores are in {out / stage.RESULTS}); use another --out")
-    rows: dict[str, list[dict[str, Any]]] = {}  # "fraction_<f>/<row>" -> that row of every seed
-    last: dict[str, Any] = {}
-    for fraction in fractions:
-        for seed in seeds:
-            sub = replace(
+    runs = [
+        (
+            run_name(fraction, seed),
+            replace(
                 request,
                 out=out / run_name(fraction, seed),
                 overrides=(*request.overrides, f"seed={seed}"),
                 fraction=None if fraction == 1.0 else fraction,
                 split_seed=base.seed,  # one test and validation split for every seed
-            )
-            finished = sub.out / stage.RESULTS
-            done = read_results(finished) if finished.is_file() else stage.train_run(HEAD, sub)
-            if done is None:
-                return {}  # paused by --max-steps: the same command resumes every run
-            if done:  # rank 0's
-                last = done
-                for key, row in done["metrics"].items():
-                    rows.setdefault(f"fraction_{fraction:g}/{key}", []).append(row)
+            ),
+        )
+        for fraction in fractions
+        for seed in seeds
+    ]
+    done = stage.run_series(HEAD, request, runs, entries=(CURVE,))
+    if done is None:
+        return {}  # paused by --max-steps: the same command resumes every run
+    rows: dict[str, list[dict[str, Any]]] = {}  # "fraction_<f>/<row>" -> that row of every seed
+    last: dict[str, Any] = {}
+    for name, results in done.items():
+        last = results
+        for key, row in results["metrics"].items():
+            rows.setdefault(f"{name.split('/')[0]}/{key}", []).append(row)
     if not last:
         return {}
     mode = base.encoder.mode

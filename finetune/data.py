@@ -3,8 +3,9 @@
 - :func:`split_sets`: the test sets are ``--test`` when given; else the set's own named split (records
   whose ``split`` is ``train`` train, each other split value is a test set: MoNuSeg's Kumar split,
   AMi-Br's benchmark split, GlaS's testA/testB); else a share of ``--train`` held out in whole groups
-  (patients, slides; each image its own group where there are none). The validation split is always
-  carved from what trains, in whole groups, so no test image ever makes a choice.
+  (patients, slides; each image its own group where there are none). The validation split is the
+  set's own ``val`` split where its named split is used (BCCD's official train/val/test), else carved
+  from what trains, in whole groups; either way no test image ever makes a choice.
 - :func:`epoch_stream`: batches of a map-style dataset, epoch after epoch, in an order that is a pure
   function of (seed, epoch), restartable at any batch: what exact resume needs. With ``weights`` an
   epoch draws its images with replacement in proportion to them (class-balanced sampling).
@@ -26,6 +27,7 @@ from ssl_path.evaluation.splits import DEFAULT_TEST_FRACTION, group_split
 from ssl_path.training.loop import StreamFactory
 
 SKIPPED = "skipped"
+VAL = "val"  # the split name of a set's own validation split
 
 
 def split_sets(
@@ -38,17 +40,22 @@ def split_sets(
     """(train, validation, {test name: test set}, the ``split`` entry of results.json)."""
     if test is not None:
         trainable, tests, split = data, {"test": test}, {"method": "given", "test": test.source}
-    elif "train" in data.splits() and len(data.splits()) > 1:
+    elif "train" in data.splits() and set(data.splits()) - {"train", VAL}:
         trainable = data.filter(split="train")
-        tests = {name: data.filter(split=name) for name in data.splits() if name != "train"}
+        tests = {name: data.filter(split=name) for name in data.splits() if name not in ("train", VAL)}
         split = {"method": "named", "source": data.source, "tests": sorted(tests)}
     else:
         train_idx, test_idx = _carve(data, test_fraction, seed, "test")
         trainable, tests = data.select(train_idx), {"test": data.select(test_idx)}
         split = {"method": "group", "test_fraction": test_fraction, "seed": seed}
-    fit_idx, val_idx = _carve(trainable, val_fraction, seed, "validation")
-    split.update(n_train=len(fit_idx), n_val=len(val_idx), n_test={k: len(v) for k, v in tests.items()})
-    return trainable.select(fit_idx), trainable.select(val_idx), tests, split
+    if split["method"] == "named" and VAL in data.splits():  # a published validation split (VOC's val) as published
+        fit, val = trainable, data.filter(split=VAL)
+        split.update(validation="named")
+    else:
+        fit_idx, val_idx = _carve(trainable, val_fraction, seed, "validation")
+        fit, val = trainable.select(fit_idx), trainable.select(val_idx)
+    split.update(n_train=len(fit), n_val=len(val), n_test={k: len(v) for k, v in tests.items()})
+    return fit, val, tests, split
 
 
 def _carve(data: LabelledSet, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -117,12 +124,17 @@ def epoch_stream(
 
 
 def collate_readable(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the readable items' ``image`` and ``target``; the others under ``"skipped"``."""
+    """Stack the readable items' ``image`` and ``target`` (a list, where targets are dicts of their own
+    size: a detector's boxes); the others under ``"skipped"``."""
     good = [it for it in items if not it.get("error")]
     skipped = [(it.get("set", ""), it["path"], it["error"]) for it in items if it.get("error")]
-    batch: dict[str, Any] = (
-        default_collate([{"image": it["image"], "target": it["target"]} for it in good]) if good else {}
-    )
+    batch: dict[str, Any] = {}
+    if good:
+        targets = [it["target"] for it in good]
+        batch = {
+            "image": default_collate([it["image"] for it in good]),
+            "target": targets if isinstance(targets[0], dict) else default_collate(targets),
+        }
     if skipped:
         batch[SKIPPED] = skipped
     return batch

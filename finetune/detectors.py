@@ -20,12 +20,14 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from finetune.necks import SimpleFeaturePyramid
 
 HEADS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
 ONE_STAGE = ("retinanet", "fcos")
+RATIOS = (0.5, 1.0, 2.0)
 
 
 def anchor_sizes(box_sides: Sequence[float], levels: int = len(SimpleFeaturePyramid.strides)) -> tuple[int, ...]:
@@ -60,10 +62,19 @@ class Detector(nn.Module):
 
     reads = "encoder"
 
-    def __init__(self, model: nn.Module, block: int, kind: str) -> None:
+    def __init__(self, model: nn.Module, block: int, kind: str, anchors: Sequence[int]) -> None:
         super().__init__()
         self.model, self.blocks, self.kind = model, (block,), kind
         self.shift = 1 if kind in ONE_STAGE else 0  # their class 0 is the first class, not background
+        # The anchor sizes came from the training boxes: saved with the weights, so that a trained
+        # detector reloads with its own anchors (they change no parameter shape, so nothing else would tell).
+        self.register_buffer("anchor_sizes", torch.tensor(list(anchors), dtype=torch.int64))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        sizes = state_dict.get(prefix + "anchor_sizes")
+        if sizes is not None:
+            _set_anchor_generator(self.model, self.kind, [int(a) for a in sizes])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,
@@ -101,7 +112,6 @@ def build_detector(
 ) -> Detector:
     """The ``kind`` detector (:data:`HEADS`) for ``n_classes`` classes on ``window``-pixel inputs."""
     from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.fcos import FCOSHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -120,23 +130,16 @@ def build_detector(
     }
     group_norm = partial(nn.GroupNorm, 32)
     num_classes = n_classes if kind in ONE_STAGE else n_classes + 1
-    ratios = (0.5, 1.0, 2.0)
+    generator = anchor_generator(kind, anchors)
     if kind == "retinanet":
-        # RetinaNet's three octave scales per level (Lin et al. 2017), on the data's sizes.
-        sizes = tuple(tuple(int(round(a * 2 ** (k / 3))) for k in range(3)) for a in anchors)
-        generator = AnchorGenerator(sizes, (ratios,) * len(sizes))
         head = RetinaNetHead(channels, generator.num_anchors_per_location()[0], num_classes, norm_layer=group_norm)
         model = RetinaNet(backbone, num_classes, anchor_generator=generator, head=head,
                           score_thresh=score_threshold, detections_per_img=max_detections, **common)  # fmt: skip
     elif kind == "fcos":
-        # FCOS assigns objects to levels by size relative to the stride (4x to 8x an anchor of one
-        # stride), so its "anchors" are the strides themselves.
-        generator = AnchorGenerator(tuple((s,) for s in SimpleFeaturePyramid.strides), ((1.0,),) * len(names))
         head = FCOSHead(channels, 1, num_classes)
         model = FCOS(backbone, num_classes, anchor_generator=generator, head=head,
                      score_thresh=score_threshold, detections_per_img=max_detections, **common)  # fmt: skip
     elif kind in ("fasterrcnn", "maskrcnn"):
-        generator = AnchorGenerator(tuple((a,) for a in anchors), (ratios,) * len(anchors))
         rpn_head = RPNHead(channels, generator.num_anchors_per_location()[0], conv_depth=2)
         box_pool = MultiScaleRoIAlign(names[:4], output_size=7, sampling_ratio=2)
         rcnn: dict[str, Any] = {
@@ -157,4 +160,30 @@ def build_detector(
                              mask_predictor=MaskRCNNPredictor(256, 256, num_classes), **rcnn)  # fmt: skip
     else:
         raise ValueError(f"unknown detector {kind!r}; choose one of {', '.join(HEADS)}")
-    return Detector(model, num_blocks - 1, kind)
+    return Detector(model, num_blocks - 1, kind, anchors)
+
+
+def anchor_generator(kind: str, anchors: Sequence[int]) -> nn.Module:
+    """torchvision's anchor generator of the ``kind`` detector over the pyramid, one size per level."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    if kind not in HEADS:
+        raise ValueError(f"unknown detector {kind!r}; choose one of {', '.join(HEADS)}")
+    if len(anchors) != len(SimpleFeaturePyramid.strides):
+        raise ValueError(f"need one anchor size per pyramid level ({len(SimpleFeaturePyramid.strides)}), got {anchors}")
+    if kind == "retinanet":  # RetinaNet's three octave scales per level (Lin et al. 2017), on the data's sizes
+        sizes = tuple(tuple(int(round(a * 2 ** (k / 3))) for k in range(3)) for a in anchors)
+        return AnchorGenerator(sizes, (RATIOS,) * len(sizes))
+    if kind == "fcos":
+        # FCOS assigns objects to levels by size relative to the stride (4x to 8x an anchor of one
+        # stride), so its "anchors" are the strides themselves.
+        return AnchorGenerator(tuple((s,) for s in SimpleFeaturePyramid.strides), ((1.0,),) * len(anchors))
+    return AnchorGenerator(tuple((a,) for a in anchors), (RATIOS,) * len(anchors))
+
+
+def _set_anchor_generator(model: nn.Module, kind: str, anchors: Sequence[int]) -> None:
+    generator = anchor_generator(kind, anchors)
+    if kind in ONE_STAGE:
+        model.anchor_generator = generator
+    else:
+        model.rpn.anchor_generator = generator

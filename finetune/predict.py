@@ -4,8 +4,10 @@
 
 A segmentation run writes ``DIR/<image stem>.png``, a mask in the label values of its training set
 (sliding windows over images of any size, the post-processing chosen on validation); a classifier
-writes ``DIR/predictions.csv`` (path, predicted class, probability of each class). An image that cannot
-be read is named on stderr (or in the CSV) and skipped.
+writes ``DIR/predictions.csv`` (path, predicted class, probability of each class); a detector writes
+``DIR/coco_results.json`` (COCO's results list, every detection), ``DIR/coco_images.json`` (the images
+and categories its ids name) and ``DIR/points.csv`` (box centres at the threshold chosen on validation),
+all in the images' own pixels. An image that cannot be read is named on stderr (or in the CSV) and skipped.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from finetune import classify, segment, stage
+from finetune import classify, detect, segment, stage
 from ssl_path.core.cli import add_device, add_out, add_overwrite, make_parser, resolve_device
 from ssl_path.core.config import read_yaml
 from ssl_path.core.errors import UserError, run_cli
@@ -22,12 +24,14 @@ from ssl_path.core.io import atomic_dir
 from ssl_path.data.readers import list_images
 from ssl_path.training.run_dir import CONFIG_FILE
 
-HEADS = {head.name: head for head in (segment.HEAD, classify.HEAD)}
+HEADS = {head.name: head for head in (segment.HEAD, classify.HEAD, detect.HEAD)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = make_parser("python -m finetune.predict", "Predict masks or classes with a trained head.")
-    parser.add_argument("--run", type=Path, required=True, help="a finished run of finetune.segment or classify")
+    parser = make_parser("python -m finetune.predict", "Predict masks, classes or objects with a trained head.")
+    parser.add_argument(
+        "--run", type=Path, required=True, help="a finished run of finetune.segment, classify or detect"
+    )
     parser.add_argument("--data", type=Path, required=True, help="a folder of images (or one image)")
     add_out(parser, help="output folder")
     add_overwrite(parser)

@@ -79,7 +79,8 @@ class SegmentConfig:
     def __post_init__(self) -> None:
         if not self.labels:
             raise ConfigError("segment.labels is empty; map each label to its mask values, e.g. {nucleus: [255]}")
-        object.__setattr__(self, "labels", {name: _values(name, values) for name, values in self.labels.items()})
+        labels = {name: mask_value_list(f"segment.labels.{name}", values) for name, values in self.labels.items()}
+        object.__setattr__(self, "labels", labels)
         if self.objects not in OBJECTS:
             raise ConfigError(f"segment.objects must be one of {', '.join(OBJECTS)}, not {self.objects!r}")
         covered = [v for values in self.labels.values() for v in values]
@@ -111,10 +112,10 @@ class SegmentConfig:
         return list(self.labels)
 
 
-def _values(name: str, values: Any) -> list[int]:
-    """A label's mask values: a list of integers and ``"a-b"`` ranges (GlaS glands: ``["1-255"]``)."""
+def mask_value_list(key: str, values: Any) -> list[int]:
+    """The mask values of config entry ``key``: a list of integers and ``"a-b"`` ranges (GlaS glands: ``["1-255"]``)."""
     if not isinstance(values, (list, tuple)) or not values:
-        raise ConfigError(f"segment.labels.{name} must be a list of mask values, not {values!r}")
+        raise ConfigError(f"{key} must be a list of mask values, not {values!r}")
     out: list[int] = []
     for value in values:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -122,7 +123,7 @@ def _values(name: str, values: Any) -> list[int]:
             continue
         low, dash, high = str(value).partition("-")
         if not (dash and low.isdigit() and high.isdigit() and int(low) <= int(high)):
-            raise ConfigError(f"segment.labels.{name}: {value!r} is neither a mask value nor a range like '1-255'")
+            raise ConfigError(f"{key}: {value!r} is neither a mask value nor a range like '1-255'")
         out.extend(range(int(low), int(high) + 1))
     return list(dict.fromkeys(out))
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import platform
 import random
+import re
 import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -40,10 +41,11 @@ from ssl_path.core.distributed import barrier, init_distributed
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path, check_out_file, refuse_out_over_inputs, write_json
 from ssl_path.data.readers import LabelledSet, parse_spec, read_spec
+from ssl_path.data.readers._common import spec_string
 from ssl_path.encoder import EncoderInfo
 from ssl_path.encoder.checkpoint import CHECKPOINT_DIR
 from ssl_path.encoder.identity import encoder_hash
-from ssl_path.evaluation.results import make_results, write_results
+from ssl_path.evaluation.results import make_results, read_results, write_results
 from ssl_path.evaluation.splits import sample_subset
 from ssl_path.training.loop import SKIPS_LOG, TrainingDiverged
 from ssl_path.training.metrics_log import LOSS_PNG, METRICS, read_metrics
@@ -191,7 +193,10 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
     split_seed = cfg.seed if request.split_seed is None else request.split_seed
     train_set, val_set, tests, split = split_sets(data, test, cfg.select.val_fraction, split_seed)
     if request.fraction is not None:
-        train_set = train_set.select(sample_subset(train_set.targets(), fraction=request.fraction, seed=cfg.seed))
+        # Images with a class are drawn within it; images without one (a detection set's) uniformly.
+        labels = np.asarray(train_set.targets())
+        labels = labels if (labels >= 0).any() else np.zeros(len(labels), dtype=np.int64)
+        train_set = train_set.select(sample_subset(labels, fraction=request.fraction, seed=cfg.seed))
         split.update(fraction=request.fraction, n_train=len(train_set))
     dist_info = init_distributed()
     device = resolve_device(cfg.train.device, dist_info.local_rank)
@@ -274,7 +279,7 @@ def build_task(head: Head, cfg: FinetuneConfig, ref: str, data: LabelledSet) -> 
 
 def _refuse_non_vit(module: nn.Module, encoder: nn.Module, info: EncoderInfo) -> None:
     # Dense heads read same-stride token maps of a plain ViT; a CNN's feature pyramid is another neck.
-    if module.reads == "maps" and not (hasattr(encoder, "blocks") and hasattr(encoder, "patch_embed")):
+    if module.reads in ("maps", "encoder") and not (hasattr(encoder, "blocks") and hasattr(encoder, "patch_embed")):
         raise UserError(f"{info.ref} ({info.architecture}) is not a plain ViT; this dense head reads ViT blocks")
 
 
@@ -393,6 +398,65 @@ def _run_record(request: Request, device: torch.device) -> dict[str, Any]:
         else f"CPU ({torch.get_num_threads()} threads)",
         "torch": str(torch.__version__),
     }
+
+
+# ----------------------------------------------------------------------------- series of runs
+
+
+def run_series(
+    head: Head, request: Request, runs: Sequence[tuple[str, Request]], entries: Sequence[str] = ()
+) -> dict[str, dict[str, Any]] | None:
+    """Each named sub-run of ``runs`` (its ``out`` under ``request.out``), trained in order: {name: its
+    results} ({} on ranks other than 0), or None where ``--max-steps`` paused one.
+
+    A sub-run that finished keeps its results, so the same command, rerun after a pause or a requeue,
+    trains only what is left; ``request.out`` holds nothing but these runs, ``results.json`` and
+    ``entries`` (the series' own figures).
+    """
+    assert request.out is not None
+    out = request.out
+    mine = {Path(name).parts[0] for name, _ in runs} | {RESULTS, *entries}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in mine) if out.is_dir() else []
+    if out.exists() and not out.is_dir() or foreign:
+        raise UserError(f"--out {out} holds {foreign[0] if foreign else 'a file'}, not only runs of this command")
+    if (out / RESULTS).exists():
+        raise UserError(f"--out {out} is finished (its scores are in {out / RESULTS}); use another --out")
+    done: dict[str, dict[str, Any]] = {}
+    for name, sub in runs:
+        assert sub.out is not None
+        finished = sub.out / RESULTS
+        results = read_results(finished) if finished.is_file() else train_run(head, sub)
+        if results is None:
+            return None
+        if results:  # rank 0's
+            done[name] = results
+    return done
+
+
+def with_filter(spec: str, **filters: Sequence[str]) -> str:
+    """``spec`` with its filters (e.g. ``domain``) set to these names: a SPEC that reads that part again."""
+    parsed = parse_spec(spec)
+    return spec_string(
+        parsed.reader, Path(parsed.path), **{**parsed.options, **{k: list(v) for k, v in filters.items()}}
+    )
+
+
+def leave_one_domain_out(request: Request) -> list[tuple[str, Request]]:
+    """One sub-run per domain of ``--train``: trained on the other domains, tested on that one."""
+    assert request.train is not None and request.out is not None
+    if request.test is not None:
+        raise UserError("--leave-one-domain-out tests each domain of --train in turn: drop --test")
+    domains = read_spec(request.train).domains()
+    if len(domains) < 2:
+        raise UserError(f"--leave-one-domain-out: {request.train} has {len(domains)} domain(s); it needs at least 2")
+    runs = []
+    for domain in domains:
+        others = [d for d in domains if d != domain]
+        name = "domain_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", domain)
+        sub = replace(request, out=request.out / name, train=with_filter(request.train, domain=others),
+                      test=with_filter(request.train, domain=[domain]))  # fmt: skip
+        runs.append((name, sub))
+    return runs
 
 
 def main(head: Head, argv: Sequence[str] | None = None) -> int:

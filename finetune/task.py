@@ -3,8 +3,9 @@
 :class:`HeadTask` is eva's generic head module on ssl-path's loop: an encoder from any ref (through
 :func:`ssl_path.encoder.load`), a head (``nn.Module``) and a criterion. The head says what it reads
 (``head.reads``): ``"maps"``, the outputs of ``head.blocks`` as spatial maps
-(:func:`ssl_path.encoder.feature_maps`), plus the image itself for a full-resolution stem; or
-``"embedding"``, the encoder's pooled output. How much of the encoder learns is
+(:func:`ssl_path.encoder.feature_maps`), plus the image itself for a full-resolution stem;
+``"embedding"``, the encoder's pooled output; or ``"encoder"``, the task's ``encode`` itself, for a
+detector whose own transform decides what the encoder sees and which returns its own losses. How much of the encoder learns is
 :class:`finetune.config.EncoderTuning`: frozen, the last N blocks, all of it with layer-wise lr
 decay, or LoRA adapters (peft). The encoder and the head have their own peak lr.
 
@@ -95,14 +96,20 @@ class HeadTask(TrainingTask):
     def encode(self, images: Tensor) -> Any:
         """What the head reads of ``images``: block maps or the pooled embedding."""
         with torch.no_grad() if self.frozen else nullcontext():
-            if self.head.reads == "maps":
+            if self.head.reads in ("maps", "encoder"):
                 return encoder_lib.feature_maps(self.encoder, images, self.head.blocks)
             return self.encoder(images)
 
-    def logits(self, images: Tensor) -> Tensor:
+    def logits(self, images: Tensor) -> Any:
+        """The head's output: logits, or for a head that reads the encoder (a detector), its detections."""
+        if self.head.reads == "encoder":
+            return self.head(self.encode, images)
         return self.head(self.encode(images), images)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        if self.head.reads == "encoder":  # a detector computes its own losses: their sum, each logged
+            losses = self.head(self.encode, batch["image"], batch["target"])
+            return {"loss": sum(losses.values()), **{name: value.detach() for name, value in losses.items()}}
         return {"loss": self.criterion(self.logits(batch["image"]), batch["target"])}
 
     def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:

@@ -306,6 +306,8 @@ class _Skips:
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):  # per-image targets of detection: a dict each
+        return [_to_device(v, device) for v in batch]
     if isinstance(batch, torch.Tensor) or hasattr(batch, "to"):
         return batch.to(device, non_blocking=True)
     return batch

@@ -162,6 +162,7 @@ NO_OUT = {
     "slurm.launch",
     "finetune.segment",
     "finetune.classify",
+    "finetune.detect",
 }
 
 
