@@ -224,9 +224,9 @@ def check_set(cfg: DetectConfig, data: LabelledSet, flag: str) -> None:
 # ----------------------------------------------------------------------------- images at scale
 
 
-def read_scaled(record_path: str, scale: float) -> Tensor:
+def read_scaled(path: str, scale: float) -> Tensor:
     """float [3, h, w] in [0, 1] at ``scale`` (torchvision's transform normalises with the encoder's statistics)."""
-    image = as_rgb_tensor(record_path).float() / 255.0
+    image = as_rgb_tensor(path).float() / 255.0
     if scale == 1.0:
         return image
     return F.interpolate(image[None], scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)[0]
@@ -556,7 +556,8 @@ def evaluate(
     if run_dir is not None:
         folder = Path(run_dir) / PREDICTIONS
         folder.mkdir(parents=True, exist_ok=True)
-        write_predictions(folder, name, found["records"], found["predicted"], classes, threshold)
+        paths = [r.path for r in found["records"]]
+        write_predictions(folder, f"{name}_", paths, found["predicted"], classes, threshold)
         if cfg.overlays:
             draw_overlays(found["records"], found["truth"], found["predicted"], classes, threshold, cfg,
                           Path(run_dir) / OVERLAYS, name)  # fmt: skip
@@ -583,21 +584,21 @@ def _instance_map(predicted: dict[str, Any], threshold: float, shape: tuple[int,
 
 def write_predictions(
     folder: Path,
-    name: str,
-    records: Sequence[Record],
+    prefix: str,
+    paths: Sequence[str],
     predicted: Sequence[dict],
     classes: Sequence[str],
     threshold: float,
 ) -> None:
-    """``<name>_coco_results.json`` (every detection), ``<name>_coco_images.json`` (its images and categories)
-    and ``<name>_points.csv`` (box centres at >= ``threshold``), in the images' own pixels."""
-    ids = list(range(1, len(records) + 1))
-    with atomic_path(folder / f"{name}_{RESULTS_JSON}") as tmp:
+    """``<prefix>coco_results.json`` (every detection), ``<prefix>coco_images.json`` (the images and
+    categories its ids name) and ``<prefix>points.csv`` (box centres at >= ``threshold``), in the images' own pixels."""
+    ids = list(range(1, len(paths) + 1))
+    with atomic_path(folder / f"{prefix}{RESULTS_JSON}") as tmp:
         tmp.write_text(json.dumps(coco_results(predicted, ids, classes)))
-    images = [{"id": i, "file_name": str(r.path)} for i, r in zip(ids, records)]
+    images = [{"id": i, "file_name": str(path)} for i, path in zip(ids, paths)]
     categories = [{"id": c + 1, "name": n} for c, n in enumerate(classes)]
-    write_json(folder / f"{name}_{IMAGES_JSON}", {"images": images, "categories": categories})
-    write_points(folder / f"{name}_{POINTS_CSV}", [str(r.path) for r in records], predicted, classes, threshold)
+    write_json(folder / f"{prefix}{IMAGES_JSON}", {"images": images, "categories": categories})
+    write_points(folder / f"{prefix}{POINTS_CSV}", paths, predicted, classes, threshold)
 
 
 def write_points(
@@ -662,7 +663,6 @@ def predict_files(
     cfg: DetectConfig, task: nn.Module, paths: Sequence[Path], selection: dict[str, Any], out: Path
 ) -> int:
     """``coco_results.json`` + ``coco_images.json`` and ``points.csv`` (at the chosen threshold) for images of any size."""
-    classes = list(task.head.classes)
     threshold = float(selection["threshold"]["threshold"])
     kept, predicted = [], []
     for path in paths:
@@ -671,16 +671,10 @@ def predict_files(
         except UserError as err:
             print(f"warning: skipped {path}: {err}", file=sys.stderr)
             continue
-        kept.append(Record(path=str(path)))
+        kept.append(str(path))
         predicted.append(detect_image(task, image, cfg, masks=cfg.head == "maskrcnn"))
-    if not kept:
-        return 0
-    ids = list(range(1, len(kept) + 1))
-    with atomic_path(out / RESULTS_JSON) as tmp:
-        tmp.write_text(json.dumps(coco_results(predicted, ids, classes)))
-    write_json(out / IMAGES_JSON, {"images": [{"id": i, "file_name": r.path} for i, r in zip(ids, kept)],
-                                   "categories": [{"id": c + 1, "name": n} for c, n in enumerate(classes)]})  # fmt: skip
-    write_points(out / POINTS_CSV, [r.path for r in kept], predicted, classes, threshold)
+    if kept:
+        write_predictions(out, "", kept, predicted, list(task.head.classes), threshold)
     return len(kept)
 
 
