@@ -40,8 +40,7 @@ from ssl_path.core.config import dump_yaml
 from ssl_path.core.distributed import barrier, init_distributed
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path, check_out_file, refuse_out_over_inputs, write_json
-from ssl_path.data.readers import LabelledSet, parse_spec, read_spec
-from ssl_path.data.readers._common import spec_string
+from ssl_path.data.readers import LabelledSet, parse_spec, read_spec, with_filters
 from ssl_path.encoder import EncoderInfo
 from ssl_path.encoder.checkpoint import CHECKPOINT_DIR
 from ssl_path.encoder.identity import encoder_hash
@@ -433,14 +432,6 @@ def run_series(
     return done
 
 
-def with_filter(spec: str, **filters: Sequence[str]) -> str:
-    """``spec`` with its filters (e.g. ``domain``) set to these names: a SPEC that reads that part again."""
-    parsed = parse_spec(spec)
-    return spec_string(
-        parsed.reader, Path(parsed.path), **{**parsed.options, **{k: list(v) for k, v in filters.items()}}
-    )
-
-
 def leave_one_domain_out(request: Request) -> list[tuple[str, Request]]:
     """One sub-run per domain of ``--train``: trained on the other domains, tested on that one."""
     assert request.train is not None and request.out is not None
@@ -453,8 +444,8 @@ def leave_one_domain_out(request: Request) -> list[tuple[str, Request]]:
     for domain in domains:
         others = [d for d in domains if d != domain]
         name = "domain_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", domain)
-        sub = replace(request, out=request.out / name, train=with_filter(request.train, domain=others),
-                      test=with_filter(request.train, domain=[domain]))  # fmt: skip
+        sub = replace(request, out=request.out / name, train=with_filters(request.train, domain=others),
+                      test=with_filters(request.train, domain=[domain]))  # fmt: skip
         runs.append((name, sub))
     return runs
 

@@ -24,6 +24,7 @@ from ssl_path.data.readers.spec import (
     parse_spec,
     read_spec,
     register_reader,
+    with_filters,
 )
 from ssl_path.data.readers.voc import read_voc
 from ssl_path.data.readers.wbc_seg import read_wbc_seg
@@ -53,4 +54,5 @@ __all__ = [
     "read_wbc_seg",
     "register_reader",
     "tcga_patient_and_organ",
+    "with_filters",
 ]

@@ -12,12 +12,13 @@ import dataclasses
 import inspect
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 from ssl_path.core.errors import UserError
-from ssl_path.data.readers._common import absolute, as_names
+from ssl_path.data.readers._common import absolute, as_names, spec_string
 from ssl_path.data.readers.amibr import read_amibr
 from ssl_path.data.readers.coco import read_coco
 from ssl_path.data.readers.folder import read_csv, read_folder
@@ -112,6 +113,17 @@ def read_spec(spec: str) -> LabelledSet:
         )
     joiner = "&" if "?" in labelled.source else "?"
     return dataclasses.replace(kept, source=kept.source + joiner + query)
+
+
+def with_filters(spec: str, **filters: Sequence[str]) -> str:
+    """``spec`` with these filters (e.g. ``domain``) set to these names: the SPEC of that part of the set."""
+    unknown = sorted(set(filters) - set(FILTERS))
+    if unknown:
+        raise ValueError(f"not a filter: {unknown[0]!r} (filters: {', '.join(FILTERS)})")
+    parsed = parse_spec(spec)
+    return spec_string(
+        parsed.reader, Path(parsed.path), **{**parsed.options, **{k: list(v) for k, v in filters.items()}}
+    )
 
 
 def _exists(text: str) -> bool:
