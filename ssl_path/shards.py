@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Sequence
 
@@ -59,9 +60,25 @@ def build_parser() -> Parser:
         default=d.stain_strength,
         help="0 keeps the tile, 1 normalises fully (default %(default)s)",
     )
+    p.add_argument(
+        "--shuffle-seed",
+        type=_seed_or_none,
+        default=d.shuffle_seed,
+        metavar="N|none",
+        help="seed of the shards' global tile order, so that every shard mixes the sources; none: input order (default %(default)s)",
+    )
     add_overwrite(p)
     add_progress(p)
     return p
+
+
+def _seed_or_none(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed or 'none', got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stain_norm=args.stain_norm,
         stain_reference=args.stain_reference,
         stain_strength=args.stain_strength,
+        shuffle_seed=args.shuffle_seed,
     )
     # SIGTERM (Slurm, kill) unwinds like Ctrl-C: workers stopped, the half-written folder removed.
     with terminate_as_interrupt():

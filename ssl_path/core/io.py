@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 from ssl_path.core.errors import UserError
 
 # Errors that mean "no room for this file": free space, quota, or RLIMIT_FSIZE / a file system's size cap.
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class DiskFullError(UserError, OSError):
@@ -56,7 +56,7 @@ def _no_room(err: BaseException) -> int | None:
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, OSError) and cause.errno in _NO_ROOM:
+        if isinstance(cause, OSError) and cause.errno in NO_ROOM:
             return cause.errno
         cause = cause.__cause__ or cause.__context__
     return None

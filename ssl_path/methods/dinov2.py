@@ -13,6 +13,10 @@ head on the class token and an iBOT head on patch tokens (the same head unless
 3. loss = DINO class-token cross-entropy over all (student crop, other teacher global crop) pairs
    + iBOT masked-patch cross-entropy + KoLeo on the student's global class tokens.
 
+Each step also returns, from the teacher's side of the batch, what shows a collapse
+(:mod:`ssl_path.training.collapse`): the entropy of the DINO and iBOT targets as a fraction of ln K,
+and the mean pairwise cosine of the DINO head's bottleneck outputs and of the trunk's class tokens.
+
 The loop sees only the task contract (:mod:`ssl_path.training.task`): ``set_step`` sets the
 teacher temperature and momentum and whether the heads' last layer is still frozen,
 ``forward(batch) -> dict(loss, ...)``, ``after_optimizer_step`` moves the EMA teacher. The encoder
@@ -51,6 +55,7 @@ from ssl_path.methods.losses import (
     sinkhorn_knopp,
 )
 from ssl_path.methods.masking import batch_masks
+from ssl_path.training.collapse import mean_pairwise_cosine, target_entropy
 from ssl_path.training.config import OptimConfig, TrainConfig
 from ssl_path.training.optim import param_groups
 from ssl_path.training.schedules import cosine, linear_warmup
@@ -139,11 +144,12 @@ class DINOHead(nn.Module):
         magnitude.data.fill_(1.0)
         magnitude.requires_grad = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.mlp(x)
-        # eps large enough for bf16; the prototypes see unit vectors, so logits are cosines.
-        x = F.normalize(x, dim=-1, p=2, eps=1e-6)
-        return self.last_layer(x)
+    def forward(self, x: Tensor, with_bottleneck: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits; with ``with_bottleneck`` also the unit vectors the prototypes saw (logits are their
+        cosines). One call either way: under FSDP only the module's own call gathers its weights."""
+        bottleneck = F.normalize(self.mlp(x), dim=-1, p=2, eps=1e-6)  # eps large enough for bf16
+        logits = self.last_layer(bottleneck)
+        return (logits, bottleneck) if with_bottleneck else logits
 
 
 def _init_linear(module: nn.Module) -> None:
@@ -310,7 +316,7 @@ class DINOv2(PretrainingMethod):
         n_global, n_local = int(batch["n_global_crops"]), int(batch["n_local_crops"])
         batch_size = global_crops.shape[0] // n_global
 
-        teacher_cls, teacher_patch = self._teacher_targets(global_crops, masks, n_global)
+        teacher_cls, teacher_patch, monitor = self._teacher_targets(global_crops, masks, n_global)
 
         student_prefix, student_patch = self.student["backbone"](global_crops, masks)
         student_cls = student_prefix[:, 0]
@@ -331,20 +337,25 @@ class DINOv2(PretrainingMethod):
         ibot = ibot_patch_loss(patch_logits, teacher_patch, masks, c.student_temperature)
         koleo = sum(koleo_loss(v) for v in student_cls.view(n_global, batch_size, -1))
         loss = c.dino_loss_weight * dino + c.ibot_loss_weight * ibot + c.koleo_loss_weight * koleo
-        return {"loss": loss, "dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach()}
+        return {"loss": loss, "dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach(), **monitor}
 
     @torch.no_grad()
-    def _teacher_targets(self, global_crops: Tensor, masks: Tensor, n_global: int) -> tuple[Tensor, Tensor]:
-        """Centred teacher probabilities: class tokens [n_global, B, K] and masked patches [M, K]."""
+    def _teacher_targets(
+        self, global_crops: Tensor, masks: Tensor, n_global: int
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Centred teacher probabilities: class tokens [n_global, B, K] and masked patches [M, K]; and
+        the collapse statistics of this batch (:mod:`ssl_path.training.collapse`)."""
         c, temperature = self.cfg, self.teacher_temperature
         prefix, patch = self.teacher["backbone"](global_crops)
         cls = prefix[:, 0]
         masked = patch[masks]
         if c.ibot_separate_head:
-            cls_logits, patch_logits = self.teacher["dino_head"](cls), self.teacher["ibot_head"](masked)
+            cls_logits, cls_bottleneck = self.teacher["dino_head"](cls, with_bottleneck=True)
+            patch_logits = self.teacher["ibot_head"](masked)
         else:
-            logits = self.teacher["dino_head"](torch.cat([cls, masked]))
+            logits, bottleneck = self.teacher["dino_head"](torch.cat([cls, masked]), with_bottleneck=True)
             cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
+            cls_bottleneck = bottleneck[: cls.shape[0]]
         # Called on every rank even with no masked patch here: both centrings all-reduce across ranks.
         if c.centering == "sinkhorn_knopp":
             n_masked = torch.tensor(float(masked.shape[0]), device=masked.device)
@@ -357,7 +368,13 @@ class DINOv2(PretrainingMethod):
             patch_probs = self.ibot_center(patch_logits, temperature)
             self.dino_center.update(cls_logits)
             self.ibot_center.update(patch_logits)
-        return cls_probs.view(n_global, cls.shape[0] // n_global, -1), patch_probs
+        monitor = {
+            "dino_target_entropy": target_entropy(cls_probs),
+            "ibot_target_entropy": target_entropy(patch_probs),
+            "head_cosine": mean_pairwise_cosine(cls_bottleneck),
+            "cls_cosine": mean_pairwise_cosine(cls),
+        }
+        return cls_probs.view(n_global, cls.shape[0] // n_global, -1), patch_probs, monitor
 
 
 def _last_layer_tag(name: str) -> str:

@@ -42,6 +42,7 @@ class TilingParams:
     stain_norm: str | None = None
     stain_reference: str | None = None
     stain_strength: float = 1.0
+    shuffle_seed: int | None = 0  # the shards' global tile order; None: input order
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +72,10 @@ class TilingParams:
                 f"--stain-norm {self.stain_norm} needs --stain-reference IMAGE",
             ),
             (0.0 <= self.stain_strength <= 1.0, f"--stain-strength must be in [0, 1], got {self.stain_strength}"),
+            (
+                self.shuffle_seed is None or self.shuffle_seed >= 0,
+                f"--shuffle-seed must be a non-negative integer or none, got {self.shuffle_seed}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -4,9 +4,16 @@ Each input (a file, or a folder searched recursively) is opened through :mod:`ss
 brought to a target resolution (``--mpp``, from the best pyramid level at or finer than it, then
 resized; or ``--downscale`` when the file has no resolution), cut into a grid of ``--tile-size``
 tiles every ``--stride`` pixels, and filtered by tissue (:mod:`ssl_path.tiling.tissue`). Tiles are
-written in input order to ``OUT/shard-000000.tar, ...``, each sample ``{__key__, img.jpg|img.png,
-json}``, then ``OUT/manifest.json``. The output is the same whatever ``--workers``: workers read and
-encode, the main process writes in a fixed order.
+written to ``OUT/shard-000000.tar, ...``, each sample ``{__key__, img.jpg|img.png, json}``, then
+``OUT/manifest.json``, in one global order shuffled from ``--shuffle-seed`` (recorded in the
+manifest's params): every shard then holds the data's mix of sources, so a training stream, which
+reads a few shards at a time through a bounded buffer, mixes them too. Tiles written in input order
+(``--shuffle-seed none``) put one dataset, or one slide, in each run of shards, and whole stretches
+of batches come from one of them. The shuffle is exact and costs the tiles' size again on disk
+for a while: tiles go first to :data:`SHUFFLE_BUCKETS` temporary files at random, then each file,
+read whole and permuted, goes into the shards (so a bucket, about 1/128 of the data, must fit in
+memory). The output is the same whatever ``--workers``: workers read and encode, the main process
+draws the order and writes.
 
 Files that cannot be used (unreadable, empty, no tissue) are skipped and listed in the manifest.
 Worker processes end with the stage however it ends, SIGKILL included (:func:`_init_worker`); a
@@ -18,19 +25,22 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import pickle
+import shutil
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, suppress
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
+import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
 from ssl_path.core.errors import UserError
-from ssl_path.core.io import atomic_dir, atomic_path, check_out_dir, write_json
+from ssl_path.core.io import NO_ROOM, DiskFullError, atomic_dir, atomic_path, check_out_dir, write_json
 from ssl_path.data.manifest import FORMAT, MANIFEST, SHARD_NAME
 from ssl_path.tiling.inputs import domain_labeler, find_inputs
 from ssl_path.tiling.params import CHUNK, PlanResult, Source, Tile, TilingParams
@@ -42,6 +52,7 @@ from ssl_path.tiling.plan import (
 )
 
 _TAR_MTIME = 0  # fixed member times: the same tiles give byte-identical shards
+SHUFFLE_BUCKETS = 128
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -123,6 +134,61 @@ class _ShardWriter:
         stack.__exit__(type(err), err, err.__traceback__)
 
 
+class _ShuffleBuckets:
+    """The two-pass exact shuffle: each tile to a random bucket file, then each bucket permuted in memory.
+
+    Uniform bucket draws followed by a uniform permutation of each bucket give a uniform permutation
+    of all tiles, from ``seed`` alone, whatever the number of workers.
+    """
+
+    def __init__(self, folder: Path, seed: int, n_buckets: int = SHUFFLE_BUCKETS) -> None:
+        self.folder, self.seed, self.n_buckets = folder, seed, n_buckets
+        self._rng = np.random.default_rng([seed, 0])
+        self._files: dict[int, BinaryIO] = {}
+
+    def add(self, tile: Tile) -> None:
+        bucket = int(self._rng.integers(self.n_buckets))
+        path = self.folder / f"bucket-{bucket:03d}.pkl"
+        try:
+            if bucket not in self._files:
+                self.folder.mkdir(exist_ok=True)
+                self._files[bucket] = open(path, "wb")
+            pickle.dump((tile.key, tile.image, tile.meta), self._files[bucket], protocol=pickle.HIGHEST_PROTOCOL)
+        except OSError as err:
+            if err.errno not in NO_ROOM:
+                raise
+            raise DiskFullError(path, err.errno) from err
+
+    def drain(self) -> Iterator[Tile]:
+        """Every tile once, in the shuffled order; each bucket file is removed once read."""
+        self.close()
+        for bucket in range(self.n_buckets):
+            path = self.folder / f"bucket-{bucket:03d}.pkl"
+            if not path.exists():
+                continue
+            tiles = []
+            with open(path, "rb") as f:  # written above by this process: trusted pickles
+                while True:
+                    try:
+                        tiles.append(Tile(*pickle.load(f)))
+                    except EOFError:
+                        break
+            path.unlink()
+            for i in np.random.default_rng([self.seed, 1, bucket]).permutation(len(tiles)):
+                yield tiles[i]
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def close(self) -> None:
+        files, self._files = list(self._files.values()), {}
+        for f in files:
+            try:
+                f.close()  # the last buffered write
+            except OSError as err:
+                if err.errno not in NO_ROOM:
+                    raise
+                raise DiskFullError(f.name, err.errno) from err
+
+
 def make_shards(
     inputs: Sequence[str | Path],
     out: str | Path,
@@ -157,6 +223,7 @@ def _write_shards(
         executor = pool
     bar = tqdm(total=len(sources), desc="tiling", unit="file", disable=not progress, dynamic_ncols=True)
     total = 0
+    buckets = _ShuffleBuckets(out / ".shuffle", params.shuffle_seed) if params.shuffle_seed is not None else None
     try:
         for result in results_in_order(executor, sources, params, depth=2 * params.workers + 2):
             if isinstance(result, PlanResult):
@@ -166,18 +233,27 @@ def _write_shards(
                 records[result.source.index]["errors"].extend(result.errors)
                 done = result.last
             for tile in result.tiles:
-                writer.write(tile, params.format)
+                if buckets is not None:
+                    buckets.add(tile)
+                else:
+                    writer.write(tile, params.format)
             records[result.source.index]["tiles"] += len(result.tiles)
             total += len(result.tiles)
             if done:
                 bar.update(1)
                 bar.set_postfix(tiles=total, refresh=False)
+        if buckets is not None:
+            bar.close()
+            for tile in tqdm(buckets.drain(), total=total, desc="shuffling", unit="tile", disable=not progress):
+                writer.write(tile, params.format)
         writer.close()
     except BaseException as err:
         writer.abort(err)
         raise
     finally:
         bar.close()
+        if buckets is not None:
+            buckets.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         close_cached()

@@ -23,6 +23,9 @@ A stream may skip what it cannot read and say so in its batches (``train(..., sk
 the loop counts the skips, names each shard with one on stderr once, lists them in
 ``RUN_DIR/skipped.jsonl``, logs ``skipped_samples`` and ``skipped_shards`` in metrics.jsonl, and
 stops in one line when more are skipped than ``train.max_skipped_fraction`` allows.
+
+A task that logs collapse statistics (:mod:`ssl_path.training.collapse`) is watched: one line on
+stderr, once, when one of them says for a window of steps that the run learns nothing.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from ssl_path.encoder.checkpoint import (
     read_training_checkpoint,
     save_checkpoint,
 )
+from ssl_path.training.collapse import CollapseWatch
 from ssl_path.training.config import OptimConfig, TrainConfig
 from ssl_path.training.metrics_log import MetricsLog, plot_run, read_metrics
 from ssl_path.training.schedules import cosine, warmup_cosine
@@ -113,6 +117,7 @@ def train(
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     batches = stream(start)
     log = MetricsLog(run_dir, resume_step=start) if dist_info.is_main else None
+    watch = CollapseWatch(cfg.total_steps)
     bar = tqdm(total=end, initial=start, desc=desc, disable=not (progress and dist_info.is_main), dynamic_ncols=True)
     skips = (
         _Skips(run_dir, start, skipped, cfg.max_skipped_fraction, dist_info, bar.write)
@@ -174,6 +179,8 @@ def train(
                 )
                 if log is not None:
                     log.write(record)
+                    for line in watch.observe(record):
+                        bar.write(line, file=sys.stderr)
                 if "loss" in record:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
                 window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0

@@ -1,6 +1,8 @@
 """A run's metrics: ``RUN_DIR/metrics.jsonl`` (one JSON line per logged step) and its loss-curve PNG.
 
-The loop appends; ``python -m ssl_path.run_log RUN_DIR`` redraws ``RUN_DIR/loss.png`` at any time.
+The loop appends; ``python -m ssl_path.run_log RUN_DIR`` redraws ``RUN_DIR/loss.png`` at any time:
+the loss terms, the schedules, and the collapse statistics (:mod:`ssl_path.training.collapse`) with
+their warning thresholds, each in a panel of its own.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from ssl_path.core.errors import UserError
 from ssl_path.core.io import atomic_path
+from ssl_path.training.collapse import MONITORED
 
 METRICS = "metrics.jsonl"
 LOSS_PNG = "loss.png"
@@ -63,9 +66,10 @@ def plot_run(run_dir: Path) -> Path:
     if not records:
         raise UserError(f"{metrics}: no logged steps yet")
     steps = [r["step"] for r in records]
-    keys = [k for k in records[-1] if k not in NOT_PLOTTED and k not in SCHEDULE_KEYS]
+    keys = [k for k in records[-1] if k not in NOT_PLOTTED and k not in SCHEDULE_KEYS and k not in MONITORED]
     schedules = [k for k in SCHEDULE_KEYS if k in records[-1]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    monitored = [k for k in MONITORED if k in records[-1]]
+    fig, axes = plt.subplots(1, 3 if monitored else 2, figsize=(16 if monitored else 11, 4))
     for key in keys:
         axes[0].plot(steps, [_num(r.get(key)) for r in records], label=key, lw=1.2)
     axes[0].set(xlabel="step", ylabel="loss", title=f"{run_dir.name}: losses")
@@ -76,6 +80,12 @@ def plot_run(run_dir: Path) -> Path:
         axes[1].plot(steps, [v / top for v in values], label=f"{key} (/ {top:.3g})", lw=1.2)
     axes[1].set(xlabel="step", title="schedules, scaled to max 1")
     axes[1].legend(fontsize=8)
+    for key in monitored:
+        line = axes[2].plot(steps, [_num(r.get(key)) for r in records], label=key, lw=1.2)[0]
+        axes[2].axhline(MONITORED[key].threshold, color=line.get_color(), ls=":", lw=0.8)
+    if monitored:
+        axes[2].set(xlabel="step", ylim=(-0.02, 1.02), title="collapse: 1 = uniform targets / one direction")
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     out = run_dir / LOSS_PNG
     with atomic_path(out) as tmp:

@@ -169,7 +169,7 @@ def small_disk(tmp_path: Path):
 
 
 def _disk_error(capsys: pytest.CaptureFixture[str], out: Path) -> Path:
-    """The one-line error of a full disk; returns the file it names, which must lie in ``out``."""
+    """The one-line error of a full disk; returns the file it names, which must lie in folder ``out``."""
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and "aborted" not in err, err
     match = re.fullmatch(r"error: cannot write (\S+): (No space left on device|File too large); .*\n", err)
@@ -186,9 +186,20 @@ def test_full_disk_while_writing_shards_is_one_line_naming_the_shard(
     disk = small_disk(400 * 1024)  # room for one shard of the slide's tiles, not for two
     out = disk / "shards"
     argv = ["--data", str(shared_data / SVS), "--out", str(out), "--samples-per-shard", "7", "--no-progress"]
-    assert run_cli(main, [*argv, "--workers", str(workers)]) == 2
+    assert run_cli(main, [*argv, "--workers", str(workers), "--shuffle-seed", "none"]) == 2
     assert re.fullmatch(r"shard-\d{6}\.tar", _disk_error(capsys, out).name)
     assert list(disk.iterdir()) == []  # no folder, no temporary shard, no partial file
+
+
+def test_full_disk_while_shuffling_is_one_line_naming_the_bucket(
+    shared_data: Path, small_disk, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk = small_disk(400 * 1024)  # the shuffle's buckets hold all tiles before the first shard
+    out = disk / "shards"
+    argv = ["--data", str(shared_data / SVS), "--out", str(out), "--samples-per-shard", "7", "--no-progress"]
+    assert run_cli(main, argv) == 2
+    assert re.fullmatch(r"bucket-\d{3}\.pkl", _disk_error(capsys, out / ".shuffle").name)
+    assert list(disk.iterdir()) == []
 
 
 def test_full_disk_at_the_manifest_is_one_line_naming_it(

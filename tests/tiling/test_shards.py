@@ -267,10 +267,33 @@ def test_two_workers_write_identical_shards(tmp_path: Path, monuseg: list[Path],
     assert one["sources"][-1]["tiles"] > 2 * CHUNK  # the svs is split over several worker jobs
     assert one["shards"] == two["shards"] and one["sources"] == two["sources"]
     assert shard_bytes(tmp_path / "w1") == shard_bytes(tmp_path / "w2")
-    # Input order, then row-major within a source.
-    metas = [s["meta"] for s in read_samples(tmp_path / "w2")]
-    order = [(inputs.index(Path(m["source"])), m["y"], m["x"]) for m in metas]
-    assert order == sorted(order)
+
+
+def test_shuffled_order_is_a_seeded_permutation_that_mixes_sources(
+    tmp_path: Path, monuseg: list[Path], svs: Path
+) -> None:
+    inputs = [*monuseg, svs]
+
+    def order(name: str, seed: int | None) -> list[tuple[int, int, int]]:
+        manifest = make_shards(
+            inputs, tmp_path / name, TilingParams(samples_per_shard=50, stride=128, shuffle_seed=seed), progress=False
+        )
+        assert manifest["params"]["shuffle_seed"] == seed
+        return [
+            (inputs.index(Path(m["source"])), m["y"], m["x"])
+            for m in (s["meta"] for s in read_samples(tmp_path / name))
+        ]
+
+    plain, first, again, other = order("plain", None), order("a", 0), order("b", 0), order("c", 1)
+    assert plain == sorted(plain)  # input order, then row-major within a source
+    assert first == again and shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+    assert first != other and sorted(first) == sorted(other) == plain
+    # Each shard holds about the data's share of the slide's tiles, where input order puts them all last.
+    share = sum(source == len(inputs) - 1 for source, _, _ in plain) / len(plain)
+    shards = [first[i : i + 50] for i in range(0, len(first) - 49, 50)]
+    assert len(shards) >= 3
+    for shard in shards:
+        assert abs(sum(source == len(inputs) - 1 for source, _, _ in shard) / 50 - share) < 0.25
 
 
 def test_domain_from_regex(tmp_path: Path, monuseg: list[Path]) -> None:
@@ -293,14 +316,19 @@ def test_domain_from_csv_by_path_or_name(tmp_path: Path, monuseg: list[Path]) ->
     params = TilingParams(domain_csv=str(table), max_tiles_per_source=1)
     manifest = make_shards(monuseg, tmp_path / "o", params, progress=False)
     assert [s["domain"] for s in manifest["sources"]] == ["scanner_a", "scanner_b", None]
-    assert [s["meta"]["domain"] for s in read_samples(tmp_path / "o")] == ["scanner_a", "scanner_b", None]
+    by_source = {s["meta"]["source"]: s["meta"]["domain"] for s in read_samples(tmp_path / "o")}
+    assert [by_source[str(path)] for path in monuseg] == ["scanner_a", "scanner_b", None]
 
 
 def test_max_tiles_per_source_spreads_evenly(tmp_path: Path, monuseg: list[Path]) -> None:
     manifest = make_shards([monuseg[0]], tmp_path / "o", TilingParams(max_tiles_per_source=3), progress=False)
     assert manifest["total"] == 3
     # Of the 3 x 3 grid in row-major order, the first, middle and last tile.
-    assert [(s["meta"]["x"], s["meta"]["y"]) for s in read_samples(tmp_path / "o")] == [(0, 0), (256, 256), (512, 512)]
+    assert sorted((s["meta"]["x"], s["meta"]["y"]) for s in read_samples(tmp_path / "o")) == [
+        (0, 0),
+        (256, 256),
+        (512, 512),
+    ]
 
 
 # ----------------------------------------------------------------------------- stain normalisation
