@@ -47,11 +47,12 @@ class DatasetOf:
 
 
 def mix(shards: Path, data_root: Path, batches: int, batch_size: int, buffer: int, seed: int) -> dict:
+    dataset_of = DatasetOf(data_root)
     loader = shard_loader(
         shards,
         "train",
         batch_size,
-        transform=DatasetOf(data_root),
+        transform=dataset_of,
         collate_fn=list,
         num_workers=1,
         seed=seed,
@@ -59,7 +60,7 @@ def mix(shards: Path, data_root: Path, batches: int, batch_size: int, buffer: in
     )
     per_source = Counter()
     for s in read_manifest(shards / MANIFEST)["sources"]:
-        per_source[DatasetOf(data_root)({"meta": {"source": s["path"]}})] += s["tiles"]
+        per_source[dataset_of({"meta": {"source": s["path"]}})] += s["tiles"]
     total = sum(per_source.values())
     shares, one_source, seen = [], 0, Counter()
     for _i, batch in zip(range(batches), loader):
