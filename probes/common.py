@@ -4,6 +4,16 @@ They check the sets before an encoder is built, match test labels to the trainin
 count train/test group overlap, print the metrics table, and hold the arguments, feature extraction
 and results.json writing that every probe command shares; ``probe`` only names the caller in messages.
 
+Scoring (:func:`score_rows`): every row of kNN and linear gets the metrics of
+:func:`ssl_path.evaluation.metrics.classification_metrics` and, for each score, ``<score>_ci95``: the
+95 % percentile bootstrap interval over redraws of the test set, whole groups (slides, patients)
+where the test images have them (:mod:`ssl_path.evaluation.bootstrap`; ``--bootstrap N`` redraws,
+seeded by ``--seed``). Every row of one test set is scored on the same redraws. With ``--compare REF``
+the features of a second encoder are extracted for the same images and put through the same probe;
+each row then holds ``<score>_diff`` (this encoder minus REF) and ``<score>_diff_ci95``, the paired
+interval on the same redraws, and the table marks a difference whose interval excludes 0. A row whose
+test predictions are all one class says so on stderr and in ``predicts_one_class``.
+
 The command line ends at :func:`probe_request` (and :func:`feature_options`): past it, everything
 takes a :class:`ProbeRequest` of plain values, never the parsed ``Namespace``.
 """
@@ -11,10 +21,11 @@ takes a :class:`ProbeRequest` of plain values, never the parsed ``Namespace``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -24,17 +35,25 @@ from ssl_path.core.errors import UserError
 from ssl_path.core.io import check_out_file
 from ssl_path.data.readers import LabelledSet, parse_spec, read_spec
 from ssl_path.encoder.refs import resolve as resolve_ref
-from ssl_path.evaluation.metrics import SCORES
+from ssl_path.evaluation.bootstrap import DEFAULT_RESAMPLES, bootstrap_ci, paired_difference, resamples
+from ssl_path.evaluation.metrics import CLASSIFICATION_SCORES, SCORES, classification_metrics
 from ssl_path.evaluation.results import make_results, write_results
 from ssl_path.evaluation.splits import DEFAULT_TEST_FRACTION, domain_folds, group_split
+from ssl_path.evaluation.stats import CONFIDENCE
 
 __all__ = [
     "align_labels",
     "check_sets",
     "shared_groups",
+    "ci_cell",
     "format_table",
+    "Prediction",
+    "score_rows",
+    "single_class",
+    "check_reference",
     "add_feature_arguments",
     "add_probe_arguments",
+    "add_compare_argument",
     "FeatureOptions",
     "ProbeRequest",
     "feature_options",
@@ -88,23 +107,135 @@ def shared_groups(train: FeatureSet, test: FeatureSet) -> int:
     return len({g for g in train.groups if g is not None} & {g for g in test.groups if g is not None})
 
 
-def format_table(rows: dict[str, dict[str, Any]], param: tuple[str, str, str] = ("k", "k_used", "")) -> str:
-    """A small fixed-width table of the rows' main metrics.
+def ci_cell(value: float | None, ci: Sequence[float] | None, signed: bool = False) -> str:
+    """A score and its 95 % CI for a table; a signed one (a difference) gets * where the CI excludes 0."""
+    if value is None:
+        return "-"
+    spec = "+.3f" if signed else ".3f"
+    text = format(value, spec)
+    if ci is not None:
+        text += f" [{ci[0]:{spec}}, {ci[1]:{spec}}]"
+        if signed:
+            text += "*" if ci[0] > 0 or ci[1] < 0 else " "
+    return text
+
+
+def format_table(
+    rows: dict[str, dict[str, Any]], param: tuple[str, str, str] = ("k", "k_used", ""), reference: str | None = None
+) -> str:
+    """A fixed-width table of the rows' main metrics, each with its 95 % CI where the row has one.
 
     ``param`` is the per-row setting shown after the name: (header, row key, format spec), e.g.
-    ``("k", "k_used", "")`` for kNN or ``("C", "c", ".0e")`` for the linear probe.
+    ``("k", "k_used", "")`` for kNN or ``("C", "c", ".0e")`` for the linear probe. Rows compared with
+    an encoder ``reference`` (``<score>_diff`` keys) get a second block: the paired differences, a
+    ``*`` marking those whose interval excludes 0.
     """
     header_name, key, spec = param
     cells_param = [format(row[key], spec) for row in rows.values()]
     width = max([4, len(header_name), *(len(c) for c in cells_param)])
-    columns = SCORES
     name_width = max([10, *(len(name) + 2 for name in rows)])
-    header = f"{'probe':<{name_width}}{header_name:>{width}}  " + "  ".join(f"{c:>17}" for c in columns)
-    lines = [header]
-    for (name, row), value in zip(rows.items(), cells_param):
-        cells = "  ".join(f"{'-' if row[c] is None else format(row[c], '.4f'):>17}" for c in columns)
-        lines.append(f"{name:<{name_width}}{value:>{width}}  {cells}")
+
+    def block(suffix: str, signed: bool) -> list[str]:
+        cells = [
+            [ci_cell(row.get(s + suffix), row.get(f"{s}{suffix}_ci95"), signed) for s in SCORES]
+            for row in rows.values()
+        ]
+        widths = [max(len(score), *(len(c[i]) for c in cells)) for i, score in enumerate(SCORES)]
+        lines = [
+            f"{'probe':<{name_width}}{header_name:>{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(SCORES, widths))
+        ]
+        for name, value, row_cells in zip(rows, cells_param, cells):
+            lines.append(
+                f"{name:<{name_width}}{value:>{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(row_cells, widths))
+            )
+        return lines
+
+    lines = block("", signed=False)
+    described = next((row["bootstrap"] for row in rows.values() if row.get("bootstrap")), None)
+    if described:
+        lines.append(
+            f"[95 % CI: bootstrap, {described['resamples']} redraws of the {described['n_units']} test "
+            f"{'groups (slides/patients)' if described['unit'] == 'group' else 'images'}]"
+        )
+    if reference is not None and any(f"{s}_diff" in row for row in rows.values() for s in SCORES):
+        lines += ["", f"paired difference, this encoder minus {reference} (* the 95 % CI excludes 0):"]
+        lines += block("_diff", signed=True)
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One probe row's output on the test images: the settings that made it (protocol, k, C, ...),
+    the predicted class ids [M] and the class probabilities [M, C]."""
+
+    settings: dict[str, Any]
+    pred: np.ndarray
+    probs: np.ndarray
+
+
+def check_reference(train: FeatureSet, test: FeatureSet, reference: tuple[FeatureSet, FeatureSet]) -> None:
+    """Refuse a comparison encoder's features that are not of the same images, in the same order."""
+    if reference[0].paths != train.paths or reference[1].paths != test.paths:
+        raise ValueError("the reference features must be of the same train and test images, in the same order")
+    if tuple(reference[0].classes) != tuple(train.classes):
+        raise ValueError(f"reference classes {reference[0].classes} differ from {train.classes}")
+
+
+def single_class(pred: np.ndarray) -> int | None:
+    """The class id every prediction is, or None when they are not all one class."""
+    values = np.unique(pred)
+    return int(values[0]) if len(values) == 1 else None
+
+
+def score_rows(
+    predictions: Mapping[str, Prediction],
+    y_true: np.ndarray,
+    classes: Sequence[str],
+    groups: Sequence[str | None],
+    probe: str,
+    ordinal: bool = False,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    reference: Mapping[str, Prediction] | None = None,
+    where: str = "",
+) -> dict[str, dict[str, Any]]:
+    """Metrics rows of the predictions on one test set (labels ``y_true``, groups ``groups``), with
+    bootstrap CIs on shared redraws (none when ``n_resamples`` is 0) and, given the ``reference``
+    encoder's predictions of the same rows, the paired differences; see the module docstring.
+    ``probe`` (and ``where``, the split) name the rows in the one-class warning."""
+    n_classes = len(classes)
+    redraws = resamples(len(y_true), groups, n_resamples, seed) if n_resamples else None
+    rows: dict[str, dict[str, Any]] = {}
+    for name, prediction in predictions.items():
+        row = {
+            **prediction.settings,
+            **classification_metrics(y_true, prediction.pred, prediction.probs, classes, ordinal),
+        }
+        only = single_class(prediction.pred)
+        row["predicts_one_class"] = None if only is None else classes[only]
+        if only is not None:
+            print(
+                f"warning: {probe} row {name}{where} predicts one class, {classes[only]!r}, "
+                f"for all {len(y_true)} test images",
+                file=sys.stderr,
+            )
+        if redraws is not None:
+            intervals = bootstrap_ci(redraws, y_true, prediction.pred, prediction.probs, n_classes, ordinal)
+            row.update({f"{score}_ci95": intervals[score] for score in CLASSIFICATION_SCORES})
+            row["bootstrap"] = redraws.describe()
+        if reference is not None:
+            other = reference[name]
+            theirs = classification_metrics(y_true, other.pred, other.probs, classes, ordinal)
+            row["reference"] = {score: theirs[score] for score in CLASSIFICATION_SCORES}
+            for score in CLASSIFICATION_SCORES:
+                ours = row[score]
+                row[f"{score}_diff"] = None if ours is None or theirs[score] is None else ours - theirs[score]
+            if redraws is not None:
+                a, b = (prediction.pred, prediction.probs), (other.pred, other.probs)
+                diffs = paired_difference(redraws, y_true, a, b, n_classes, ordinal)
+                row.update({f"{score}_diff_ci95": diffs[score] for score in CLASSIFICATION_SCORES})
+        rows[name] = row
+    return rows
 
 
 # ----------------------------------------------------------------------------- the shared command line
@@ -161,10 +292,29 @@ def add_probe_arguments(parser: argparse.ArgumentParser, seed_help: str) -> argp
         default=DEFAULT_TEST_FRACTION,
         help="with --split-by group: share of the images held out (default %(default)s)",
     )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=DEFAULT_RESAMPLES,
+        metavar="N",
+        help="redraws of the test set (whole slides/patients where it has them) for the 95 %% CIs; "
+        "0: none (default %(default)s)",
+    )
     add_out(p, help="write results.json here", required=False)
     add_overwrite(p)
     add_seed(p, help=seed_help)
     return p
+
+
+def add_compare_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--compare REF``: a second encoder put through the same probe on the same images, for paired differences."""
+    parser.add_argument(
+        "--compare",
+        metavar="REF",
+        default=None,
+        help="a second encoder (any --ckpt ref): report this one minus it, with a paired bootstrap 95 %% CI",
+    )
+    return parser
 
 
 @dataclass(frozen=True)
@@ -218,11 +368,19 @@ class ProbeRequest:
     seed: int = 0
     out: Path | None = None
     overwrite: bool = False
+    bootstrap: int = DEFAULT_RESAMPLES
+    compare: str | None = None
+
+    def reference(self) -> FeatureOptions | None:
+        """How the ``--compare`` encoder's features are made: as this encoder's, from another ref."""
+        return None if self.compare is None else dataclasses.replace(self.features, ckpt=self.compare)
 
     def inputs(self) -> list[Path]:
         """Every file or folder the probe reads, which no output may replace or lie inside."""
         specs = [s for s in (self.train, self.test) if s is not None]
-        return [*(Path(parse_spec(s).path) for s in specs), *self.features.inputs()]
+        reference = self.reference()
+        encoders = [*self.features.inputs(), *(reference.inputs() if reference is not None else [])]
+        return [*(Path(parse_spec(s).path) for s in specs), *encoders]
 
 
 def feature_options(args: argparse.Namespace) -> FeatureOptions:
@@ -243,7 +401,13 @@ def feature_options(args: argparse.Namespace) -> FeatureOptions:
 
 
 def probe_request(args: argparse.Namespace) -> ProbeRequest:
-    """The parsed :func:`add_probe_arguments`, as the plain values the probe functions take."""
+    """The parsed :func:`add_probe_arguments` (and :func:`add_compare_argument`), as the plain values
+    the probe functions take."""
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap must be >= 0 (0: no CIs), got {args.bootstrap}")
+    compare = getattr(args, "compare", None)
+    if compare is not None:
+        resolve_ref(compare)
     return ProbeRequest(
         train=args.train,
         features=feature_options(args),
@@ -254,6 +418,8 @@ def probe_request(args: argparse.Namespace) -> ProbeRequest:
         seed=args.seed,
         out=args.out,
         overwrite=args.overwrite,
+        bootstrap=args.bootstrap,
+        compare=compare,
     )
 
 
@@ -262,6 +428,7 @@ class ProbeInputs:
     """The two labelled sets a probe command named, their features, and how many groups they share.
 
     ``name`` names the split when one command runs several (a left-out domain); "" otherwise.
+    ``reference``: the ``--compare`` encoder's features of the same train and test rows, or None.
     """
 
     train_data: LabelledSet
@@ -270,6 +437,30 @@ class ProbeInputs:
     test: FeatureSet
     shared: int
     name: str = ""
+    reference: tuple[FeatureSet, FeatureSet] | None = None
+
+
+def _extract(request: ProbeRequest, data: LabelledSet) -> tuple[FeatureSet, FeatureSet | None]:
+    """This encoder's features of ``data`` and, with ``--compare``, the other's of the same rows."""
+    features = request.features.extract(data)
+    options = request.reference()
+    if options is None:
+        return features, None
+    reference = options.extract(data)
+    if reference.paths != features.paths:  # unreadable images are skipped for both alike; guard the pairing
+        raise UserError(f"--compare {request.compare}: its features are not of the same images as --ckpt's")
+    return features, reference
+
+
+def _split(
+    features: FeatureSet, reference: FeatureSet | None, train_idx: np.ndarray, test_idx: np.ndarray
+) -> tuple[FeatureSet, FeatureSet, tuple[FeatureSet, FeatureSet] | None]:
+    # The indices are of records; an unreadable one has no row.
+    train, test = features.select(features.rows_of(train_idx)), features.select(features.rows_of(test_idx))
+    if reference is None:
+        return train, test, None
+    pair = reference.select(reference.rows_of(train_idx)), reference.select(reference.rows_of(test_idx))
+    return train, test, pair
 
 
 def probe_inputs(
@@ -281,11 +472,12 @@ def probe_inputs(
         raise UserError("--test SPEC is required (or --leave-one-domain-out, or --split-by group)")
     train_data, test_data = read_spec(request.train), read_spec(request.test)
     check_sets(train_data, test_data, request.train, request.test, probe=probe)
-    train, test = request.features.extract(train_data), request.features.extract(test_data)
+    (train, ref_train), (test, ref_test) = _extract(request, train_data), _extract(request, test_data)
     shared = shared_groups(train, test)
     if shared:
         print(f"warning: {shared} groups (slides/patients) have images in both train and test", file=sys.stderr)
-    return ProbeInputs(train_data, test_data, train, test, shared)
+    reference = None if ref_train is None or ref_test is None else (ref_train, ref_test)
+    return ProbeInputs(train_data, test_data, train, test, shared, reference=reference)
 
 
 def probe_splits(
@@ -311,14 +503,13 @@ def probe_splits(
     if request.leave_one_domain_out:
         folds = domain_folds([r.domain for r in data.records])  # before the encoder is built
         _check_outputs(request, [domain for domain, _, _ in folds], also_writes)
-        features = request.features.extract(data)
+        features, reference = _extract(request, data)
         splits = []
         for domain, train_idx, test_idx in folds:
-            # The folds index records; an unreadable one has no row.
-            train, test = features.select(features.rows_of(train_idx)), features.select(features.rows_of(test_idx))
+            train, test, pair = _split(features, reference, train_idx, test_idx)
             if len(set(train.labels.tolist())) < 2:
                 raise UserError(f"--leave-one-domain-out: without domain {domain!r} the training set has one class")
-            splits.append(ProbeInputs(data, data, train, test, shared_groups(train, test), domain))
+            splits.append(ProbeInputs(data, data, train, test, shared_groups(train, test), domain, pair))
         folds_info = [
             {"domain": s.name, "n_train": len(s.train), "n_test": len(s.test), "shared_groups": s.shared}
             for s in splits
@@ -327,8 +518,8 @@ def probe_splits(
     _check_outputs(request, [""], also_writes)
     groups = [r.group for r in data.records]
     train_idx, test_idx = group_split(data.targets(), groups, request.test_fraction, request.seed)
-    features = request.features.extract(data)
-    train, test = features.select(features.rows_of(train_idx)), features.select(features.rows_of(test_idx))
+    features, reference = _extract(request, data)
+    train, test, pair = _split(features, reference, train_idx, test_idx)
     split = {
         "method": "group",
         "test_fraction": request.test_fraction,
@@ -336,7 +527,7 @@ def probe_splits(
         "train_groups": len(set(train.groups)),
         "test_groups": len(set(test.groups)),
     }
-    return [ProbeInputs(data, data, train, test, shared_groups(train, test))], split
+    return [ProbeInputs(data, data, train, test, shared_groups(train, test), reference=pair)], split
 
 
 def prefixed(name: str, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -378,7 +569,8 @@ def report(
         if folds
         else f"train {len(train)} | test {len(test)}"
     )
-    print(f"{request.features.ckpt} | {sizes} | classes {', '.join(train.classes)}")
+    versus = f" vs {request.compare}" if request.compare is not None else ""
+    print(f"{request.features.ckpt}{versus} | {sizes} | classes {', '.join(train.classes)}")
     print(table)
     if request.out is None:
         return
@@ -409,6 +601,16 @@ def report(
         metrics=rows,
         config={
             **config,
+            "bootstrap": {
+                "resamples": request.bootstrap,
+                "confidence": CONFIDENCE,
+                "interval": "percentile",
+                "unit": "test groups (slides/patients) where the test images have them, else images",
+                "seed": request.seed,
+            },
+            "compare": None
+            if inputs.reference is None
+            else {"ref": request.compare, "hash": inputs.reference[0].encoder_hash},
             "pool": request.features.pool,
             "tta": request.features.tta,
             "input_size": train.input_size,

@@ -15,17 +15,28 @@ An image that cannot be read is skipped: it has no row, and ``FeatureSet.skipped
 reason; more than ``max_skipped_fraction`` of the set unreadable (default 1 %) stops in one line.
 
 Cache: one ``<key>.npy`` (float32 [N, D]) and ``<key>.json`` (meta) per extraction under ``cache_dir``
-(default ``$SSL_PATH_CACHE`` or ``~/.cache/ssl_path/features``). The key hashes the encoder's identity,
-the pool, TTA, the input size and the ordered image files with their sizes and mtimes, so a changed
-image or checkpoint is a miss, while relabelling the same images is a hit (labels are not cached; they
-come from the set each time). Encoder identity: the sha256 of the weights file for file refs (a
-checkpoint, a run directory's ``checkpoints/last.pt``, an exported folder's weights plus its config),
-the ref plus the timm and torch versions for ``timm:ARCH`` (random init, built with torch seeded to
-:data:`RANDOM_INIT_SEED` so the baseline is the same network every time), and the ref for ``hf-hub:``.
+(default ``$SSL_PATH_CACHE`` or ``~/.cache/ssl_path/features``). The key (:func:`cache_key`) hashes
+everything that can change a feature, so that a cached entry is never served for other settings:
+
+- the encoder's identity: the sha256 of the weights file for file refs (a checkpoint, a run
+  directory's ``checkpoints/last.pt``, an exported folder's weights plus its config), the ref plus
+  the timm and torch versions for ``timm:ARCH`` (random init, built with torch seeded to
+  :data:`RANDOM_INIT_SEED` so the baseline is the same network every time), the ref for ``hf-hub:``;
+- for ``hf-hub:``, the revision (:func:`hub_revision`): the commit the local Hugging Face cache holds
+  for it, else the ref's ``@REVISION``; a ref whose files are not cached yet is keyed again once its
+  load has fetched them, so that a new upload to the same repo is a miss;
+- the pool and TTA;
+- the transform (:func:`transform_settings`): the input size (asked for, or the encoder's own), the
+  resize rule with its crop fraction and interpolation. Mean, std and the native input size are
+  the encoder's ``pretrained_cfg``, which its identity (weights and config bytes, timm version,
+  hub revision) fixes;
+- the ordered image files with their sizes and mtimes, so a changed image is a miss, while
+  relabelling the same images is a hit (labels are not cached; they come from the set each time).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -56,6 +67,7 @@ from ssl_path.encoder.identity import (
     identity_hash,
     sha256_text,
 )
+from ssl_path.encoder.refs import resolve as resolve_ref
 from ssl_path.encoder.state import ModelArgumentError
 
 __all__ = [
@@ -68,6 +80,8 @@ __all__ = [
     "default_cache_dir",
     "data_fingerprint",
     "cache_key",
+    "transform_settings",
+    "hub_revision",
     "pool_tokens",
     "dihedral_views",
 ]
@@ -76,7 +90,7 @@ POOLS = ("cls", "mean", "cls+mean")
 CACHE_ENV = "SSL_PATH_CACHE"
 MAX_SKIPPED_FRACTION = 0.01  # of a set's images that may be unreadable before extraction stops
 # Bump when the stored layout or the meaning of a key changes; old entries then simply miss.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class _Default(enum.Enum):
@@ -171,9 +185,60 @@ def data_fingerprint(paths: Sequence[str]) -> str:
     return sha.hexdigest()
 
 
-def cache_key(identity: str, pool: str, tta: bool, input_size: int, data_hash: str) -> str:
-    """The cache file stem for one extraction."""
-    parts = {"v": CACHE_VERSION, "encoder": identity, "pool": pool, "tta": tta, "size": input_size, "data": data_hash}
+def transform_settings(input_size: int | None) -> dict[str, Any]:
+    """The evaluation transform as a cache key sees it: every setting of
+    :class:`~ssl_path.data.transforms.EvalTransform` that :func:`extract_features` does not take from
+    the encoder (its defaults: crop fraction, interpolation), plus the input size asked for ("encoder":
+    the encoder's own). Read off the transform class, so that a changed default changes the key."""
+    template = eval_transform()
+    fixed = {
+        f.name: getattr(template, f.name)
+        for f in dataclasses.fields(template)
+        if f.compare and f.name not in ("input_size", "mean", "std")
+    }
+    return {
+        "input_size": "encoder" if input_size is None else int(input_size),
+        "mean_std": "encoder",
+        "resize": "short side to input_size / crop_pct, centre crop",
+        **fixed,
+    }
+
+
+def hub_revision(ref: str, hub_cache: str | os.PathLike | None = None) -> str | None:
+    """The revision an ``hf-hub:ORG/NAME[@REVISION]`` ref loads, as far as is known offline: the commit
+    the local Hugging Face cache (``hub_cache``, default huggingface_hub's) resolves it to, else its
+    ``@REVISION``, else None (nothing cached yet). Never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = ref.removeprefix("hf-hub:").partition("@")
+    try:
+        path = try_to_load_from_cache(repo, "config.json", cache_dir=hub_cache, revision=revision or None)
+    except ValueError:  # not a valid repo id: the load will say so
+        path = None
+    if isinstance(path, str):
+        return Path(path).parent.name  # .../snapshots/<commit>/config.json
+    return revision or None
+
+
+def cache_key(
+    identity: str,
+    pool: str,
+    tta: bool,
+    transform: dict[str, Any],
+    data_hash: str,
+    revision: str | None = None,
+) -> str:
+    """The cache file stem for one extraction (see the module docstring): ``transform`` is
+    :func:`transform_settings`, ``revision`` the ``hf-hub:`` revision (:func:`hub_revision`)."""
+    parts = {
+        "v": CACHE_VERSION,
+        "encoder": identity,
+        "revision": revision,
+        "pool": pool,
+        "tta": tta,
+        "transform": transform,
+        "data": data_hash,
+    }
     return sha256_text(json.dumps(parts, sort_keys=True))[:40]
 
 
@@ -375,17 +440,24 @@ def extract_features(
             records=np.asarray(kept, dtype=np.int64) if skipped else None,
         )
 
-    # The input size is part of the key; without an override it is the encoder's own, known only
-    # after building it, so the key holds 0 ("native", fixed by the encoder identity) instead.
+    # Without an override the input size is the encoder's own, known only after building it; the key
+    # says "encoder" instead (fixed by the identity), as it does for mean and std.
+    transform_key = transform_settings(input_size)
+    hub = resolve_ref(ref).kind == "hf-hub"
+    revision = hub_revision(ref) if hub else None
     stem = None
     if cache is not None:
-        stem = cache / cache_key(identity, pool, tta, input_size or 0, data_hash)
+        stem = cache / cache_key(identity, pool, tta, transform_key, data_hash, revision)
         hit = _read_cache(stem, len(paths))
         if hit is not None:
             features, meta = hit
             return result(features, int(meta.get("input_size", input_size or 0)), meta.get("skipped", []))
 
     model, info = _load_encoder(ref, dev)
+    if hub and stem is not None:
+        # A hub model not cached before has just been fetched: key it by the commit that came.
+        revision = hub_revision(ref)
+        stem = cache / cache_key(identity, pool, tta, transform_key, data_hash, revision)
     size = int(input_size or info.input_size[-1])
     encoder_lib.check_input_size(model, size, ref)
     transform = eval_transform(size, info.mean, info.std)
@@ -410,6 +482,7 @@ def extract_features(
             "encoder_ref": ref,
             "encoder_identity": identity,
             "encoder_hash": ref_hash,
+            "hub_revision": revision,
             "architecture": info.architecture,
             "data_name": data.name,
             "data_source": data.source,
@@ -417,6 +490,7 @@ def extract_features(
             "pool": pool,
             "tta": tta,
             "input_size": size,
+            "transform": {**transform_key, "input_size": size, "mean": list(info.mean), "std": list(info.std)},
             "shape": list(features.shape),
             "paths": paths,
             "skipped": skipped,  # [record index, path, reason]: no row

@@ -9,9 +9,10 @@ and evaluated on the whole TEST set, and this is repeated over several seeds:
   all it has, and the row records which classes fell short);
 - probes:
   - ``knn``: the DINO weighted vote of :func:`probes.knn.knn_predict`, k = min(20, subset size), T = 0.07;
-  - ``linear``: :mod:`probes.linear`'s standardised logistic regression. C is chosen on a validation
-    split of the subset (:func:`probes.linear.run_linear`) when every class has at least two images (and
-    two groups, when there are groups) to split; otherwise a fixed C = 1.0, and the row says how often;
+  - ``linear``: :mod:`probes.linear`'s default (``ssl-path``) protocol: standardised, class-balanced
+    logistic regression. C is chosen on a validation split of the subset
+    (:func:`probes.linear.linear_prediction`) when every class has at least two images (and two
+    groups, when there are groups) to split; otherwise a fixed C = 1.0, and the row says how often;
   - ``prototype``: SimpleShot (Wang et al. 2019, "SimpleShot: Revisiting Nearest-Neighbor
     Classification for Few-Shot Learning") with CL2N features: subtract the subset's mean, L2-normalise,
     assign each test image to the nearest class mean (Euclidean on the normalised features). Class
@@ -21,11 +22,29 @@ and evaluated on the whole TEST set, and this is repeated over several seeds:
     their mean as that seed's value.
 
 Each row, keyed ``"<regime>_<value>/<probe>"`` (e.g. ``"fraction_0.1/knn"``, ``"shots_4/prototype"``),
-holds for each score of :data:`ssl_path.evaluation.metrics.SCORES` the mean over seeds, the sample
-standard deviation and a 95 % confidence interval from the t-distribution with ``n_seeds - 1`` degrees
-of freedom (:mod:`ssl_path.evaluation.stats`), plus the per-seed values. A learning-curve PNG
-(balanced accuracy against label fraction and shots, one line per probe, the 95 % CI shaded) is
-written beside ``--out`` as ``fewshot_curves.png``, or in the current directory without ``--out``.
+holds for each score of :data:`ssl_path.evaluation.metrics.CLASSIFICATION_SCORES` the mean over seeds,
+the sample standard deviation over seeds, the per-seed values, and a 95 % confidence interval.
+
+The interval: a figure here varies with which training subset was drawn *and* with which test
+slides were scored, and a t-interval over seeds sees only the first: at fraction 1.0 every seed draws
+the same subset, and that interval has zero width; a prototype row averages 100 episodes per seed,
+so its seeds barely differ and that interval looked far tighter than the kNN and linear rows beside
+it, although all are scored on the same test slides. So ``<score>_ci95`` joins two independent parts, kept beside
+it: ``<score>_ci95_seeds``, Student's t over the seeds (the draws' spread; :mod:`ssl_path.evaluation.stats`),
+and ``<score>_ci95_test``, the percentile bootstrap of the seeds' mean figure over ``--bootstrap``
+redraws of the test groups (slides/patients, else images; :mod:`ssl_path.evaluation.bootstrap`), one
+set of redraws for every row. Each side of the interval is the root sum of squares of the two parts'
+sides (:func:`ssl_path.evaluation.bootstrap.combined_interval`): at fraction 1.0 it is the test
+bootstrap alone, where the seeds do vary it is never narrower than their t-interval (a bootstrap over
+5 seeds would understate their spread). A prototype row's mean over episodes is a more precise figure
+than one draw, so its interval may still be narrower than a single-draw row's, by the draws' spread
+that the episodes average away; the test slides' part, which no averaging removes, is in it.
+``--bootstrap 0`` keeps the t-interval over seeds only. A probe that predicts one class for every
+test image in some draws says so in one warning line per row (``n_one_class`` counts those draws).
+
+A learning-curve PNG (balanced accuracy against label fraction and shots, one line per probe, the
+95 % CI shaded) is written beside ``--out`` as ``fewshot_curves.png``, or in the current directory
+without ``--out``.
 
     python -m probes.fewshot --ckpt REF --train SPEC --test SPEC [--fractions 0.01 0.1 0.5 1.0]
         [--shots 1 2 4 8 16 32] [--seeds 5] [--probes knn linear prototype] [--episodes 100] [--out results.json]
@@ -43,28 +62,39 @@ from typing import Any, Sequence
 import numpy as np
 
 from probes.common import (
+    Prediction,
     add_probe_arguments,
     align_labels,
     prefixed,
     probe_request,
     probe_splits,
     report,
+    single_class,
 )
 from probes.features import FeatureSet
 from probes.knn import DEFAULT_TEMPERATURE, knn_predict
 from probes.linear import (
-    DEFAULT_C_GRID,
     DEFAULT_VAL_FRACTION,
+    PROTOCOLS,
     add_linear_arguments,
     class_probabilities,
     fit_probe,
-    run_linear,
+    linear_prediction,
+    linear_settings,
 )
 from ssl_path.core.cli import Parser, make_parser
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path
+from ssl_path.evaluation.bootstrap import (
+    DEFAULT_RESAMPLES,
+    combined_interval,
+    percentile_interval,
+    plain_scores,
+    resampled_scores_of,
+    resamples,
+)
 from ssl_path.evaluation.features import l2_normalize
-from ssl_path.evaluation.metrics import SCORES, classification_metrics
+from ssl_path.evaluation.metrics import CLASSIFICATION_SCORES, SCORES
 from ssl_path.evaluation.splits import group_ids, n_folds, sample_subset
 from ssl_path.evaluation.stats import aggregate, summarize
 
@@ -81,7 +111,7 @@ __all__ = [
     "sample_subset",
     "prototype_predict",
     "can_validate",
-    "probe_subset",
+    "subset_prediction",
     "run_fewshot",
     "format_curves",
     "plot_curves",
@@ -99,6 +129,8 @@ PROBES = ("knn", "linear", "prototype")
 KNN_K = 20
 FIXED_C = 1.0
 CURVES_NAME = "fewshot_curves.png"
+CI_BOOTSTRAP = "95%: t over seeds (subset draws) and percentile bootstrap over test groups, sides added in quadrature"
+CI_SEEDS = "95% t-distribution over seeds"
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -154,44 +186,42 @@ def can_validate(labels: np.ndarray, groups: Sequence[str | None], val_fraction:
     return bool(counts.min() >= n_folds(val_fraction, len(np.unique(group_ids(groups)))))
 
 
-def _linear_row(
-    train: FeatureSet, test: FeatureSet, y_true: np.ndarray, c_grid: Sequence[float], val_fraction: float, seed: int
-) -> dict[str, Any]:
-    if can_validate(train.labels, train.groups, val_fraction):
+def _linear_subset(
+    train: FeatureSet, test: FeatureSet, c_grid: Sequence[float] | None, val_fraction: float | None, seed: int
+) -> Prediction:
+    fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    if can_validate(train.labels, train.groups, fraction):
         try:
-            row = run_linear(train, test, c_grid, val_fraction, seed)
-            return {**row, "c_selection": "validation"}
+            chosen = linear_prediction(train, test, "ssl-path", c_grid, val_fraction, seed)
+            return Prediction({**chosen.settings, "c_selection": "validation"}, chosen.pred, chosen.probs)
         except (UserError, ValueError):
             # The split still left one class to fit on (UserError) or scikit-learn could not split
             # (ValueError): one small subset must not end a long run; use the fixed C below.
             pass
     pipe = fit_probe(train.features, train.labels, FIXED_C)
     probs = class_probabilities(pipe, test.features, len(train.classes))
-    row = classification_metrics(y_true, probs.argmax(axis=1), probs, classes=train.classes)
-    return {**row, "c": FIXED_C, "c_selection": "fixed"}
+    return Prediction({"c": FIXED_C, "c_selection": "fixed", "c_grid_edge": None}, probs.argmax(axis=1), probs)
 
 
-def probe_subset(
+def subset_prediction(
     probe: str,
     train: FeatureSet,
     test: FeatureSet,
-    y_true: np.ndarray,
     seed: int = 0,
-    c_grid: Sequence[float] = DEFAULT_C_GRID,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-) -> dict[str, Any]:
-    """Test metrics of one probe fitted on ``train`` (an already drawn subset); ``y_true`` are the test
-    labels as ids into ``train.classes``."""
+    c_grid: Sequence[float] | None = None,
+    val_fraction: float | None = None,
+) -> Prediction:
+    """One probe fitted on ``train`` (an already drawn subset) and applied to ``test``."""
     n_classes = len(train.classes)
     if probe == "knn":
         k = min(KNN_K, len(train))
         pred, probs = knn_predict(train.features, train.labels, test.features, k, DEFAULT_TEMPERATURE, n_classes)
-        return {**classification_metrics(y_true, pred, probs, classes=train.classes), "k_used": k}
+        return Prediction({"k_used": k}, pred, probs)
     if probe == "prototype":
         pred, probs = prototype_predict(train.features, train.labels, test.features, n_classes)
-        return classification_metrics(y_true, pred, probs, classes=train.classes)
+        return Prediction({}, pred, probs)
     if probe == "linear":
-        return _linear_row(train, test, y_true, c_grid, val_fraction, seed)
+        return _linear_subset(train, test, c_grid, val_fraction, seed)
     raise UserError(f"unknown probe {probe!r}; choose from {', '.join(PROBES)}")
 
 
@@ -207,6 +237,11 @@ def _episode_seed(seed: int, episode: int) -> int | list[int]:
     return seed if episode == 0 else [seed, episode]
 
 
+def _mean_scores(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each score's mean over episodes (None left out), as one seed's value."""
+    return {s: summarize([m[s] for m in metrics])["mean"] for s in CLASSIFICATION_SCORES}
+
+
 def run_fewshot(
     train: FeatureSet,
     test: FeatureSet,
@@ -215,11 +250,17 @@ def run_fewshot(
     seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS)),
     probes: Sequence[str] = PROBES,
     episodes: int = DEFAULT_EPISODES,
-    c_grid: Sequence[float] = DEFAULT_C_GRID,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
+    c_grid: Sequence[float] | None = None,
+    val_fraction: float | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    where: str = "",
 ) -> dict[str, dict[str, Any]]:
     """Rows ``{"fraction_0.1/knn": ..., "shots_4/prototype": ...}``: each probe on stratified subsets of
-    ``train`` at each fraction and shot count, one draw per seed, evaluated on all of ``test``."""
+    ``train`` at each fraction and shot count, one draw per seed, evaluated on all of ``test``.
+
+    The 95 % CIs join the spread over seeds and over test redraws (see the module docstring); with
+    ``n_resamples`` 0 they are t-intervals over seeds. ``where`` names the split in warnings.
+    """
     unknown = [p for p in probes if p not in PROBES]
     if unknown:
         raise UserError(f"unknown probes {unknown}; choose from {', '.join(PROBES)}")
@@ -229,6 +270,8 @@ def run_fewshot(
         raise UserError("at least one seed is needed")
     classes = train.classes
     y_true = align_labels(test, classes, probe="few-shot probe")
+    # One set of test redraws for every row, so that two rows' intervals are comparable.
+    redraws = resamples(len(test), test.groups, n_resamples, seeds[0]) if n_resamples else None
     rows: dict[str, dict[str, Any]] = {}
     for regime, value in _regimes(fractions, shots):
         draw = {"fraction": value} if regime == "fraction" else {"shots": value}
@@ -237,18 +280,24 @@ def run_fewshot(
             return train.select(sample_subset(train.labels, seed=seed, n_classes=len(classes), **draw))
 
         for probe in probes:
-            per_seed, sizes, extra = [], [], []
+            name = f"{regime}_{value:g}/{probe}"
+            per_seed, redrawn, sizes, extra = [], [], [], []
+            one_class: list[int] = []
+            n_runs = 0
             for seed in seeds:
-                if probe == "prototype" and regime == "shots":
-                    runs = [probe_subset(probe, subset(_episode_seed(seed, e)), test, y_true) for e in range(episodes)]
-                    per_seed.append({s: summarize([r[s] for r in runs])["mean"] for s in SCORES})
-                    sizes.append(len(subset(seed)))
-                    continue
-                part = subset(seed)
-                result = probe_subset(probe, part, test, y_true, seed, c_grid, val_fraction)
-                per_seed.append(result)
-                sizes.append(len(part))
-                extra.append(result)
+                n_draws = episodes if probe == "prototype" and regime == "shots" else 1
+                parts = [subset(_episode_seed(seed, e)) for e in range(n_draws)]
+                runs = [subset_prediction(probe, part, test, seed, c_grid, val_fraction) for part in parts]
+                outputs = [(r.pred, r.probs) for r in runs]
+                per_seed.append(_mean_scores(plain_scores(y_true, outputs, len(classes))))
+                if redraws is not None:
+                    scored = resampled_scores_of(redraws, y_true, outputs, len(classes))
+                    redrawn.append({s: np.mean([x[s] for x in scored], axis=0) for s in CLASSIFICATION_SCORES})
+                sizes.append(len(parts[0]))
+                one_class += [c for c in (single_class(r.pred) for r in runs) if c is not None]
+                n_runs += len(runs)
+                if n_draws == 1:
+                    extra.append(runs[0].settings)
             row: dict[str, Any] = {
                 "regime": regime,
                 "value": value,
@@ -266,8 +315,27 @@ def run_fewshot(
                 row["c"] = [r["c"] for r in extra]
                 row["c_selection"] = [r["c_selection"] for r in extra]
                 row["n_fixed_c"] = sum(r["c_selection"] == "fixed" for r in extra)
-            row.update(aggregate(per_seed))
-            rows[f"{regime}_{value:g}/{probe}"] = row
+                row["n_c_at_grid_edge"] = sum(r.get("c_grid_edge") is not None for r in extra)
+            row.update(aggregate(per_seed, CLASSIFICATION_SCORES))
+            if redraws is not None:
+                for score in CLASSIFICATION_SCORES:
+                    over_seeds = row[f"{score}_ci95"]  # Student's t over the seeds' draws
+                    # the seeds' mean figure on each test redraw
+                    test_ci = percentile_interval(np.mean([r[score] for r in redrawn], axis=0))
+                    half = None if over_seeds is None else (over_seeds[1] - over_seeds[0]) / 2
+                    row[f"{score}_ci95"] = combined_interval(row[score], test_ci, half)
+                    row[f"{score}_ci95_seeds"] = over_seeds
+                    row[f"{score}_ci95_test"] = test_ci
+                row["bootstrap"] = redraws.describe()
+            row["n_one_class"] = len(one_class)
+            if one_class:
+                common = classes[np.bincount(one_class).argmax()]
+                print(
+                    f"warning: few-shot {probe} at {name.split('/')[0]}{where} predicts one class "
+                    f"({common!r}) for all test images in {len(one_class)} of {n_runs} draws",
+                    file=sys.stderr,
+                )
+            rows[name] = row
     return rows
 
 
@@ -406,11 +474,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     unknown = [p for p in args.probes if p not in PROBES]
     if unknown:
         raise UserError(f"--probes {unknown} unknown; choose from {', '.join(PROBES)}")
-    bad = [c for c in args.c_grid if not c > 0]
-    if bad:
-        raise UserError(f"--c-grid values must be > 0, got {bad}")
-    if not 0 < args.val_fraction < 1:
-        raise UserError(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
+    linear_settings("ssl-path", args.c_grid, args.val_fraction)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -421,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shots = sorted(set(args.shots))
     probes = list(dict.fromkeys(args.probes))
     seeds = list(range(args.seed, args.seed + args.seeds))
+    grid, val_fraction = linear_settings("ssl-path", args.c_grid, args.val_fraction)
     request = probe_request(args)
     # The curve PNGs are outputs like --out: refused without --overwrite, before any features.
     splits, split_info = probe_splits(
@@ -430,7 +495,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     curves: list[tuple[str, dict[str, dict[str, Any]]]] = []
     for inputs in splits:
         split_rows = run_fewshot(
-            inputs.train, inputs.test, fractions, shots, seeds, probes, args.episodes, args.c_grid, args.val_fraction
+            inputs.train,
+            inputs.test,
+            fractions,
+            shots,
+            seeds,
+            probes,
+            args.episodes,
+            args.c_grid,
+            args.val_fraction,
+            request.bootstrap,
+            f" ({inputs.name})" if inputs.name else "",
         )
         curves.append((inputs.name, split_rows))
         rows.update(prefixed(inputs.name, split_rows))
@@ -441,6 +516,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"they used a fixed C = {FIXED_C:g}",
             file=sys.stderr,
         )
+    edge = sum(r.get("n_c_at_grid_edge", 0) for r in rows.values())
+    if edge:
+        print(
+            f"warning: {edge} linear-probe subsets chose C at the edge of the grid ({grid[0]:g} ... {grid[-1]:g}); "
+            "the best C may lie beyond it",
+            file=sys.stderr,
+        )
     config = {
         "fractions": fractions,
         "shots": shots,
@@ -449,13 +531,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "probes": probes,
         "knn": {"k": f"min({KNN_K}, subset size)", "temperature": DEFAULT_TEMPERATURE},
         "linear": {
-            "c_grid": sorted(args.c_grid),
-            "val_fraction": args.val_fraction,
+            "c_grid": list(grid),
+            "val_fraction": val_fraction,
             "fixed_c": FIXED_C,
-            "standardize": True,
+            "standardize": PROTOCOLS["ssl-path"].standardize,
+            "class_weight": PROTOCOLS["ssl-path"].class_weight,
+            "selection": PROTOCOLS["ssl-path"].selection,
         },
         "prototype": {"features": "CL2N", "distance": "euclidean", "probs": "softmax(-distance)"},
-        "ci": "95% t-distribution over seeds",
+        "ci": CI_BOOTSTRAP if request.bootstrap else CI_SEEDS,
     }
     split = {**split_info, "subsets": "stratified draws from train only", "n_seeds": len(seeds)}
     report(

@@ -11,11 +11,13 @@ Search is exact inner product with faiss (``IndexFlatIP``), on every GPU faiss s
 ``--index hnsw`` or ``ivf`` trade exactness for speed on memories of millions of tiles (recall in
 ``benchmarks/RESULTS.md``).
 
-    python -m probes.knn --ckpt REF --train SPEC --test SPEC [--k 10 20 50] [--out results.json]
+    python -m probes.knn --ckpt REF --train SPEC --test SPEC [--k 10 20 50] [--compare REF2]
+        [--bootstrap 1000] [--out results.json]
 
 Train and test are data SPECs (see :mod:`ssl_path.data.readers.spec`); keeping the slides of one
 split out of the other is up to them (e.g. ``?group=...`` or ``?domain=...``). The number of groups
-the two share is reported, never corrected.
+the two share is reported, never corrected. Every row carries 95 % bootstrap CIs over the test
+slides, and with ``--compare`` the paired difference to a second encoder (:mod:`probes.common`).
 """
 
 from __future__ import annotations
@@ -27,21 +29,25 @@ import faiss
 import numpy as np
 
 from probes.common import (
+    Prediction,
+    add_compare_argument,
     add_probe_arguments,
     align_labels,
+    check_reference,
     check_sets,
     format_table,
     prefixed,
     probe_request,
     probe_splits,
     report,
+    score_rows,
     shared_groups,
 )
 from probes.features import FeatureSet
 from ssl_path.core.cli import Parser, make_parser
 from ssl_path.core.errors import UserError, run_cli
+from ssl_path.evaluation.bootstrap import DEFAULT_RESAMPLES
 from ssl_path.evaluation.features import l2_normalize
-from ssl_path.evaluation.metrics import classification_metrics
 
 __all__ = [
     "TITLE",
@@ -190,6 +196,40 @@ def clamp_ks(ks: Sequence[int], n_train: int, what: str = "kNN") -> list[int]:
     return used
 
 
+def _knn_runs(ks: Sequence[int], n_train: int) -> list[tuple[str, int, int, str]]:
+    """(row name, k asked, k used, protocol) of every row: the DINO kNN at each k, then UNI's."""
+    runs = [(f"k{k}", k, used, "dino") for k, used in zip(ks, clamp_ks(ks, n_train, "DINO kNN"))]
+    runs.append((f"uni_k{UNI_K}", UNI_K, clamp_ks([UNI_K], n_train, "UNI kNN")[0], "uni"))
+    return runs
+
+
+def _knn_predictions(
+    train_set: FeatureSet,
+    test_set: FeatureSet,
+    runs: Sequence[tuple[str, int, int, str]],
+    temperature: float,
+    index: str,
+) -> dict[str, Prediction]:
+    """Every row's predictions, from the labelled training rows (``train_set`` holds only those)."""
+    train_feats, train_labels = train_set.features, train_set.labels
+    n_classes = len(train_set.classes)
+    _check_inputs(train_feats, train_labels, test_set.features, n_classes)
+    # One search at the largest k serves every DINO k: each smaller k's neighbours are its prefix.
+    max_k = max((used for _, _, used, protocol in runs if protocol == "dino"), default=0)
+    if max_k:
+        sims, idx = search(l2_normalize(train_feats), l2_normalize(test_set.features), max_k, index)
+    out: dict[str, Prediction] = {}
+    for name, k, used, protocol in runs:
+        settings: dict[str, Any] = {"protocol": protocol, "k": k, "k_used": used}
+        if protocol == "dino":
+            pred, probs = dino_vote(sims[:, :used], train_labels[idx[:, :used]], temperature, n_classes)
+            settings["temperature"] = temperature
+        else:
+            pred, probs = uni_knn_predict(train_feats, train_labels, test_set.features, used, n_classes, index)
+        out[name] = Prediction(settings, pred, probs)
+    return out
+
+
 def run_knn(
     train_set: FeatureSet,
     test_set: FeatureSet,
@@ -197,40 +237,36 @@ def run_knn(
     temperature: float = DEFAULT_TEMPERATURE,
     index: str = "flat",
     ordinal: bool = False,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    reference: tuple[FeatureSet, FeatureSet] | None = None,
+    where: str = "",
 ) -> dict[str, dict[str, Any]]:
     """Metrics rows ``{"k10": ..., "k20": ..., "uni_k20": ...}`` for the DINO kNN at each k and the UNI kNN.
 
     Every row holds its protocol, the k asked for and the k used (clamped to the training set size),
-    and the :func:`ssl_path.evaluation.metrics.classification_metrics` of the test set. Unlabeled training rows are
-    left out; test labels are matched to the training classes by name.
+    the :func:`ssl_path.evaluation.metrics.classification_metrics` of the test set and their bootstrap
+    CIs (:func:`probes.common.score_rows`: ``n_resamples`` redraws of the test groups, seeded by
+    ``seed``). ``reference``: another encoder's (train, test) features of the same rows, for paired
+    differences; ``where`` names the split in warnings. Unlabeled training rows are left out; test labels are matched to the training
+    classes by name.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     labelled = np.flatnonzero(train_set.labels >= 0)
     if len(labelled) == 0:
         raise UserError("the training set has no labelled images")
-    train_feats, train_labels = train_set.features[labelled], train_set.labels[labelled]
     classes = train_set.classes
     y_true = align_labels(test_set, classes)
-    n_classes = len(classes)
-    runs = [(f"k{k}", k, used, "dino") for k, used in zip(ks, clamp_ks(ks, len(labelled), "DINO kNN"))]
-    runs.append((f"uni_k{UNI_K}", UNI_K, clamp_ks([UNI_K], len(labelled), "UNI kNN")[0], "uni"))
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    _check_inputs(train_feats, train_labels, test_set.features, n_classes)
-    # One search at the largest k serves every DINO k: each smaller k's neighbours are its prefix.
-    max_k = max((used for _, _, used, protocol in runs if protocol == "dino"), default=0)
-    if max_k:
-        sims, idx = search(l2_normalize(train_feats), l2_normalize(test_set.features), max_k, index)
-    rows: dict[str, dict[str, Any]] = {}
-    for name, k, used, protocol in runs:
-        row: dict[str, Any] = {"protocol": protocol, "k": k, "k_used": used}
-        if protocol == "dino":
-            pred, probs = dino_vote(sims[:, :used], train_labels[idx[:, :used]], temperature, n_classes)
-            row["temperature"] = temperature
-        else:
-            pred, probs = uni_knn_predict(train_feats, train_labels, test_set.features, used, n_classes, index)
-        row.update(classification_metrics(y_true, pred, probs, classes=classes, ordinal=ordinal))
-        rows[name] = row
-    return rows
+    runs = _knn_runs(ks, len(labelled))
+    predictions = _knn_predictions(train_set.select(labelled), test_set, runs, temperature, index)
+    theirs = None
+    if reference is not None:
+        check_reference(train_set, test_set, reference)
+        theirs = _knn_predictions(reference[0].select(labelled), reference[1], runs, temperature, index)
+    return score_rows(
+        predictions, y_true, classes, test_set.groups, "kNN", ordinal, n_resamples, seed, theirs, where=where
+    )
 
 
 # ----------------------------------------------------------------------------- command line
@@ -258,7 +294,8 @@ def build_parser() -> Parser:
         action="store_true",
         help="the classes are ordered grades, in class order: Cohen's kappa is quadratic-weighted",
     )
-    return add_probe_arguments(p, seed_help="recorded in results.json; kNN itself is deterministic")
+    add_compare_argument(p)
+    return add_probe_arguments(p, seed_help="seed of the bootstrap redraws; kNN itself is deterministic")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,7 +308,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits, split_info = probe_splits(request, probe="kNN")
     rows: dict[str, dict[str, Any]] = {}
     for inputs in splits:
-        split_rows = run_knn(inputs.train, inputs.test, args.k, args.temperature, args.index, args.ordinal)
+        split_rows = run_knn(
+            inputs.train,
+            inputs.test,
+            args.k,
+            args.temperature,
+            args.index,
+            args.ordinal,
+            request.bootstrap,
+            request.seed,
+            inputs.reference,
+            f" ({inputs.name})" if inputs.name else "",
+        )
         rows.update(prefixed(inputs.name, split_rows))
     report(
         request,
@@ -280,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         TITLE,
         splits[0],
         rows,
-        format_table(rows),
+        format_table(rows, reference=request.compare),
         split=split_info,
         config={
             "ks": args.k,

@@ -1,7 +1,16 @@
 """Classification metrics every probe reports, all computed by scikit-learn.
 
 One function, one dict: accuracy, balanced accuracy, macro F1, AUROC, Cohen's kappa, the confusion
-matrix and n. Class ids are fixed by ``classes`` (index = id), so a class missing from a small test
+matrix and n (:data:`SCORES`, what tables show), and beside them the variants the anchors report
+(:data:`VARIANT_SCORES`), so a figure can be set against a paper's:
+
+- ``positive_f1``: F1 of class id 1, the second class of ``classes`` (binary sets only, else None).
+  It is a fixed id, not the rarer class of each test set, so that two runs score the same class; the
+  readers list the abnormal class second (AMi-Br: normal, atypical), which is the minority there;
+- ``weighted_f1``: per-class F1 averaged with the classes' test counts as weights (UNI);
+- ``quadratic_kappa``: Cohen's kappa with quadratic weights (UNI reports it for every task), whatever
+  ``ordinal`` makes of ``cohen_kappa``.
+ Class ids are fixed by ``classes`` (index = id), so a class missing from a small test
 split still has its row and column, and two probes of the same set give comparable matrices.
 Undefined values (AUROC with a class absent from ``y_true``, kappa of a constant labelling) are None,
 never NaN, so that the dict is valid JSON.
@@ -17,10 +26,23 @@ import numpy as np
 from sklearn import metrics as skm
 from sklearn.exceptions import UndefinedMetricWarning
 
-__all__ = ["classification_metrics", "auroc", "SCORES", "SEGMENTATION_SCORES", "TASK_SCORES"]
+__all__ = [
+    "classification_metrics",
+    "auroc",
+    "SCORES",
+    "VARIANT_SCORES",
+    "CLASSIFICATION_SCORES",
+    "POSITIVE_CLASS",
+    "SEGMENTATION_SCORES",
+    "TASK_SCORES",
+]
 
 # The scores of a row (higher is better); the rest of a row (n, confusion matrix) describes it.
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "cohen_kappa")
+# The anchors' variants of these, kept in results beside ours (see the module docstring).
+VARIANT_SCORES = ("positive_f1", "weighted_f1", "quadratic_kappa")
+CLASSIFICATION_SCORES = SCORES + VARIANT_SCORES
+POSITIVE_CLASS = 1  # the class id whose F1 is ``positive_f1``: the second class
 # A segmentation row's scores (finetune.metrics computes them): per label pixel Dice / IoU, and per
 # object (GlaS, AJI) where objects are scored; the object Hausdorff distance is lower-better, in pixels.
 SEGMENTATION_SCORES = ("dice", "iou", "dice_pooled", "aji", "object_f1", "object_dice", "object_hausdorff")
@@ -57,7 +79,8 @@ def classification_metrics(
     """Metrics of predicted class ids against true ones.
 
     ``probs`` [N, C] (optional) gives AUROC; ``classes`` fixes C (default: the ids seen, or the width of
-    ``probs``); ``ordinal`` makes kappa quadratic-weighted (grades), else plain Cohen's kappa.
+    ``probs``); ``ordinal`` makes kappa quadratic-weighted (grades), else plain Cohen's kappa. Every key
+    of :data:`CLASSIFICATION_SCORES` is in the dict (None where undefined).
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
@@ -89,8 +112,15 @@ def classification_metrics(
             "cohen_kappa": _finite(
                 skm.cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic" if ordinal else None)
             ),
+            "positive_f1": None,
+            "weighted_f1": _finite(skm.f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+            "quadratic_kappa": _finite(skm.cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic")),
             "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         }
+        if n_classes == 2:
+            result["positive_f1"] = _finite(
+                skm.f1_score(y_true, y_pred, labels=labels, pos_label=POSITIVE_CLASS, average="binary", zero_division=0)
+            )
         if probs is not None:
             probs = np.asarray(probs, dtype=np.float64)
             if probs.shape != (len(y_true), n_classes):

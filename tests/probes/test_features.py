@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -74,6 +75,43 @@ def test_cache_is_reused_without_building_the_model(eight, tmp_path, monkeypatch
     for kwargs in ({"pool": "mean"}, {"tta": True}):
         with pytest.raises(AssertionError, match="encoder was built"):
             extract(eight, tmp_path, **kwargs)
+
+
+def test_cache_key_covers_the_transform_and_the_hub_revision(monkeypatch):
+    identity, data = "hf-hub:org/encoder", "d" * 64
+    base = F.cache_key(identity, "cls", False, F.transform_settings(None), data, revision="a" * 40)
+    assert F.cache_key(identity, "cls", False, F.transform_settings(None), data, revision="a" * 40) == base
+    changed = [
+        F.cache_key(identity, "cls", False, F.transform_settings(None), data, revision="b" * 40),
+        F.cache_key(identity, "cls", False, F.transform_settings(None), data, revision=None),
+        F.cache_key(identity, "cls", False, F.transform_settings(224), data, revision="a" * 40),
+        F.cache_key(identity, "cls", True, F.transform_settings(None), data, revision="a" * 40),
+        F.cache_key(identity, "mean", False, F.transform_settings(None), data, revision="a" * 40),
+    ]
+    assert len({base, *changed}) == 6
+    # the transform's own settings are read off it: another crop or interpolation is another key
+    settings = F.transform_settings(64)
+    assert settings["crop_pct"] == 1.0 and settings["interpolation"] == "bicubic" and settings["input_size"] == 64
+    for override in ({"crop_pct": 0.875}, {"interpolation": "bilinear"}):
+        real = F.eval_transform
+        monkeypatch.setattr(F, "eval_transform", lambda *a, **k: dataclasses.replace(real(*a, **k), **override))
+        assert F.transform_settings(64) != settings
+        monkeypatch.setattr(F, "eval_transform", real)
+
+
+def test_hub_revision_is_read_from_the_local_cache_only(tmp_path):
+    # huggingface_hub's cache layout: refs/main names the commit whose snapshot holds the files
+    repo = tmp_path / "models--org--encoder"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    assert F.hub_revision("hf-hub:org/encoder", tmp_path) == commit
+    assert F.hub_revision(f"hf-hub:org/encoder@{commit}", tmp_path) == commit
+    # not cached: the ref's own revision, else nothing known yet
+    assert F.hub_revision("hf-hub:org/other@v1.0", tmp_path) == "v1.0"
+    assert F.hub_revision("hf-hub:org/other", tmp_path) is None
 
 
 def test_changed_image_misses_the_cache(eight, tmp_path):

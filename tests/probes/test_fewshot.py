@@ -11,7 +11,7 @@ from probe_helpers import probe_args as common
 from probes import fewshot
 from ssl_path import encoder
 from ssl_path.core.errors import UserError, run_cli
-from ssl_path.evaluation.metrics import SCORES
+from ssl_path.evaluation.metrics import CLASSIFICATION_SCORES
 from ssl_path.evaluation.results import read_results
 
 CLASSES = ("a", "b", "c")
@@ -121,6 +121,55 @@ def test_shuffled_labels_are_near_chance():
         assert abs(row["balanced_accuracy"] - 1 / 3) < 0.15, name
 
 
+def test_intervals_see_the_test_slides_at_fraction_one_and_for_averaged_episodes():
+    rng = np.random.default_rng(0)
+    # overlapping classes, so that scores vary between test redraws; 12 test slides
+    train_y, test_y = np.repeat(np.arange(2), 40), np.repeat(np.arange(2), 60)
+    train_x = rng.normal(size=(80, 4)).astype(np.float32) + 0.8 * np.eye(4, dtype=np.float32)[train_y]
+    test_x = rng.normal(size=(120, 4)).astype(np.float32) + 0.8 * np.eye(4, dtype=np.float32)[test_y]
+    test = feature_set(test_x, test_y, ("a", "b"), [f"slide{i % 12}" for i in range(120)])
+    rows = fewshot.run_fewshot(
+        feature_set(train_x, train_y, ("a", "b")),
+        test,
+        fractions=(1.0,),
+        shots=(4,),
+        seeds=(0, 1, 2),
+        probes=("knn", "prototype"),
+        episodes=100,
+        n_resamples=300,
+    )
+
+    def width(name: str) -> float:
+        low, high = rows[name]["balanced_accuracy_ci95"]
+        return high - low
+
+    # every seed draws the whole set at fraction 1.0: the seeds agree, the test slides still vary
+    knn = rows["fraction_1/knn"]
+    assert knn["balanced_accuracy_std"] == pytest.approx(0, abs=1e-12) and width("fraction_1/knn") > 0.05
+    assert knn["balanced_accuracy_ci95"] == pytest.approx(knn["balanced_accuracy_ci95_test"])
+    # 100 episodes per seed make the prototype's seeds agree: the interval is the test slides' spread,
+    # much wider than the t-interval over its seeds alone
+    proto = rows["shots_4/prototype"]
+    seeds_only = proto["balanced_accuracy_ci95_seeds"]
+    assert width("shots_4/prototype") > 1.5 * (seeds_only[1] - seeds_only[0])
+    low, high = proto["balanced_accuracy_ci95"]
+    assert low <= proto["balanced_accuracy_ci95_test"][0] and high >= proto["balanced_accuracy_ci95_test"][1]
+    assert proto["bootstrap"] == {"unit": "group", "n_units": 12, "resamples": 300}
+    # with --bootstrap 0 the interval is the t-interval over seeds, as before
+    plain = fewshot.run_fewshot(
+        feature_set(train_x, train_y, ("a", "b")),
+        test,
+        fractions=(1.0,),
+        shots=(),
+        seeds=(0, 1),
+        probes=("knn",),
+        n_resamples=0,
+    )
+    assert plain["fraction_1/knn"]["balanced_accuracy_ci95"] == pytest.approx(
+        [plain["fraction_1/knn"]["balanced_accuracy"]] * 2
+    )
+
+
 def test_prototype_is_cl2n_nearest_mean():
     # A shared offset that dominates raw cosine similarity disappears after centring.
     train_x, train_y = blobs(5, seed=0)
@@ -180,7 +229,8 @@ def test_cli_writes_results_and_curves(specs, tmp_path, capsys):
     assert set(results["metrics"]) == names
     row = results["metrics"]["shots_2/prototype"]
     assert row["n_train"] == [4, 4] and row["episodes"] == 3 and len(row["per_seed"]["balanced_accuracy"]) == 2
-    assert all(len(row["per_seed"][score]) == 2 and f"{score}_ci95" in row for score in SCORES)
+    assert all(len(row["per_seed"][score]) == 2 and f"{score}_ci95" in row for score in CLASSIFICATION_SCORES)
+    assert results["config"]["ci"] == fewshot.CI_BOOTSTRAP and row["bootstrap"]["unit"] == "group"
     assert results["metrics"]["shots_1/linear"]["c_selection"] == ["fixed", "fixed"]
     png = out.parent / fewshot.CURVES_NAME
     assert png.is_file() and png.stat().st_size > 1024

@@ -140,6 +140,46 @@ def test_run_knn_searches_once_and_each_k_matches_its_own_search():
         assert rows[f"k{k}"]["auroc"] == pytest.approx(roc_auc_score(test.labels, probs, multi_class="ovr"))
 
 
+def test_rows_carry_bootstrap_cis_and_paired_differences_to_a_reference():
+    train_x, train_y = blobs(30, n_classes=2, seed=0)
+    test_x, test_y = blobs(40, n_classes=2, seed=1)
+    rng = np.random.default_rng(4)
+    groups = [f"slide{i % 8}" for i in range(80)]
+    train, test = feature_set(train_x, train_y, ("a", "b")), feature_set(test_x, test_y, ("a", "b"), groups)
+
+    # a much worse encoder of the same images: the class signal drowned in noise
+    def noisy(x: np.ndarray) -> np.ndarray:
+        return x + rng.normal(scale=8, size=x.shape).astype(np.float32)
+
+    reference = (
+        feature_set(noisy(train_x), train_y, ("a", "b")),
+        feature_set(noisy(test_x), test_y, ("a", "b"), groups),
+    )
+    rows = knn.run_knn(train, test, ks=[10], n_resamples=300, reference=reference)
+    row = rows["k10"]
+    assert row["bootstrap"] == {"unit": "group", "n_units": 8, "resamples": 300}
+    assert row["accuracy_ci95"] == [1.0, 1.0] and row["reference"]["accuracy"] < 0.9
+    assert row["balanced_accuracy_diff"] == pytest.approx(1.0 - row["reference"]["balanced_accuracy"])
+    low, high = row["balanced_accuracy_diff_ci95"]
+    assert 0 < low <= row["balanced_accuracy_diff"] <= high
+    same = knn.run_knn(train, test, ks=[10], n_resamples=300, reference=(train, test))["k10"]
+    assert same["auroc_diff"] == 0.0 and same["auroc_diff_ci95"] == [0.0, 0.0]
+    assert "paired difference" in knn.format_table(rows, reference="noisy")
+
+
+def test_a_knn_that_predicts_one_class_says_so(capsys):
+    # 78 % normal, and features that carry nothing: every neighbourhood votes normal
+    rng = np.random.default_rng(0)
+    train_y = (rng.random(200) > 0.78).astype(np.int64)
+    train = feature_set(rng.normal(size=(200, 8)).astype(np.float32) + 5, train_y, ("normal", "atypical"))
+    test = feature_set(rng.normal(size=(30, 8)).astype(np.float32) + 5, np.repeat([0, 1], 15), ("normal", "atypical"))
+    rows = knn.run_knn(train, test, ks=[50], n_resamples=0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rows["k50"]["predicts_one_class"] == "normal" and rows["k50"]["balanced_accuracy"] == 0.5
+    assert rows["uni_k20"]["predicts_one_class"] is None  # a plain majority of 20 still flips now and then
+    assert err == ["warning: kNN row k50 predicts one class, 'normal', for all 30 test images"]
+
+
 # ----------------------------------------------------------------------------- metrics
 
 

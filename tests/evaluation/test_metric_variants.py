@@ -1,0 +1,36 @@
+"""ssl_path.evaluation.metrics: the anchors' metric variants (positive-class F1, weighted F1,
+quadratic kappa) beside ours, each equal to scikit-learn's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import cohen_kappa_score, f1_score
+
+from ssl_path.evaluation.metrics import CLASSIFICATION_SCORES, VARIANT_SCORES, classification_metrics
+
+
+def test_binary_variants_agree_with_sklearn():
+    rng = np.random.default_rng(0)
+    y = (rng.random(80) < 0.25).astype(int)  # the second class, "atypical", is the minority
+    pred = np.where(rng.random(80) < 0.8, y, 1 - y)
+    m = classification_metrics(y, pred, classes=("normal", "atypical"))
+    assert m["positive_f1"] == pytest.approx(f1_score(y, pred, pos_label=1))
+    assert m["weighted_f1"] == pytest.approx(f1_score(y, pred, average="weighted"))
+    assert m["quadratic_kappa"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    assert set(CLASSIFICATION_SCORES) <= set(m) and set(VARIANT_SCORES) == {
+        "positive_f1",
+        "weighted_f1",
+        "quadratic_kappa",
+    }
+
+
+def test_multiclass_variants_and_positive_f1_only_for_two_classes():
+    y = np.array([0, 1, 2, 2, 1, 0, 2, 1])
+    pred = np.array([0, 2, 2, 1, 1, 0, 0, 1])
+    m = classification_metrics(y, pred, classes=("G1", "G2", "G3"))
+    assert m["positive_f1"] is None
+    assert m["weighted_f1"] == pytest.approx(f1_score(y, pred, average="weighted"))
+    # quadratic whatever ``ordinal`` does to cohen_kappa
+    assert m["quadratic_kappa"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    assert m["cohen_kappa"] == pytest.approx(cohen_kappa_score(y, pred)) != m["quadratic_kappa"]
