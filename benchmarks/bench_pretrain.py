@@ -98,15 +98,26 @@ def mae_batch(method, batch_size: int, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in method.collate_fn()(samples).items()}
 
 
-def method_step_fn(name: str, arch: str, batch_size: int, device: torch.device, compile_: bool, bf16: bool):
-    config = CONFIGS[name].get(arch, next(iter(CONFIGS[name].values())))
-    overrides = [f"model.arch={arch}", *(["dinov2.photometric=workers"] if name == "dinov2" else [])]
+def method_step_fn(
+    name: str,
+    arch: str,
+    batch_size: int,
+    device: torch.device,
+    compile_backend: str | None,
+    bf16: bool,
+    config: str | None = None,
+    overrides: list[str] = (),
+):
+    """One training step of method ``name`` (``compile_backend`` None: eager); ``config`` defaults to
+    the method's shipped config for ``arch``, ``overrides`` apply to it."""
+    config = config or CONFIGS[name].get(arch, next(iter(CONFIGS[name].values())))
+    overrides = [f"model.arch={arch}", *(["dinov2.photometric=workers"] if name == "dinov2" else []), *overrides]
     cfg = resolve_config(config, overrides)
     method = methods()[name].build(cfg.method_cfg, cfg.model, cfg.train, 0, device).to(device)
     method.train()
     method.set_step(0)
-    if compile_:
-        method.compile_parts()
+    if compile_backend:
+        method.compile_parts(backend=compile_backend)
     optimizer = torch.optim.AdamW(method.param_groups(cfg.optim), lr=1e-4, fused=device.type == "cuda")
     if name == "dinov2":
         batch = dinov2_batch(cfg, batch_size, device, method.patch_size)
@@ -124,12 +135,14 @@ def method_step_fn(name: str, arch: str, batch_size: int, device: torch.device, 
     return step
 
 
-def supervised_step_fn(arch: str, batch_size: int, device: torch.device, compile_: bool, bf16: bool):
-    model = timm.create_model(arch, num_classes=1000).to(device).train()
-    if compile_:
-        model.compile()
+def supervised_step_fn(
+    arch: str, batch_size: int, device: torch.device, compile_backend: str | None, bf16: bool, size: int = 224
+):
+    model = timm.create_model(arch, num_classes=1000, img_size=size).to(device).train()
+    if compile_backend:
+        model.compile(backend=compile_backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    images = torch.randn(batch_size, 3, 224, 224, device=device)
+    images = torch.randn(batch_size, 3, size, size, device=device)
     labels = torch.randint(0, 1000, (batch_size,), device=device)
 
     def step() -> None:
@@ -154,6 +167,21 @@ def measure(step, device: torch.device, steps: int, warmup: int) -> tuple[float,
         step()
     _sync(device)
     return (time.perf_counter() - start) / steps, float(counter.get_total_flops())
+
+
+def step_row(
+    step: str, arch: str, mode: str, batch_size: int, seconds: float, flops: float, peak: float | None
+) -> dict:
+    """One timed step as a table row: img/s and, where the device's peak is known, MFU."""
+    return {
+        "step": step,
+        "arch": arch,
+        "mode": mode,
+        "batch_size": batch_size,
+        "img_per_s": round(batch_size / seconds, 2),
+        "tflop_per_step": round(flops / 1e12, 4),
+        "mfu": round(flops / seconds / peak, 4) if peak else None,
+    }
 
 
 def main() -> int:
@@ -188,20 +216,13 @@ def main() -> int:
     for arch in archs:
         for mode in modes:
             for kind in (args.method, "supervised"):
+                backend = "inductor" if mode == "compiled" else None
                 if kind == "supervised":
-                    step = supervised_step_fn(arch, batch_size, device, mode == "compiled", bf16=cuda)
+                    step = supervised_step_fn(arch, batch_size, device, backend, bf16=cuda)
                 else:
-                    step = method_step_fn(kind, arch, batch_size, device, mode == "compiled", bf16=cuda)
+                    step = method_step_fn(kind, arch, batch_size, device, backend, bf16=cuda)
                 seconds, flops = measure(step, device, steps, warmup)
-                row = {
-                    "arch": arch,
-                    "step": kind,
-                    "mode": mode,
-                    "batch_size": batch_size,
-                    "img_per_s": round(batch_size / seconds, 2),
-                    "tflop_per_step": round(flops / 1e12, 4),
-                    "mfu": round(flops / seconds / peak, 4),
-                }
+                row = step_row(kind, arch, mode, batch_size, seconds, flops, peak)
                 rows.append(row)
                 print(
                     f"{arch:<24}{kind:<12}{mode:<10}{row['img_per_s']:>10.1f} img/s{100 * row['mfu']:>8.1f}% MFU"

@@ -139,9 +139,9 @@ class HeadTask(TrainingTask):
     def fsdp_units(self) -> list[nn.Module]:
         return [*getattr(self.encoder, "blocks", []), self.encoder, self.head]
 
-    def compile_parts(self) -> None:
-        self.encoder.compile()
-        self.head.compile()
+    def compile_parts(self, **options: Any) -> None:
+        self.encoder.compile(**options)
+        self.head.compile(**options)
 
 
 def _tune(encoder: nn.Module, tuning: EncoderTuning, info: encoder_lib.EncoderInfo) -> None:

@@ -27,6 +27,7 @@ Defaults are the paper's (``dinov2/configs/ssl_default_config.yaml``); each is a
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -92,6 +93,8 @@ class DINOv2Config:
     final_momentum_teacher: float = 1.0
     # the heads' last layer (the prototypes) stays fixed for this many epochs
     freeze_last_layer_epochs: float = 1.0
+    # the heads' lr relative to the trunk's last block (the reference: 1)
+    head_lr_multiplier: float = 1.0
     # where the photometric augmentation runs: "workers", "device" (after collation), or "auto"
     # (device on CUDA, workers otherwise)
     photometric: str = "auto"
@@ -109,7 +112,7 @@ class DINOv2Config:
         if self.sinkhorn_iterations < 1:
             raise ConfigError(f"sinkhorn_iterations must be >= 1, not {self.sinkhorn_iterations}")
         weights = ("dino_loss_weight", "ibot_loss_weight", "koleo_loss_weight")
-        for name in (*weights, "warmup_teacher_temperature_epochs", "freeze_last_layer_epochs"):
+        for name in (*weights, "warmup_teacher_temperature_epochs", "freeze_last_layer_epochs", "head_lr_multiplier"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
         if not any(getattr(self, name) > 0 for name in weights):
@@ -256,11 +259,18 @@ class DINOv2(PretrainingMethod):
         return {"momentum": self.momentum, "teacher_temperature": self.teacher_temperature}
 
     def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
-        """The default layer-wise groups, with the heads' last layers apart and frozen for their first steps."""
-        groups = param_groups(self, optim.layerwise_decay, optim.patch_embed_lr_mult, tag=_last_layer_tag)
+        """The default layer-wise groups, with the heads' last layers apart and frozen for their first
+        steps, and the heads apart where their lr differs from the trunk's."""
+        head_lr = self.cfg.head_lr_multiplier
+        # Heads get their own groups only when their lr differs: the groups, and so a checkpoint's
+        # optimiser state, of a run at the reference setting stay as they were.
+        tag = functools.partial(_param_tag, heads_apart=head_lr != 1.0)
+        groups = param_groups(self, optim.layerwise_decay, optim.patch_embed_lr_mult, tag=tag)
         for group in groups:
             if group["tag"] == "last_layer":
                 group["frozen_until"] = self.freeze_last_layer_steps
+            if group["tag"] in ("head", "last_layer"):
+                group["lr_multiplier"] *= head_lr
         return groups
 
     def train(self, mode: bool = True) -> DINOv2:
@@ -300,10 +310,10 @@ class DINOv2(PretrainingMethod):
             units.extend(root.values())
         return units
 
-    def compile_parts(self) -> None:
+    def compile_parts(self, **options: Any) -> None:
         """Compile backbones and heads, not the step: masking gives the step data-dependent shapes."""
         for part in (*self.student.values(), *self.teacher.values()):
-            part.compile()
+            part.compile(**options)
 
     # ----------------------------------------------------------------- step
 
@@ -377,8 +387,10 @@ class DINOv2(PretrainingMethod):
         return cls_probs.view(n_global, cls.shape[0] // n_global, -1), patch_probs, monitor
 
 
-def _last_layer_tag(name: str) -> str:
-    return "last_layer" if "last_layer" in name else ""
+def _param_tag(name: str, heads_apart: bool) -> str:
+    if "last_layer" in name:
+        return "last_layer"
+    return "head" if heads_apart and "_head." in name else ""
 
 
 def build(cfg: DINOv2Config, model: ModelConfig, train: TrainConfig, seed: int, device: torch.device) -> DINOv2:

@@ -34,13 +34,28 @@ class Signal:
     what: str  # what collapsed, for the warning line
     symptom: str
     threshold: float
+    consequence: str  # what it costs the encoder, measured (benchmarks/RESULTS.md, issue 16)
 
 
 MONITORED: dict[str, Signal] = {
-    "dino_target_entropy": Signal("the DINO class-token term", "teacher targets near uniform", 0.95),
-    "ibot_target_entropy": Signal("the iBOT patch term", "teacher targets near uniform", 0.95),
-    "head_cosine": Signal("the head", "every tile maps to one bottleneck direction", 0.95),
-    "cls_cosine": Signal("the trunk", "every tile gets the same class token", 0.98),
+    "dino_target_entropy": Signal(
+        "the DINO class-token term",
+        "teacher targets near uniform",
+        0.95,
+        "it no longer trains the class token; iBOT and KoLeo may still teach the trunk",
+    ),
+    "ibot_target_entropy": Signal(
+        "the iBOT patch term", "teacher targets near uniform", 0.95, "it no longer trains the patch tokens"
+    ),
+    "head_cosine": Signal(
+        "the head",
+        "every tile maps to one bottleneck direction",
+        0.95,
+        "the DINO term no longer trains the class token",
+    ),
+    "cls_cosine": Signal(
+        "the trunk", "every tile gets the same class token", 0.98, "the encoder's features cannot tell tiles apart"
+    ),
 }
 # How long a signal must hold before the watch speaks: long enough that a noisy step or the first
 # steps after init (a random ViT's class tokens are near-identical) do not count; a quarter of a
@@ -92,7 +107,7 @@ class CollapseWatch:
                 self._warned.add(key)
                 lines.append(
                     f"warning: {signal.what} has collapsed: {signal.symptom} ({key} {value:.3f} >= "
-                    f"{signal.threshold} since step {first}); the encoder is likely learning nothing, "
-                    "see loss.png and the config's notes on small data"
+                    f"{signal.threshold} since step {first}); {signal.consequence}; see loss.png and the "
+                    "config's notes on small data"
                 )
         return lines

@@ -137,7 +137,7 @@ def train(
             batch, read = next(batches), True
             if skips is not None:
                 batch, read = skips.take(batch, skipped_key, device)
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
             window_wait += time.perf_counter() - t0
             lr = warmup_cosine(step, total, warmup, peak_lr, optim_cfg.min_lr)
             wd = cosine(step, total, optim_cfg.weight_decay, optim_cfg.weight_decay_end)
@@ -310,11 +310,12 @@ class _Skips:
             self.unlisted.append((shard, key, reason))
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch's tensors (in dicts and lists, nested) moved to ``device``; non-blocking from pinned memory."""
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, list):  # per-image targets of detection: a dict each
-        return [_to_device(v, device) for v in batch]
+        return [to_device(v, device) for v in batch]
     if isinstance(batch, torch.Tensor) or hasattr(batch, "to"):
         return batch.to(device, non_blocking=True)
     return batch

@@ -51,7 +51,8 @@ class TrainingTask(nn.Module):
         """Modules to shard with FSDP, innermost first; the direct children by default."""
         return list(self.children())
 
-    def compile_parts(self) -> None:
-        """Compile what is worth compiling; the direct children by default."""
+    def compile_parts(self, **options: Any) -> None:
+        """Compile what is worth compiling (``options`` as ``torch.compile`` takes them); the direct
+        children by default."""
         for child in self.children():
-            child.compile()
+            child.compile(**options)

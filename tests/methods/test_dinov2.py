@@ -75,6 +75,43 @@ def test_encoder_load_of_a_run_returns_the_teacher_backbone(tiles, tmp_path):
         assert model.forward_features(torch.randn(1, 3, 96, 96)).shape == (1, 36 + 3, 64)
 
 
+def test_photometric_on_the_device_trains_as_in_the_workers(tiles, tmp_path):
+    """The loop moves uint8 crops and their photometric parameters (non-blocking) to the device, where
+    the photometric part runs; the parameters were drawn per sample in the workers either way."""
+    runs = {}
+    for where in ("workers", "device"):
+        cfg = resolve_config("dinov2_tiny_cpu", [*TINY, f"dinov2.photometric={where}"])
+        method = run(cfg, tiles, tmp_path / where, max_steps=2, progress=False)
+        assert (method.photometric is not None) == (where == "device")
+        runs[where] = method.state_dict()
+    key = "teacher.backbone.vit.blocks.0.attn.qkv.weight"
+    assert torch.allclose(runs["workers"][key], runs["device"][key], atol=1e-5)
+
+
+def test_head_lr_multiplier_scales_the_heads_alone_and_the_reference_keeps_its_groups():
+    from ssl_path.methods import methods
+
+    def groups(multiplier: float) -> list[dict]:
+        cfg = resolve_config("dinov2_tiny_cpu", [*TINY, f"dinov2.head_lr_multiplier={multiplier}"])
+        method = methods()["dinov2"].build(cfg.method_cfg, cfg.model, cfg.train, 0, torch.device("cpu"))
+        return method.param_groups(cfg.optim)
+
+    def lr_of(gs: list[dict]) -> dict[str, float]:
+        return {name: g["lr_multiplier"] for g in gs for name in g["names"]}
+
+    reference, slow = groups(1.0), groups(0.2)
+    assert {g["tag"] for g in reference} == {"", "last_layer"}  # a run's optimiser state keeps its shape
+    before, after = lr_of(reference), lr_of(slow)
+    assert before.keys() == after.keys()
+    heads = [n for n in before if "_head." in n]
+    assert heads and any("last_layer" in n for n in heads)
+    for name in before:
+        expected = before[name] * (0.2 if name in heads else 1.0)
+        assert after[name] == pytest.approx(expected), name
+    frozen = [g for g in slow if g.get("frozen_until")]
+    assert frozen and all(g["tag"] == "last_layer" for g in frozen)
+
+
 def test_same_seed_same_weights_other_seed_other_weights(tiles, tmp_path):
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):

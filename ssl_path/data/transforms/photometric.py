@@ -64,9 +64,18 @@ class PhotometricParams:
     def __getitem__(self, rows: slice) -> PhotometricParams:
         return PhotometricParams(**{f.name: _maybe(getattr(self, f.name), lambda t: t[rows]) for f in fields(self)})
 
-    def to(self, device: torch.device | str) -> PhotometricParams:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PhotometricParams:
         return PhotometricParams(
-            **{f.name: _maybe(getattr(self, f.name), lambda t: t.to(device)) for f in fields(self)}
+            **{
+                f.name: _maybe(getattr(self, f.name), lambda t: t.to(device, non_blocking=non_blocking))
+                for f in fields(self)
+            }
+        )
+
+    def pin_memory(self) -> PhotometricParams:
+        """Pinned copies, which a DataLoader with ``pin_memory=True`` asks for, for non-blocking copies."""
+        return PhotometricParams(
+            **{f.name: _maybe(getattr(self, f.name), lambda t: t.pin_memory()) for f in fields(self)}
         )
 
     @staticmethod
