@@ -18,8 +18,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q tests
 
+# make demo [QUICK=1] [DATA=SPEC] [DETECT=SPEC] [SLIDES="paths"] [OUT=folder]: scripts/demo.py
 demo: $(STAMP)
-	bash scripts/demo.sh
+	$(VENV)/bin/python scripts/demo.py $(if $(QUICK),--quick) $(if $(DATA),--data "$(DATA)") \
+		$(if $(DETECT),--detect "$(DETECT)") $(if $(SLIDES),--slides $(SLIDES)) $(if $(OUT),--out "$(OUT)")
 
 clean:
 	rm -rf $(VENV) demo_out

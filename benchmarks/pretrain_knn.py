@@ -42,11 +42,9 @@ from probes.knn import run_knn  # noqa: E402
 from probes.linear import run_linear  # noqa: E402
 from ssl_path.data.manifest import MANIFEST, read_manifest  # noqa: E402
 from ssl_path.data.readers import read_amibr  # noqa: E402
-from ssl_path.encoder import encoder_state  # noqa: E402
 from ssl_path.encoder.checkpoint import checkpoint_path, read_checkpoint  # noqa: E402
 from ssl_path.evaluation.bootstrap import DEFAULT_RESAMPLES  # noqa: E402
-from ssl_path.methods.backbone import build_vit, encoder_kwargs  # noqa: E402
-from ssl_path.pretrain import resolve_config  # noqa: E402
+from ssl_path.pretrain import random_init_checkpoint  # noqa: E402
 from ssl_path.tiling import TilingParams, make_shards  # noqa: E402
 
 
@@ -59,19 +57,6 @@ def slide_split(data):
     train = data.select([i for i, r in enumerate(data.records) if r.group not in test])
     held = data.select([i for i, r in enumerate(data.records) if r.group in test])
     return train, held
-
-
-def random_init_checkpoint(config: str, run_dir: Path, path: Path) -> Path:
-    """The config's architecture at random init (torch seed 0), as an encoder checkpoint with the
-    input size of the run's published encoder."""
-    cfg = resolve_config(config)
-    torch.manual_seed(0)
-    vit = build_vit(cfg.model)
-    state = encoder_state(vit, cfg.model.arch, encoder_kwargs(cfg.model))
-    published = read_checkpoint(checkpoint_path(run_dir))["encoder"]["pretrained_cfg"]
-    state["pretrained_cfg"]["input_size"] = tuple(published["input_size"])
-    torch.save({"encoder": state}, path)
-    return path
 
 
 PAIRED_SCORES = ("balanced_accuracy", "auroc")
@@ -112,7 +97,7 @@ def main() -> int:
     pretrain_s = time.perf_counter() - start
     checkpoint = read_checkpoint(checkpoint_path(run_dir))
 
-    random_init = random_init_checkpoint(args.config, run_dir, args.out / "random_init.pt")
+    random_init = random_init_checkpoint(run_dir, args.out / "random_init.pt")
     refs = {"random init": str(random_init), args.config: str(run_dir)}
     rows, paired = {}, {}
     # The class token alone flatters pretraining (a random ViT's class tokens are near-identical),

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -535,7 +536,7 @@ def evaluate(
     if unknown:
         raise UserError(f"{data.source}: class {unknown[0]!r} is not one the detector learned ({', '.join(classes)})")
     keep = scored_classes(cfg, classes)
-    threshold = float(selection["threshold"]["threshold"])
+    threshold = chosen_threshold(selection)
     found = _predictions(task, data, cfg, classes)
     if not found["truth"]:
         raise UserError(f"{data.source}: no readable image to score")
@@ -562,6 +563,13 @@ def evaluate(
             draw_overlays(found["records"], found["truth"], found["predicted"], classes, threshold, cfg,
                           Path(run_dir) / OVERLAYS, name)  # fmt: skip
     return rows, found["skipped"]
+
+
+def chosen_threshold(selection: dict[str, Any]) -> float:
+    """The selected score threshold; infinite where validation had no detection at all (a head
+    trained too briefly): predicting nothing was the best found, so the test scores it too."""
+    threshold = selection["threshold"]["threshold"]
+    return math.inf if threshold is None else float(threshold)
 
 
 def _instance_map(predicted: dict[str, Any], threshold: float, shape: tuple[int, int]) -> np.ndarray:
@@ -663,7 +671,7 @@ def predict_files(
     cfg: DetectConfig, task: nn.Module, paths: Sequence[Path], selection: dict[str, Any], out: Path
 ) -> int:
     """``coco_results.json`` + ``coco_images.json`` and ``points.csv`` (at the chosen threshold) for images of any size."""
-    threshold = float(selection["threshold"]["threshold"])
+    threshold = chosen_threshold(selection)
     kept, predicted = [], []
     for path in paths:
         try:

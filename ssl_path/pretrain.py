@@ -38,9 +38,11 @@ from ssl_path.core.distributed import DistInfo, barrier, init_distributed
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path, refuse_out_over_inputs, write_json
 from ssl_path.data.loader import SKIPPED, Skip, check_shards, shard_dataset, shard_loader, shard_urls
-from ssl_path.encoder.checkpoint import CHECKPOINT_DIR, checkpoint_path, read_training_checkpoint
+from ssl_path.encoder import encoder_state
+from ssl_path.encoder.checkpoint import CHECKPOINT_DIR, checkpoint_path, read_checkpoint, read_training_checkpoint
+from ssl_path.encoder.identity import RANDOM_INIT_SEED
 from ssl_path.methods import PretrainingMethod, methods
-from ssl_path.methods.backbone import ModelConfig
+from ssl_path.methods.backbone import ModelConfig, build_vit, encoder_kwargs
 from ssl_path.training.config import OptimConfig, TrainConfig
 from ssl_path.training.figures import draw_panels
 from ssl_path.training.loop import SKIPS_LOG, StreamFactory, TrainingDiverged, train
@@ -210,6 +212,20 @@ def load_run(run_dir: Path) -> tuple[PretrainConfig, PretrainingMethod, dict[str
     run_file = run_dir / RUN_FILE
     record = json.loads(run_file.read_text()) if run_file.is_file() else {}
     return cfg, method, record
+
+
+def random_init_checkpoint(run_dir: Path, path: Path) -> Path:
+    """The run's architecture at random init (torch seeded to ``RANDOM_INIT_SEED``), saved at ``path``
+    as an encoder checkpoint with the input size of the run's published encoder: the baseline that
+    a pretrained encoder must beat, probed at the same resolution."""
+    cfg = resolve_config(str(Path(run_dir) / CONFIG_FILE))
+    torch.manual_seed(RANDOM_INIT_SEED)
+    state = encoder_state(build_vit(cfg.model), cfg.model.arch, encoder_kwargs(cfg.model))
+    published = read_checkpoint(checkpoint_path(run_dir))["encoder"]["pretrained_cfg"]
+    state["pretrained_cfg"]["input_size"] = tuple(published["input_size"])
+    with atomic_path(Path(path)) as tmp:
+        torch.save({"encoder": state}, tmp)
+    return Path(path)
 
 
 def readable_shards(urls: list[str], is_main: bool) -> tuple[list[str], list[Skip]]:
