@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train, test, train_images = stage(
             1,
             "split",
-            f"{args.data} in whole slides",
+            f"{args.data} in whole groups (slides or patients)",
             lambda: split(args.data, out / "split", args.test_fraction, args.seed),
         )
     except UserError as err:

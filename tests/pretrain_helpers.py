@@ -12,6 +12,7 @@ from ssl_path.encoder.checkpoint import checkpoint_path
 from ssl_path.tiling import TilingParams, make_shards
 
 REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "data" / "sample"
 
 # 8 steps of 4 tiles, every step logged, a checkpoint every 2: any method's tiny run.
 TINY_STEPS = [
@@ -42,13 +43,13 @@ TINY = [
 ]
 
 
-def make_tiles(shared_data: Path, out: Path) -> Path:
-    """64 px tiles of 12 AMi-Br patches and one MoNuSeg image, in two shards under ``out``."""
-    patches = sorted((shared_data / "amibr_midog21" / "patches" / "normal").glob("*.png"))[:12]
-    monuseg = sorted((shared_data / "monuseg_kumar_norm").rglob("*.png"))[:1]
-    make_shards(
-        [*patches, *monuseg], out, TilingParams(tile_size=64, min_tissue=0.0, samples_per_shard=40), progress=False
-    )
+def make_tiles(out: Path) -> Path:
+    """64 px tiles of 12 AMi-Br patches and 225 of the whole slide, from the project's own sample
+    (data/sample, so that these tests need no ../shared), in shards of 40 under ``out``."""
+    patches = sorted((SAMPLE_DATA / "amibr" / "patches" / "normal").glob("*.png"))[:12]
+    slide = SAMPLE_DATA / "slide" / "CMU-1-Small-Region.svs"
+    params = TilingParams(tile_size=64, min_tissue=0.0, samples_per_shard=40, max_tiles_per_source=225)
+    make_shards([*patches, slide], out, params, progress=False)
     return out
 
 

@@ -46,8 +46,8 @@ def tiny_config(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiles(shared_data, tmp_path_factory) -> Path:
-    return make_tiles(shared_data, tmp_path_factory.mktemp("tiles") / "shards")
+def tiles(tmp_path_factory) -> Path:
+    return make_tiles(tmp_path_factory.mktemp("tiles") / "shards")
 
 
 def _fresh_state(name: str) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from ssl_path.core.errors import ConfigError, run_cli
 from ssl_path.pretrain import main as pretrain_main
 from ssl_path.pretrain import resolve_config, run
 
-AMIBR = "amibr_midog21"
+AMIBR = "amibr"  # in data/sample
 
 
 def assert_refused(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -43,8 +43,8 @@ def stage(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiles(shared_data, tmp_path_factory) -> Path:
-    return make_tiles(shared_data, tmp_path_factory.mktemp("tiles") / "shards")
+def tiles(tmp_path_factory) -> Path:
+    return make_tiles(tmp_path_factory.mktemp("tiles") / "shards")
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +172,8 @@ def test_pretrain_out_naming_a_file_is_refused_and_the_file_stays(tiles, tmp_pat
 # ----------------------------------------------------------------------------- encoder inputs
 
 
-def test_an_input_size_that_is_no_multiple_of_the_patch_names_the_patch(shared_data, tmp_path):
-    spec = f"amibr:{shared_data / AMIBR}"
+def test_an_input_size_that_is_no_multiple_of_the_patch_names_the_patch(sample_data, tmp_path):
+    spec = f"amibr:{sample_data / AMIBR}"
     argv = probe_args(f"{spec}?domain=hamamatsu_xr", f"{spec}?domain=hamamatsu_s360", tmp_path)
     argv[argv.index("--input-size") + 1] = "50"
     result = stage("probes.knn", *argv, "--out", str(tmp_path / "knn.json"))
@@ -199,8 +199,8 @@ def test_a_damaged_export_is_one_line_naming_its_weights(damaged_export):
 
 
 @pytest.mark.parametrize("probe", [knn, linear, fewshot, embed], ids=lambda m: m.__name__)
-def test_every_probe_refuses_a_damaged_export_in_one_line(probe, damaged_export, shared_data, tmp_path, capsys):
-    data = f"amibr:{shared_data / AMIBR}?group=005.tiff,006.tiff"
+def test_every_probe_refuses_a_damaged_export_in_one_line(probe, damaged_export, sample_data, tmp_path, capsys):
+    data = f"amibr:{sample_data / AMIBR}?group=005.tiff,006.tiff"
     argv = ["--ckpt", str(damaged_export), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     argv += ["--data", data] if probe is embed else ["--train", data, "--test", data]
     out = tmp_path / ("maps" if probe is embed else "results.json")

@@ -26,24 +26,24 @@ from ssl_path.pretrain import main as pretrain_main
 from ssl_path.pretrain import resolve_config, run
 
 REPO = Path(__file__).resolve().parents[2]
-AMIBR = "amibr_midog21"
+AMIBR = "amibr"  # in data/sample
 MONUSEG = "monuseg_kumar_norm/NormalizedPNG"
 
 
 @pytest.fixture(scope="module")
-def trained(shared_data, tmp_path_factory) -> Path:
+def trained(tmp_path_factory) -> Path:
     """A 2-step tiny DINOv2 run directory: config, run.json, metrics and checkpoints/last.pt."""
     root = tmp_path_factory.mktemp("policy")
-    tiles = make_tiles(shared_data, root / "shards")
+    tiles = make_tiles(root / "shards")
     run(resolve_config("dinov2_tiny_cpu", TINY), tiles, root / "run", max_steps=2, progress=False)
     return root / "run"
 
 
-def user_images(shared_data: Path, data: Path) -> Path:
+def user_images(sample_data: Path, data: Path) -> Path:
     """A user's folder-per-class set: 3 normal and 3 atypical AMi-Br patches."""
     for label in ("normal", "atypical"):
         (data / label).mkdir(parents=True)
-        for image in sorted((shared_data / AMIBR / "patches" / label).glob("*.png"))[:3]:
+        for image in sorted((sample_data / AMIBR / "patches" / label).glob("*.png"))[:3]:
             shutil.copy(image, data / label / image.name)
     return data
 
@@ -51,8 +51,8 @@ def user_images(shared_data: Path, data: Path) -> Path:
 # ----------------------------------------------------------------------------- an output over an input
 
 
-def test_embed_out_over_its_data_is_refused_and_the_images_stay(shared_data, tmp_path, capsys):
-    data = user_images(shared_data, tmp_path / "images")
+def test_embed_out_over_its_data_is_refused_and_the_images_stay(sample_data, tmp_path, capsys):
+    data = user_images(sample_data, tmp_path / "images")
     before = snapshot(data)
     base = ["--ckpt", "timm:vit_tiny_patch16_224", "--data", f"folder:{data}", "--input-size", "64"]
     base += ["--cache-dir", str(tmp_path / "cache"), "--no-progress", "--overwrite"]
@@ -82,8 +82,8 @@ def test_export_over_the_training_run_is_refused_and_the_run_stays(trained, tmp_
     assert results.read_text() == "{}\n"
 
 
-def test_probe_results_never_land_in_the_set_or_the_run_they_read(trained, shared_data, tmp_path, capsys):
-    data = user_images(shared_data, tmp_path / "images")
+def test_probe_results_never_land_in_the_set_or_the_run_they_read(trained, sample_data, tmp_path, capsys):
+    data = user_images(sample_data, tmp_path / "images")
     argv = probe_args(f"folder:{data}", f"folder:{data}", tmp_path)
     argv[argv.index("--ckpt") + 1] = str(trained)
     before = snapshot(trained), snapshot(data)
@@ -155,8 +155,8 @@ def test_killed_shards_rerun_leaves_the_previous_output(shared_data, tmp_path):
 # ----------------------------------------------------------------------------- files need --overwrite
 
 
-def test_fewshot_does_not_replace_its_curves_without_overwrite(shared_data, tmp_path, monkeypatch, capsys):
-    root = shared_data / AMIBR
+def test_fewshot_does_not_replace_its_curves_without_overwrite(sample_data, tmp_path, monkeypatch, capsys):
+    root = sample_data / AMIBR
     argv = probe_args(f"amibr:{root}?group=005.tiff,006.tiff", f"amibr:{root}?group=029.tiff,031.tiff", tmp_path)
     argv += ["--seeds", "2", "--fractions", "1.0", "--shots", "1", "--episodes", "1", "--c-grid", "1"]
     argv += ["--probes", "knn", "prototype"]

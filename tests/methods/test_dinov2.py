@@ -18,8 +18,8 @@ from ssl_path.pretrain import resolve_config, run
 
 
 @pytest.fixture(scope="module")
-def tiles(shared_data, tmp_path_factory) -> Path:
-    return make_tiles(shared_data, tmp_path_factory.mktemp("tiles") / "shards")
+def tiles(tmp_path_factory) -> Path:
+    return make_tiles(tmp_path_factory.mktemp("tiles") / "shards")
 
 
 def test_a_step_on_real_tiles_is_finite_and_moves_student_and_teacher(tiles, tmp_path):

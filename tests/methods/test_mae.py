@@ -30,8 +30,8 @@ SMALL += ["mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2", *T
 
 
 @pytest.fixture(scope="module")
-def tiles(shared_data, tmp_path_factory) -> Path:
-    return make_tiles(shared_data, tmp_path_factory.mktemp("tiles") / "shards")
+def tiles(tmp_path_factory) -> Path:
+    return make_tiles(tmp_path_factory.mktemp("tiles") / "shards")
 
 
 def small_mae(*overrides: str) -> MAE:

@@ -39,12 +39,12 @@ SECTIONS = (
 
 
 @pytest.fixture(scope="module")
-def trained(shared_data, tmp_path_factory) -> dict[str, Path]:
+def trained(sample_data, tmp_path_factory) -> dict[str, Path]:
     """A 2-step DINOv2 run (register tokens and layer scale on) and a kNN and a few-label results.json of it."""
     root = tmp_path_factory.mktemp("hub")
-    tiles = make_tiles(shared_data, root / "shards")
+    tiles = make_tiles(root / "shards")
     run(resolve_config("dinov2_tiny_cpu", TINY), tiles, root / "run", max_steps=2, progress=False)
-    amibr = shared_data / "amibr_midog21"
+    amibr = sample_data / "amibr"  # every patch of these four slides is in the sample
     common = [
         "--ckpt",
         str(root / "run"),
@@ -121,8 +121,8 @@ def _hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
     return cache
 
 
-def _tiles(shared_data: Path, size: int, mean, std) -> torch.Tensor:
-    paths = sorted((shared_data / "amibr_midog21" / "patches" / "atypical").glob("*.png"))[:3]
+def _tiles(sample_data: Path, size: int, mean, std) -> torch.Tensor:
+    paths = sorted((sample_data / "amibr" / "patches" / "atypical").glob("*.png"))[:3]
     transform = eval_transform(size, mean, std)
     return torch.stack([transform(as_rgb_tensor(p.read_bytes())) for p in paths])
 
@@ -132,7 +132,7 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
 
 
-def test_timm_loads_the_export_from_the_hub_cache_with_no_arguments(exported, trained, shared_data, tmp_path):
+def test_timm_loads_the_export_from_the_hub_cache_with_no_arguments(exported, trained, sample_data, tmp_path):
     config = json.loads((exported / "config.json").read_text())
     assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 0
     assert config["num_features"] == 64
@@ -148,7 +148,7 @@ def test_timm_loads_the_export_from_the_hub_cache_with_no_arguments(exported, tr
     assert weights.keys() == reference.state_dict().keys()  # timm's names, heads dropped
     assert not any(k.startswith(("head", "dino", "ibot", "student", "teacher")) for k in weights)
 
-    images = {size: _tiles(shared_data, size, info.mean, info.std) for size in (64, 96)}
+    images = {size: _tiles(sample_data, size, info.mean, info.std) for size in (64, 96)}
     torch.save(images, tmp_path / "images.pt")
     cache = _hub_cache(exported, tmp_path / "hf_cache", REPO_ID)
     script = textwrap.dedent(f"""
@@ -192,7 +192,7 @@ def test_card_front_matter_parses_and_holds_every_score(exported, trained):
     assert data.library_name == "timm" and data.license == "cc-by-4.0"
     assert data.pipeline_tag == "image-feature-extraction" and data.model_name == REPO_ID
     assert {"pathology", "histology", "self-supervised", "dinov2"} <= set(data.tags)
-    assert {"amibr_midog21", "monuseg_kumar_norm"} <= set(data.datasets)
+    assert {"amibr", "slide"} <= set(data.datasets)  # the folders of data/sample the tiles came from
     index = {(r.metric_config, r.metric_type): r.metric_value for r in data.eval_results}
     expected = {}
     for path in trained["results"]:
@@ -213,7 +213,7 @@ def test_card_front_matter_parses_and_holds_every_score(exported, trained):
     assert "2 of 8 planned" in text and "4 images per step" in text  # the recipe, from the checkpoint
     assert "13 images" in text  # the shard manifest's sources
     assert "± " in text and "shots_2/prototype" in text  # few-label curves with their confidence intervals
-    assert f"### {knn.TITLE} on amibr_midog21, given" in text and f"### {fewshot.TITLE} on amibr_midog21" in text
+    assert f"### {knn.TITLE} on amibr, given" in text and f"### {fewshot.TITLE} on amibr" in text
     assert "Oquab" in text  # the method's paper
 
 
@@ -236,11 +236,11 @@ def test_card_takes_each_evaluation_task_title_and_scores_from_its_results_file(
         ("nucleus", "aji"): 0.55,
         ("cell", "dice"): 0.9,
     }
-    assert f"### {title} on amibr_midog21" in card.text and knn.TITLE not in card.text
+    assert f"### {title} on amibr" in card.text and knn.TITLE not in card.text
     assert "0.810" in card.text and "n/a" in card.text  # the cell row has no IoU
 
 
-def test_export_is_method_agnostic(shared_data, tmp_path):
+def test_export_is_method_agnostic(sample_data, tmp_path):
     """Any method's checkpoint carries the same encoder entry; a patch-14 ViT with 4 registers made outside DINOv2."""
     arch, kwargs = (
         "vit_small_patch14_reg4_dinov2",
@@ -262,7 +262,7 @@ def test_export_is_method_agnostic(shared_data, tmp_path):
     reference, _ = encoder.load(ckpt)
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert model.num_prefix_tokens == 5 and model.pretrained_cfg["mean"] == [0.7, 0.5, 0.7]
-    x = _tiles(shared_data, 70, (0.7, 0.5, 0.7), (0.2, 0.25, 0.2))
+    x = _tiles(sample_data, 70, (0.7, 0.5, 0.7), (0.2, 0.25, 0.2))
     with torch.inference_mode():
         assert (model(x) - reference(x)).abs().max().item() < 1e-5
     text = (out / "README.md").read_text()
@@ -346,7 +346,7 @@ def test_push_dry_run_lists_the_exported_files_and_no_path_shows_the_token(expor
     assert _push(str(tmp_path), "--repo", REPO_ID, "--dry-run").returncode == 2
 
 
-def test_moved_shards_are_named_by_shards_or_reported_missing(trained, shared_data, tmp_path, capsys):
+def test_moved_shards_are_named_by_shards_or_reported_missing(trained, sample_data, tmp_path, capsys):
     """run.json's data path may be gone at export time: --shards names the shards, else the card says so."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -367,5 +367,5 @@ def test_moved_shards_are_named_by_shards_or_reported_missing(trained, shared_da
     )
     assert "warning" not in capsys.readouterr().err
     text = (tmp_path / "b" / "README.md").read_text()
-    assert "13 images" in text and "| amibr_midog21 | 12 | 48 |" in text  # 12 patches cut into 4 tiles each
-    assert str(trained["root"]) not in text and str(shared_data) not in text  # no local path is published
+    assert "13 images" in text and "| amibr | 12 | 48 |" in text  # 12 patches cut into 4 tiles each
+    assert str(trained["root"]) not in text and str(sample_data) not in text  # no local path is published

@@ -65,3 +65,15 @@ def test_quick_demo_runs_every_stage_on_the_sample_alone(tmp_path: Path) -> None
     assert summary["heads"][0].startswith("classification head") and summary["heads"][1].startswith("detection head")
     # timm loaded the export through hf-hub: from the local cache, and it computes the same features.
     assert summary["hub_reload"]["max_abs_diff"] < 1e-5 and summary["hub_reload"]["num_features"] == 192
+
+
+def test_a_missing_data_folder_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(DEMO), "--quick", "--data", f"folder:{tmp_path / 'nope'}", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "does not exist" in done.stderr
+    assert not (tmp_path / "o" / "summary.json").exists()

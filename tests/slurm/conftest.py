@@ -9,5 +9,5 @@ from pretrain_helpers import make_tiles
 
 
 @pytest.fixture(scope="session")
-def tiles(shared_data, tmp_path_factory) -> Path:
-    return make_tiles(shared_data, tmp_path_factory.mktemp("slurm_tiles") / "shards")
+def tiles(tmp_path_factory) -> Path:
+    return make_tiles(tmp_path_factory.mktemp("slurm_tiles") / "shards")

@@ -23,8 +23,8 @@ HEALTHY = [
 
 
 @pytest.fixture(scope="module")
-def tiles(shared_data, tmp_path_factory):
-    return make_tiles(shared_data, tmp_path_factory.mktemp("tiles") / "shards")
+def tiles(tmp_path_factory):
+    return make_tiles(tmp_path_factory.mktemp("tiles") / "shards")
 
 
 def test_statistics_match_their_definitions() -> None:

@@ -23,8 +23,8 @@ from ssl_path.pretrain import check_run_dir, resolve_config, run
 
 
 @pytest.fixture(scope="module")
-def tiles(shared_data, tmp_path_factory) -> Path:
-    return make_tiles(shared_data, tmp_path_factory.mktemp("tiles") / "shards")
+def tiles(tmp_path_factory) -> Path:
+    return make_tiles(tmp_path_factory.mktemp("tiles") / "shards")
 
 
 @pytest.fixture(scope="module")
