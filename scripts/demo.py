@@ -21,7 +21,8 @@ minute, for a first look. Each stage is the documented command, run in this proc
 ``--data`` is a labelled set (any SPEC the readers take; its images are also pretraining tiles),
 ``--detect`` a set with boxes (omit it, with your own ``--data``, to skip detection), ``--slides``
 more unlabelled images or whole slides to pretrain on. Writes everything under ``--out``
-(default ``demo_out``), ``summary.json`` last; a rerun replaces the previous run there.
+(default ``demo_out``), ``summary.json`` last; a rerun replaces the previous run there, and a
+folder holding anything else is refused.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from ssl_path.evaluation.splits import group_split  # noqa: E402
 
 SAMPLE = REPO / "data" / "sample"
 REPO_ID = "ssl-path-demo/dinov2-tiny-sample"
+MARKER = ".ssl_path_demo"
 SIZES = {
     # pretraining steps, probe bootstrap redraws, few-label seeds, the heads' config overrides
     "full": {"pretrain_steps": None, "bootstrap": 1000, "seeds": 3, "classify": ["train.epochs=30"], "detect": []},
@@ -218,6 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     slides = args.slides if args.slides is not None else ([str(SAMPLE / "slide")] if sample else [])
     sizes = SIZES["quick" if args.quick else "full"]
     out = args.out
+    # A rerun replaces what the demo wrote; a folder it did not write is never touched.
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        print(f"error: --out {out} holds files the demo did not write; choose another folder", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by scripts/demo.py; a rerun replaces this folder's contents\n")
     start = time.perf_counter()
     try:
         train, test, train_images = stage(

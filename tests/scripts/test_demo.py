@@ -77,3 +77,14 @@ def test_a_missing_data_folder_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "does not exist" in done.stderr
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_an_out_folder_the_demo_did_not_write_is_refused_and_kept(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    done = subprocess.run(
+        [sys.executable, str(DEMO), "--quick", "--out", str(mine)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "did not write" in done.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
