@@ -25,9 +25,9 @@ from ssl_path.tiling import TilingParams, make_shards
 
 
 @pytest.fixture(scope="module")
-def clean(shared_data, tmp_path_factory) -> Path:
+def clean(sample_data, tmp_path_factory) -> Path:
     """144 real 64 px JPEG tiles of 36 AMi-Br patches, in 6 shards of 24."""
-    patches = sorted((shared_data / "amibr_midog21" / "patches" / "normal").glob("*.png"))[:36]
+    patches = sorted((sample_data / "amibr" / "patches" / "normal").glob("*.png"))[:36]
     out = tmp_path_factory.mktemp("faults") / "shards"
     make_shards(patches, out, TilingParams(tile_size=64, min_tissue=0.0, samples_per_shard=24), progress=False)
     return out

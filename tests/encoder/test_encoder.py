@@ -25,9 +25,9 @@ TINY_VIT = dict(
 
 
 @pytest.fixture(scope="module")
-def tissue_batch(shared_data) -> torch.Tensor:
+def tissue_batch(sample_data) -> torch.Tensor:
     """Two real H&E patches from AMi-Br, normalised, [2, 3, 64, 96]."""
-    paths = sorted((shared_data / "amibr_midog21" / "patches" / "normal").glob("*.png"))[:2]
+    paths = sorted((sample_data / "amibr" / "patches" / "normal").glob("*.png"))[:2]
     arrays = [np.asarray(Image.open(p).convert("RGB").resize((96, 64))) for p in paths]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     return (batch - 0.5) / 0.5

@@ -52,8 +52,8 @@ def test_clamps_stay_below_the_number_of_points():
 
 
 @pytest.fixture(scope="module")
-def spec(shared_data: Path) -> str:
-    return f"amibr:{shared_data / 'amibr_midog21'}?group={GROUPS}"
+def spec(sample_data: Path) -> str:
+    return f"amibr:{sample_data / 'amibr'}?group={GROUPS}"
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_cli_umap_on_a_tiny_set(spec, cache_dir, tmp_path, capsys):
     assert meta["methods"] == ["umap"] and meta["config"]["neighbors"] == 15 and meta["config"]["perplexity"] is None
 
 
-def test_cli_bad_inputs_are_one_line_errors(spec, shared_data, tmp_path, capsys, monkeypatch):
+def test_cli_bad_inputs_are_one_line_errors(spec, sample_data, tmp_path, capsys, monkeypatch):
     # none of these may get as far as building an encoder
     monkeypatch.setattr(encoder, "load", lambda *a, **k: pytest.fail("encoder built for a bad input"))
     cache = tmp_path / "cache"
@@ -151,7 +151,7 @@ def test_cli_bad_inputs_are_one_line_errors(spec, shared_data, tmp_path, capsys,
     assert cli([*common(spec, tmp_path / "c", cache), "--methods", "tsne", "pca"]) == 2
     assert_one_line_error(capsys, "'pca'", "tsne, umap")
 
-    few = f"amibr:{shared_data / 'amibr_midog21'}?group=011.tiff"  # 3 patches
+    few = f"amibr:{sample_data / 'amibr'}?group=011.tiff"  # 3 patches
     assert cli(common(few, tmp_path / "d", cache)) == 2
     assert_one_line_error(capsys, "3 images", "at least 5")
 

@@ -29,9 +29,9 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def eight(shared_data) -> LabelledSet:
+def eight(sample_data) -> LabelledSet:
     """Four normal and four atypical real patches."""
-    full = read_spec(f"amibr:{shared_data / 'amibr_midog21'}")
+    full = read_spec(f"amibr:{sample_data / 'amibr'}")
     targets = np.asarray(full.targets())
     picks = [*np.flatnonzero(targets == 0)[:4], *np.flatnonzero(targets == 1)[:4]]
     return full.select(int(i) for i in picks)
@@ -249,12 +249,12 @@ def test_an_unreadable_image_is_left_out_named_once_and_cached(eight, tmp_path, 
         extract(data, tmp_path / "cache")
 
 
-def test_a_probe_leaves_out_an_unreadable_image_and_counts_it_in_its_results(shared_data, tmp_path):
+def test_a_probe_leaves_out_an_unreadable_image_and_counts_it_in_its_results(sample_data, tmp_path):
     """A real knn run on 100 patches and a cut TIFF: 1 % may be unreadable, so it runs and says so."""
     root = tmp_path / "set"
     for label in ("atypical", "normal"):
         (root / label).mkdir(parents=True)
-        for path in sorted((shared_data / "amibr_midog21" / "patches" / label).glob("*.png"))[:50]:
+        for path in sorted((sample_data / "amibr" / "patches" / label).glob("*.png"))[:50]:
             shutil.copy(path, root / label / path.name)
     data = read_spec(f"folder:{root}")
     _, cut = _with_unreadable(data, root / "normal", position=0)

@@ -184,9 +184,9 @@ def test_prototype_is_cl2n_nearest_mean():
 
 
 @pytest.fixture(scope="module")
-def specs(shared_data) -> tuple[str, str]:
+def specs(sample_data) -> tuple[str, str]:
     """Two training slides of AMi-Br (3 atypical + 6 normal patches), two others (2 + 3) to test on."""
-    root = shared_data / "amibr_midog21"
+    root = sample_data / "amibr"
     return f"amibr:{root}?group=005.tiff,006.tiff", f"amibr:{root}?group=029.tiff,031.tiff"
 
 

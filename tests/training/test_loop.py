@@ -57,8 +57,8 @@ class PatchClassifier(TrainingTask):
 
 
 @pytest.fixture(scope="module")
-def patches(shared_data) -> tuple[Tensor, Tensor]:
-    data = read_spec(f"amibr:{shared_data / 'amibr_midog21'}")
+def patches(sample_data) -> tuple[Tensor, Tensor]:
+    data = read_spec(f"amibr:{sample_data / 'amibr'}")
     picked = [i for c in range(2) for i in [j for j, t in enumerate(data.targets()) if t == c][:8]]
     transform = eval_transform(32)
     images = torch.stack([transform(data.records[i].path) for i in picked])
