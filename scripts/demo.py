@@ -47,6 +47,7 @@ from ssl_path import hub, pretrain, shards  # noqa: E402
 from ssl_path.core.errors import UserError, run_cli  # noqa: E402
 from ssl_path.data.readers import read_spec  # noqa: E402
 from ssl_path.evaluation.splits import group_split  # noqa: E402
+from ssl_path.publish.push import cache_export  # noqa: E402
 
 SAMPLE = REPO / "data" / "sample"
 REPO_ID = "ssl-path-demo/dinov2-tiny-sample"
@@ -102,17 +103,6 @@ def split(spec: str, out: Path, test_fraction: float, seed: int) -> tuple[str, s
     return f"csv:{paths['train']}", f"csv:{paths['test']}", [data.records[i].path for i in train_idx]
 
 
-def hub_cache(export: Path, cache: Path, repo_id: str) -> Path:
-    """Lay ``export`` out as huggingface_hub caches a download of ``repo_id`` (snapshot + refs/main)."""
-    commit = "0" * 39 + "1"
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.rmtree(repo, ignore_errors=True)
-    shutil.copytree(export, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return cache
-
-
 RELOAD = """
 import sys, timm, torch
 from ssl_path import encoder
@@ -127,7 +117,7 @@ print(f"{type(model).__name__} {model.num_features} {diff:.2e}")
 
 def reload_from_hub(export: Path, cache: Path) -> dict[str, Any]:
     """timm.create_model("hf-hub:...") in a fresh, offline process, against the export loaded directly."""
-    hub_cache(export, cache, REPO_ID)
+    cache_export(export, cache, REPO_ID)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_CACHE=str(cache))
     done = subprocess.run(

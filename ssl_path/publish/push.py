@@ -11,6 +11,7 @@ uploaded and not checked.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import huggingface_hub
@@ -59,6 +60,24 @@ def exported_files(folder: str | Path) -> list[str]:
         if file_digest(path) != sha256:
             raise UserError(f"{path} changed since the export (its sha256 differs); {_EXPORT_AGAIN}")
     return sorted(listed)
+
+
+def cache_export(folder: str | Path, cache: str | Path, repo_id: str) -> Path:
+    """Lay an exported folder out in a Hugging Face cache as a download of ``repo_id`` would leave it
+    (a snapshot of its files and ``refs/main``), so that ``timm.create_model("hf-hub:REPO_ID")`` with
+    ``HF_HUB_CACHE=cache`` and ``HF_HUB_OFFLINE=1`` loads it before, or without, any push. Returns ``cache``."""
+    folder, cache = Path(folder), Path(cache)
+    commit = "0" * 39 + "1"  # a local snapshot: no real commit of the Hub has this id
+    check_repo_id(repo_id, "repo id")
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.rmtree(repo, ignore_errors=True)
+    for name in exported_files(folder):
+        target = repo / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / name, target)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache
 
 
 def _file_list(folder: Path) -> dict[str, tuple[int, str]]:

@@ -20,6 +20,7 @@ import torch
 from ssl_path import encoder, hub
 from ssl_path.core.errors import run_cli
 from ssl_path.publish.export import FILE_LIST
+from ssl_path.publish.push import cache_export
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_ID = "path-lab/tiny-faults"
@@ -153,20 +154,8 @@ def test_unreachable_hub_ref_fails_in_one_line_at_once(tmp_path: Path) -> None:
     assert elapsed < baseline + 5.0, (elapsed, baseline)  # huggingface_hub alone retries for ~25 s
 
 
-def _hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
-    """Lay ``folder`` out as huggingface_hub caches a download of ``repo_id``: a snapshot and refs/main."""
-    commit = "0" * 39 + "1"
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    for name in EXPORTED:
-        shutil.copy(folder / name, repo / "snapshots" / commit / name)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return cache
-
-
 def test_a_cached_hub_ref_still_loads_when_the_hub_is_unreachable(exported: Path, tmp_path: Path) -> None:
-    cache = _hub_cache(exported, tmp_path / "hub", REPO_ID)
+    cache = cache_export(exported, tmp_path / "hub", REPO_ID)
     done = _run("ssl_path.encoder", "--ckpt", f"hf-hub:{REPO_ID}", HF_HUB_CACHE=str(cache), **REFUSED_HUB)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["embed_dim"] == 32

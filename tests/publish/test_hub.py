@@ -24,6 +24,7 @@ from ssl_path.data.transforms import as_rgb_tensor, eval_transform
 from ssl_path.evaluation.metrics import SCORES
 from ssl_path.evaluation.results import read_results, write_results
 from ssl_path.pretrain import resolve_config, run
+from ssl_path.publish.push import cache_export
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_ID = "path-lab/tiny-dinov2"
@@ -108,19 +109,6 @@ def exported(trained) -> Path:
     return out
 
 
-def _hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
-    """Lay ``folder`` out as huggingface_hub caches a download of ``repo_id``: a snapshot and refs/main."""
-    commit = "0" * 39 + "1"
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for file in folder.iterdir():
-        (snapshot / file.name).write_bytes(file.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return cache
-
-
 def _tiles(sample_data: Path, size: int, mean, std) -> torch.Tensor:
     paths = sorted((sample_data / "amibr" / "patches" / "atypical").glob("*.png"))[:3]
     transform = eval_transform(size, mean, std)
@@ -150,7 +138,7 @@ def test_timm_loads_the_export_from_the_hub_cache_with_no_arguments(exported, tr
 
     images = {size: _tiles(sample_data, size, info.mean, info.std) for size in (64, 96)}
     torch.save(images, tmp_path / "images.pt")
-    cache = _hub_cache(exported, tmp_path / "hf_cache", REPO_ID)
+    cache = cache_export(exported, tmp_path / "hf_cache", REPO_ID)
     script = textwrap.dedent(f"""
         import torch, timm
         from ssl_path import encoder
