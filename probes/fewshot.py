@@ -42,12 +42,20 @@ that the episodes average away; the test slides' part, which no averaging remove
 ``--bootstrap 0`` keeps the t-interval over seeds only. A probe that predicts one class for every
 test image in some draws says so in one warning line per row (``n_one_class`` counts those draws).
 
+With ``--compare REF2`` a second encoder's features of the same images go through the very same
+subsets (drawn once, as indices), seeds and test redraws. Each row then holds REF2's figures under
+``reference`` and the paired differences: ``<score>_diff``, this encoder minus REF2, and
+``<score>_diff_ci95`` built as above from the per-seed differences (t over seeds) and the seeds' mean
+difference on each test redraw. Pairing removes what both share: the same unlucky subset or hard
+test slide hurts both, so a gain shows even where the two rows' own intervals overlap.
+
 A learning-curve PNG (balanced accuracy against label fraction and shots, one line per probe, the
-95 % CI shaded) is written beside ``--out`` as ``fewshot_curves.png``, or in the current directory
-without ``--out``.
+95 % CI shaded, REF2 dashed) is written beside ``--out`` as ``fewshot_curves.png``, or in the current
+directory without ``--out``.
 
     python -m probes.fewshot --ckpt REF --train SPEC --test SPEC [--fractions 0.01 0.1 0.5 1.0]
-        [--shots 1 2 4 8 16 32] [--seeds 5] [--probes knn linear prototype] [--episodes 100] [--out results.json]
+        [--shots 1 2 4 8 16 32] [--seeds 5] [--probes knn linear prototype] [--episodes 100]
+        [--compare REF2] [--out results.json]
 
 The seeds are ``--seed`` .. ``--seed + --seeds - 1`` (default 0..4).
 """
@@ -56,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,8 +72,10 @@ import numpy as np
 
 from probes.common import (
     Prediction,
+    add_compare_argument,
     add_probe_arguments,
     align_labels,
+    check_reference,
     prefixed,
     probe_request,
     probe_splits,
@@ -87,6 +98,7 @@ from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path
 from ssl_path.evaluation.bootstrap import (
     DEFAULT_RESAMPLES,
+    Resamples,
     combined_interval,
     percentile_interval,
     plain_scores,
@@ -242,6 +254,87 @@ def _mean_scores(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {s: summarize([m[s] for m in metrics])["mean"] for s in CLASSIFICATION_SCORES}
 
 
+@dataclass
+class _Draws:
+    """One encoder's scores over a row's draws: per seed on the test set itself and on each test redraw."""
+
+    per_seed: list[dict[str, Any]] = field(default_factory=list)
+    redrawn: list[dict[str, np.ndarray]] = field(default_factory=list)
+    one_class: list[int] = field(default_factory=list)
+    settings: list[dict[str, Any]] = field(default_factory=list)  # one per seed, where a seed has one draw
+    n_runs: int = 0
+
+
+def _score_draws(
+    probe: str,
+    draws: Sequence[Sequence[np.ndarray]],
+    train: FeatureSet,
+    test: FeatureSet,
+    y_true: np.ndarray,
+    seeds: Sequence[int],
+    redraws: Resamples | None,
+    c_grid: Sequence[float] | None,
+    val_fraction: float | None,
+) -> _Draws:
+    """``probe`` fitted on each drawn subset (row indices of ``train``, a list per seed) and scored on ``test``."""
+    n_classes = len(train.classes)
+    scored = _Draws()
+    for seed, indices in zip(seeds, draws):
+        runs = [subset_prediction(probe, train.select(idx), test, seed, c_grid, val_fraction) for idx in indices]
+        outputs = [(r.pred, r.probs) for r in runs]
+        scored.per_seed.append(_mean_scores(plain_scores(y_true, outputs, n_classes)))
+        if redraws is not None:
+            per_redraw = resampled_scores_of(redraws, y_true, outputs, n_classes)
+            scored.redrawn.append({s: np.mean([x[s] for x in per_redraw], axis=0) for s in CLASSIFICATION_SCORES})
+        scored.one_class += [c for c in (single_class(r.pred) for r in runs) if c is not None]
+        scored.n_runs += len(runs)
+        if len(runs) == 1:
+            scored.settings.append(runs[0].settings)
+    return scored
+
+
+def _interval_rows(
+    per_seed: Sequence[dict[str, Any]], redrawn: Sequence[dict[str, np.ndarray]], suffix: str = ""
+) -> dict[str, Any]:
+    """``<score><suffix>`` (the mean over seeds) and its 95 % CIs from per-seed values and, where the
+    test set was redrawn, the seeds' mean figure on each redraw (see the module docstring)."""
+    row = aggregate(per_seed, CLASSIFICATION_SCORES)
+    out: dict[str, Any] = {}
+    for score in CLASSIFICATION_SCORES:
+        key = f"{score}{suffix}"
+        out[key], out[f"{key}_std"], out[f"{key}_ci95"] = row[score], row[f"{score}_std"], row[f"{score}_ci95"]
+        if redrawn:
+            over_seeds = row[f"{score}_ci95"]  # Student's t over the seeds' draws
+            test_ci = percentile_interval(np.mean([r[score] for r in redrawn], axis=0))
+            half = None if over_seeds is None else (over_seeds[1] - over_seeds[0]) / 2
+            out[f"{key}_ci95"] = combined_interval(row[score], test_ci, half)
+            out[f"{key}_ci95_seeds"] = over_seeds
+            out[f"{key}_ci95_test"] = test_ci
+    if not suffix:
+        out["n_seeds"], out["per_seed"] = row["n_seeds"], row["per_seed"]
+    return out
+
+
+def _differences(ours: _Draws, theirs: _Draws) -> tuple[list[dict[str, Any]], list[dict[str, np.ndarray]]]:
+    """Per seed and per test redraw, this encoder's score minus the reference's on the same subsets."""
+    per_seed = [
+        {s: None if a[s] is None or b[s] is None else a[s] - b[s] for s in CLASSIFICATION_SCORES}
+        for a, b in zip(ours.per_seed, theirs.per_seed)
+    ]
+    redrawn = [{s: a[s] - b[s] for s in CLASSIFICATION_SCORES} for a, b in zip(ours.redrawn, theirs.redrawn)]
+    return per_seed, redrawn
+
+
+def _warn_one_class(scored: _Draws, probe: str, name: str, where: str, classes: Sequence[str]) -> None:
+    if scored.one_class:
+        common = classes[np.bincount(scored.one_class).argmax()]
+        print(
+            f"warning: few-shot {probe} at {name.split('/')[0]}{where} predicts one class "
+            f"({common!r}) for all test images in {len(scored.one_class)} of {scored.n_runs} draws",
+            file=sys.stderr,
+        )
+
+
 def run_fewshot(
     train: FeatureSet,
     test: FeatureSet,
@@ -254,12 +347,16 @@ def run_fewshot(
     val_fraction: float | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     where: str = "",
+    reference: tuple[FeatureSet, FeatureSet] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Rows ``{"fraction_0.1/knn": ..., "shots_4/prototype": ...}``: each probe on stratified subsets of
     ``train`` at each fraction and shot count, one draw per seed, evaluated on all of ``test``.
 
     The 95 % CIs join the spread over seeds and over test redraws (see the module docstring); with
     ``n_resamples`` 0 they are t-intervals over seeds. ``where`` names the split in warnings.
+    ``reference``: a second encoder's features of the same train and test rows, put through the same
+    subsets, seeds and redraws; each row then also holds its scores (``reference``) and the paired
+    differences ``<score>_diff`` with ``<score>_diff_ci95``, from the per-seed and per-redraw differences.
     """
     unknown = [p for p in probes if p not in PROBES]
     if unknown:
@@ -268,94 +365,90 @@ def run_fewshot(
         raise UserError(f"episodes must be >= 1, got {episodes}")
     if not seeds:
         raise UserError("at least one seed is needed")
+    if reference is not None:
+        check_reference(train, test, reference)
     classes = train.classes
     y_true = align_labels(test, classes, probe="few-shot probe")
-    # One set of test redraws for every row, so that two rows' intervals are comparable.
+    # One set of test redraws for every row (and both encoders), so that intervals are comparable.
     redraws = resamples(len(test), test.groups, n_resamples, seeds[0]) if n_resamples else None
     rows: dict[str, dict[str, Any]] = {}
     for regime, value in _regimes(fractions, shots):
         draw = {"fraction": value} if regime == "fraction" else {"shots": value}
-
-        def subset(seed: int | list[int]) -> FeatureSet:
-            return train.select(sample_subset(train.labels, seed=seed, n_classes=len(classes), **draw))
-
         for probe in probes:
             name = f"{regime}_{value:g}/{probe}"
-            per_seed, redrawn, sizes, extra = [], [], [], []
-            one_class: list[int] = []
-            n_runs = 0
-            for seed in seeds:
-                n_draws = episodes if probe == "prototype" and regime == "shots" else 1
-                parts = [subset(_episode_seed(seed, e)) for e in range(n_draws)]
-                runs = [subset_prediction(probe, part, test, seed, c_grid, val_fraction) for part in parts]
-                outputs = [(r.pred, r.probs) for r in runs]
-                per_seed.append(_mean_scores(plain_scores(y_true, outputs, len(classes))))
-                if redraws is not None:
-                    scored = resampled_scores_of(redraws, y_true, outputs, len(classes))
-                    redrawn.append({s: np.mean([x[s] for x in scored], axis=0) for s in CLASSIFICATION_SCORES})
-                sizes.append(len(parts[0]))
-                one_class += [c for c in (single_class(r.pred) for r in runs) if c is not None]
-                n_runs += len(runs)
-                if n_draws == 1:
-                    extra.append(runs[0].settings)
+            n_draws = episodes if probe == "prototype" and regime == "shots" else 1
+            # Drawn once, as row indices, so that a reference encoder is fitted on the very same images.
+            draws = [
+                [
+                    sample_subset(train.labels, seed=_episode_seed(seed, e), n_classes=len(classes), **draw)
+                    for e in range(n_draws)
+                ]
+                for seed in seeds
+            ]
+            args = (y_true, seeds, redraws, c_grid, val_fraction)
+            ours = _score_draws(probe, draws, train, test, *args)
             row: dict[str, Any] = {
                 "regime": regime,
                 "value": value,
                 "probe": probe,
                 "seeds": list(seeds),
-                "n_train": sizes,
+                "n_train": [len(d[0]) for d in draws],
                 "n_test": len(test),
             }
             if regime == "shots":
-                row["episodes"] = episodes if probe == "prototype" else 1
+                row["episodes"] = n_draws
                 row["short_classes"] = _shortfall(train.labels, int(value), classes)
             if probe == "knn":
-                row["k_used"] = [r["k_used"] for r in extra]
+                row["k_used"] = [r["k_used"] for r in ours.settings]
             if probe == "linear":
-                row["c"] = [r["c"] for r in extra]
-                row["c_selection"] = [r["c_selection"] for r in extra]
-                row["n_fixed_c"] = sum(r["c_selection"] == "fixed" for r in extra)
-                row["n_c_at_grid_edge"] = sum(r.get("c_grid_edge") is not None for r in extra)
-            row.update(aggregate(per_seed, CLASSIFICATION_SCORES))
+                row["c"] = [r["c"] for r in ours.settings]
+                row["c_selection"] = [r["c_selection"] for r in ours.settings]
+                row["n_fixed_c"] = sum(r["c_selection"] == "fixed" for r in ours.settings)
+                row["n_c_at_grid_edge"] = sum(r.get("c_grid_edge") is not None for r in ours.settings)
+            row.update(_interval_rows(ours.per_seed, ours.redrawn))
             if redraws is not None:
-                for score in CLASSIFICATION_SCORES:
-                    over_seeds = row[f"{score}_ci95"]  # Student's t over the seeds' draws
-                    # the seeds' mean figure on each test redraw
-                    test_ci = percentile_interval(np.mean([r[score] for r in redrawn], axis=0))
-                    half = None if over_seeds is None else (over_seeds[1] - over_seeds[0]) / 2
-                    row[f"{score}_ci95"] = combined_interval(row[score], test_ci, half)
-                    row[f"{score}_ci95_seeds"] = over_seeds
-                    row[f"{score}_ci95_test"] = test_ci
                 row["bootstrap"] = redraws.describe()
-            row["n_one_class"] = len(one_class)
-            if one_class:
-                common = classes[np.bincount(one_class).argmax()]
-                print(
-                    f"warning: few-shot {probe} at {name.split('/')[0]}{where} predicts one class "
-                    f"({common!r}) for all test images in {len(one_class)} of {n_runs} draws",
-                    file=sys.stderr,
-                )
+            row["n_one_class"] = len(ours.one_class)
+            _warn_one_class(ours, probe, name, where, classes)
+            if reference is not None:
+                theirs = _score_draws(probe, draws, reference[0], reference[1], *args)
+                _warn_one_class(theirs, probe, name, f"{where} (the --compare encoder)", classes)
+                row["reference"] = {
+                    **_interval_rows(theirs.per_seed, theirs.redrawn),
+                    "n_one_class": len(theirs.one_class),
+                }
+                row.update(_interval_rows(*_differences(ours, theirs), suffix="_diff"))
             rows[name] = row
     return rows
 
 
-def format_curves(rows: dict[str, dict[str, Any]]) -> str:
-    """A fixed-width table: each row's mean and 95 % CI half-width of every score."""
+def format_curves(rows: dict[str, dict[str, Any]], reference: str | None = None) -> str:
+    """A fixed-width table: each row's mean and 95 % CI half-width of every score; rows compared with
+    an encoder ``reference`` get a second block of paired differences, * where the CI excludes 0."""
     name_width = max([4, *(len(name) for name in rows)])
-    width = max(len(s) for s in SCORES)
+    width = max(len(s) for s in SCORES) + 1
 
     def cell(row: dict[str, Any], score: str) -> str:
         mean, ci = row[score], row[f"{score}_ci95"]
         if mean is None:
             return f"{'-':>{width}}"
+        signed = score.endswith("_diff")
         half = "" if ci is None else f"±{(ci[1] - ci[0]) / 2:.3f}"
-        return f"{mean:.3f}{half:>7}".rjust(width)
+        excludes_zero = ci is not None and (ci[0] > 0 or ci[1] < 0)
+        mark = ("*" if excludes_zero else " ") if signed else ""
+        return (format(mean, "+.3f" if signed else ".3f") + f"{half:>7}" + mark).rjust(width)
 
-    header = f"{'row':<{name_width}}  {'n_train':>8}  " + "  ".join(f"{s:>{width}}" for s in SCORES)
-    lines = [header]
-    for name, row in rows.items():
-        n = f"{np.mean(row['n_train']):.0f}"
-        lines.append(f"{name:<{name_width}}  {n:>8}  " + "  ".join(cell(row, s) for s in SCORES))
+    def block(suffix: str) -> list[str]:
+        lines = [f"{'row':<{name_width}}  {'n_train':>8}  " + "  ".join(f"{s:>{width}}" for s in SCORES)]
+        for name, row in rows.items():
+            n = f"{np.mean(row['n_train']):.0f}"
+            cells = "  ".join(cell(row, s + suffix) for s in SCORES)
+            lines.append(f"{name:<{name_width}}  {n:>8}  " + cells)
+        return lines
+
+    lines = block("")
+    if reference is not None and any("balanced_accuracy_diff" in row for row in rows.values()):
+        lines += ["", f"paired difference, this encoder minus {reference} (* the 95 % CI excludes 0):", *block("_diff")]
     return "\n".join(lines)
 
 
@@ -367,7 +460,8 @@ def curves_path(out: Path | None, split: str = "") -> Path:
 
 def plot_curves(rows: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
     """Two panels of balanced accuracy (label fraction, log x; shots per class, log2 x), one line per
-    probe with its 95 % CI shaded; written atomically to ``path``."""
+    probe with its 95 % CI shaded, and dashed in the same colour the ``--compare`` encoder's where the
+    rows have one; written atomically to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training nodes
@@ -378,20 +472,27 @@ def plot_curves(rows: dict[str, dict[str, Any]], path: Path, title: str = "") ->
     for ax, regime, label in ((axes[0], "fraction", "label fraction"), (axes[1], "shots", "shots per class")):
         probes = list(dict.fromkeys(r["probe"] for r in rows.values() if r["regime"] == regime))
         for probe in probes:
-            points = sorted(
-                (r["value"], r["balanced_accuracy"], r["balanced_accuracy_ci95"])
-                for r in rows.values()
-                if r["regime"] == regime and r["probe"] == probe and r["balanced_accuracy"] is not None
-            )
-            if not points:
-                continue
-            x = [p[0] for p in points]
-            y = [p[1] for p in points]
-            (line,) = ax.plot(x, y, marker="o", label=probe)
-            # A CI needs two seeds; without it the band collapses onto the line.
-            lo = [p[1] if p[2] is None else p[2][0] for p in points]
-            hi = [p[1] if p[2] is None else p[2][1] for p in points]
-            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+            ours = [r for r in rows.values() if r["regime"] == regime and r["probe"] == probe]
+            color = None
+            for name, style, alpha, of_row in (
+                (probe, "-", 0.2, lambda r: r),
+                (f"{probe}, --compare", "--", 0.1, lambda r: r.get("reference")),
+            ):
+                points = sorted(
+                    (r["value"], of_row(r)["balanced_accuracy"], of_row(r)["balanced_accuracy_ci95"])
+                    for r in ours
+                    if of_row(r) is not None and of_row(r)["balanced_accuracy"] is not None
+                )
+                if not points:
+                    continue
+                x = [p[0] for p in points]
+                y = [p[1] for p in points]
+                (line,) = ax.plot(x, y, style, marker="o", label=name, color=color)
+                color = line.get_color()  # the reference in the colour of its probe
+                # A CI needs two seeds; without it the band collapses onto the line.
+                lo = [p[1] if p[2] is None else p[2][0] for p in points]
+                hi = [p[1] if p[2] is None else p[2][1] for p in points]
+                ax.fill_between(x, lo, hi, color=color, alpha=alpha, linewidth=0)
         if regime == "fraction":
             ax.set_xscale("log")
         else:
@@ -456,6 +557,7 @@ def build_parser() -> Parser:
         help="k-shot draws per seed for the prototype probe (default %(default)s)",
     )
     add_linear_arguments(p, ", in a subset that allows a validation split")
+    add_compare_argument(p)
     return add_probe_arguments(p, seed_help="first seed of the subset draws (default %(default)s)")
 
 
@@ -506,6 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.val_fraction,
             request.bootstrap,
             f" ({inputs.name})" if inputs.name else "",
+            inputs.reference,
         )
         curves.append((inputs.name, split_rows))
         rows.update(prefixed(inputs.name, split_rows))
@@ -549,14 +652,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         TITLE,
         splits[0],
         rows,
-        format_curves(rows),
+        format_curves(rows, request.compare),
         split,
         config,
         seeds=seeds,
     )
     for name, split_rows in curves:
-        title = f"{args.ckpt}, {name} left out" if name else str(args.ckpt)
-        png = plot_curves(split_rows, curves_path(request.out, name), title=title)
+        title = str(args.ckpt) + (f" (dashed: --compare {request.compare})" if request.compare else "")
+        title += f", {name} left out" if name else ""
+        png = plot_curves(split_rows, curves_path(request.out, name), title)
         print(f"wrote {png}")
     return 0
 

@@ -145,37 +145,27 @@ def _cell(value: float | None, ci: Sequence[float] | None = None, signed: bool =
 
 def summary_rows(out: Path) -> list[dict[str, Any]]:
     """One row per probe setting: balanced accuracy of the pretrained encoder and of random init, and
-    for kNN and linear the paired differences of balanced accuracy and AUROC on the same redraws."""
-    rows = []
-    for probe in ("knn", "linear"):
-        for setting, m in _metrics(out / f"{probe}.json").items():
-            rows.append(
-                {
-                    "probe": probe,
-                    "setting": setting,
-                    "pretrained": m["balanced_accuracy"],
-                    "random_init": m["reference"]["balanced_accuracy"],
-                    "diff": m["balanced_accuracy_diff"],
-                    "diff_ci95": m["balanced_accuracy_diff_ci95"],
-                    "auroc_diff": m["auroc_diff"],
-                    "auroc_diff_ci95": m["auroc_diff_ci95"],
-                }
-            )
-    random = _metrics(out / "fewshot" / "random_init" / "fewshot.json")
-    for setting, m in _metrics(out / "fewshot" / "pretrained" / "fewshot.json").items():
-        r = random[setting]
-        rows.append(
-            {
-                "probe": "few-label",
-                "setting": setting,
-                "pretrained": m["balanced_accuracy"],
-                "pretrained_ci95": m["balanced_accuracy_ci95"],
-                "random_init": r["balanced_accuracy"],
-                "random_init_ci95": r["balanced_accuracy_ci95"],
-                "diff": m["balanced_accuracy"] - r["balanced_accuracy"],
-            }
-        )
-    return rows
+    the paired differences of balanced accuracy and AUROC (the same test redraws and, few-label, the
+    same subsets)."""
+    results = (
+        ("knn", out / "knn.json"),
+        ("linear", out / "linear.json"),
+        ("few-label", out / "fewshot" / "fewshot.json"),
+    )
+    return [
+        {
+            "probe": probe,
+            "setting": setting,
+            "pretrained": m["balanced_accuracy"],
+            "random_init": m["reference"]["balanced_accuracy"],
+            "diff": m["balanced_accuracy_diff"],
+            "diff_ci95": m["balanced_accuracy_diff_ci95"],
+            "auroc_diff": m["auroc_diff"],
+            "auroc_diff_ci95": m["auroc_diff_ci95"],
+        }
+        for probe, path in results
+        for setting, m in _metrics(path).items()
+    ]
 
 
 def head_rows(out: Path, detected: bool) -> list[str]:
@@ -263,10 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         call(knn.main, "--ckpt", run_dir, *paired, "--out", out / "knn.json")
         call(linear.main, "--ckpt", run_dir, *paired, "--out", out / "linear.json")
         labels = ["--fractions", 0.1, 1.0, "--shots", 8, "--probes", "knn", "linear", "--seeds", sizes["seeds"]]
-        # Each in a folder of its own: the curves PNG is written beside --out under a fixed name.
-        for ref, name in ((run_dir, "pretrained"), (random_init, "random_init")):
-            fewshot_out = out / "fewshot" / name / "fewshot.json"
-            call(fewshot.main, "--ckpt", ref, *sets, *labels, "--out", fewshot_out, "--overwrite")
+        # In a folder of its own: the curves PNG is written beside --out under a fixed name.
+        call(fewshot.main, "--ckpt", run_dir, *paired, *labels, "--out", out / "fewshot" / "fewshot.json")
         umap = ["--data", test, "--methods", "umap", "--out", out / "umap", "--overwrite"]
         call(embed.main, "--ckpt", run_dir, *umap, "--no-progress", "--cache-dir", out / "cache")
 
@@ -309,9 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loss curves": run_dir / "loss.png",
         "kNN results": out / "knn.json",
         "linear results": out / "linear.json",
-        "few-label results": out / "fewshot" / "pretrained" / "fewshot.json",
-        "few-label curves": out / "fewshot" / "pretrained" / "fewshot_curves.png",
-        "few-label, random init": out / "fewshot" / "random_init" / "fewshot_curves.png",
+        "few-label results": out / "fewshot" / "fewshot.json",
+        "few-label curves": out / "fewshot" / "fewshot_curves.png",
         "UMAP": out / "umap" / "umap.png",
         "classification head": out / "classify" / "results.json",
         **({"detection head": out / "detect" / "results.json"} if detect_spec else {}),
@@ -326,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         print(
             f"{r['probe']:<10}{r['setting']:<22}{_cell(r['pretrained']):>11}{_cell(r['random_init']):>12}"
-            f"{_cell(r['diff'], r.get('diff_ci95'), signed=True):>28}{_cell(r.get('auroc_diff'), r.get('auroc_diff_ci95'), signed=True):>28}"
+            f"{_cell(r['diff'], r['diff_ci95'], signed=True):>28}{_cell(r['auroc_diff'], r['auroc_diff_ci95'], signed=True):>28}"
         )
     heads = head_rows(out, detect_spec is not None)
     print("\n".join(heads))

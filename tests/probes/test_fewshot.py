@@ -170,6 +170,41 @@ def test_intervals_see_the_test_slides_at_fraction_one_and_for_averaged_episodes
     )
 
 
+def test_a_reference_goes_through_the_same_subsets_and_redraws_and_its_difference_is_paired():
+    rng = np.random.default_rng(0)
+    train_y, test_y = np.repeat(np.arange(3), 30), np.repeat(np.arange(3), 40)
+    # ours: separable clusters; the reference: the same labels on overlapping ones (a weaker encoder)
+    strong = feature_set(*blobs(30, dim=4, seed=0), CLASSES), feature_set(*blobs(40, dim=4, seed=1), CLASSES)
+    weak_x = [
+        rng.normal(size=(n, 4)).astype(np.float32) + 0.7 * np.eye(4, dtype=np.float32)[y]
+        for n, y in ((90, train_y), (120, test_y))
+    ]
+    test_groups = [f"slide{i % 10}" for i in range(120)]
+    ours = strong[0], feature_set(strong[1].features, test_y, CLASSES, test_groups)
+    weak = feature_set(weak_x[0], train_y, CLASSES), feature_set(weak_x[1], test_y, CLASSES, test_groups)
+    settings = dict(fractions=(0.5,), shots=(2,), seeds=(0, 1, 2), episodes=5, c_grid=(1.0,), n_resamples=200)
+    rows = fewshot.run_fewshot(*ours, **settings, reference=weak)
+    alone = fewshot.run_fewshot(*weak, **settings)
+    for name, row in rows.items():
+        # the reference's figures are those of a run of its own: the same draws, seeds and redraws
+        ref = row["reference"]
+        assert ref["per_seed"] == alone[name]["per_seed"], name
+        assert ref["balanced_accuracy_ci95"] == pytest.approx(alone[name]["balanced_accuracy_ci95"])
+        diff = row["balanced_accuracy_diff"]
+        assert diff == pytest.approx(row["balanced_accuracy"] - ref["balanced_accuracy"])
+        low, high = row["balanced_accuracy_diff_ci95"]
+        assert low <= diff <= high and low > 0, name  # the separable encoder is better, beyond doubt
+        # the interval joins the seeds' spread of the differences and the test slides'
+        assert low <= row["balanced_accuracy_diff_ci95_test"][0] and high >= row["balanced_accuracy_diff_ci95_test"][1]
+    # the same features on both sides: every difference is exactly 0, and so is its interval
+    same = fewshot.run_fewshot(*ours, **settings, reference=ours)
+    for row in same.values():
+        assert row["balanced_accuracy_diff"] == 0.0 and row["balanced_accuracy_diff_ci95"] == [0.0, 0.0]
+        assert row["auroc_diff"] == 0.0
+    with pytest.raises(ValueError, match="same train and test images"):
+        fewshot.run_fewshot(*ours, **settings, reference=(weak[0].select(np.arange(80)), weak[1]))
+
+
 def test_prototype_is_cl2n_nearest_mean():
     # A shared offset that dominates raw cosine similarity disappears after centring.
     train_x, train_y = blobs(5, seed=0)
@@ -234,6 +269,22 @@ def test_cli_writes_results_and_curves(specs, tmp_path, capsys):
     assert results["metrics"]["shots_1/linear"]["c_selection"] == ["fixed", "fixed"]
     png = out.parent / fewshot.CURVES_NAME
     assert png.is_file() and png.stat().st_size > 1024
+
+
+def test_cli_compare_adds_the_reference_and_paired_differences(specs, tmp_path, capsys):
+    out = tmp_path / "run" / "results.json"
+    ref = "timm:vit_tiny_patch16_224"
+    few = ["--seeds", "2", "--fractions", "1.0", "--shots", "2", "--probes", "knn", "prototype", "--episodes", "3"]
+    assert cli([*common(*specs, tmp_path), *few, "--compare", ref, "--bootstrap", "100", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"paired difference, this encoder minus {ref}" in captured.out and "Traceback" not in captured.err
+    results = read_results(out)
+    assert results["config"]["compare"]["ref"] == ref
+    for row in results["metrics"].values():
+        # the same encoder on both sides: its figures twice, every difference exactly 0
+        assert row["reference"]["per_seed"] == row["per_seed"]
+        assert row["balanced_accuracy_diff"] == 0.0 and row["balanced_accuracy_diff_ci95"] == [0.0, 0.0]
+    assert (out.parent / fewshot.CURVES_NAME).stat().st_size > 1024
 
 
 def test_cli_bad_inputs_are_one_line_errors(specs, tmp_path, capsys, monkeypatch):
