@@ -9,7 +9,7 @@ from typing import Sequence
 from ssl_path.core.cli import Parser, add_out, add_overwrite, add_progress, make_parser
 from ssl_path.core.errors import run_cli, terminate_as_interrupt
 from ssl_path.data.stain import METHODS as STAIN_METHODS
-from ssl_path.tiling import TilingParams, make_shards
+from ssl_path.tiling import TilingParams, make_shards, resolution_notes
 
 
 def build_parser() -> Parser:
@@ -108,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"wrote {manifest['total']} tiles from {len(manifest['sources'])} files into "
         f"{len(manifest['shards'])} shards in {args.out} ({len(manifest['skipped'])} skipped)"
     )
+    for note in resolution_notes(manifest):
+        print(note, file=sys.stderr)
     return 0
 
 

@@ -10,7 +10,7 @@ the scheduler: :mod:`.plan`; the stain preview: :mod:`.preview`.
 from ssl_path.tiling.inputs import domain_labeler, find_inputs
 from ssl_path.tiling.params import CHUNK, Geometry, Source, TilingParams
 from ssl_path.tiling.plan import encode_chunk, plan_source, tile_geometry, tile_grid
-from ssl_path.tiling.write import make_shards
+from ssl_path.tiling.write import make_shards, resolution_notes
 
 __all__ = [
     "CHUNK",
@@ -22,6 +22,7 @@ __all__ = [
     "find_inputs",
     "make_shards",
     "plan_source",
+    "resolution_notes",
     "tile_geometry",
     "tile_grid",
 ]

@@ -275,6 +275,32 @@ def _write_shards(
     return manifest
 
 
+def resolution_notes(manifest: dict[str, Any]) -> list[str]:
+    """Warnings on the tiles' resolution, from a manifest: sources read finer than they were scanned
+    (upsampled tiles: sharper pixels, no more detail, e.g. a 20x slide at ``--mpp 0.25``) and, under
+    ``--mpp``, sources without a pixel size, tiled at ``--downscale`` instead."""
+    params = manifest["params"]
+    sources = manifest["sources"]
+    tolerance = 1.0 - params["resolution_tolerance"]
+    upsampled = [s for s in sources if s["downsample"] is not None and s["downsample"] < tolerance]
+    notes = []
+    if upsampled:
+        first = upsampled[0]
+        scanned = f"{first['mpp'] / first['downsample']:.3g} µm/px" if first["mpp"] is not None else "coarser"
+        notes.append(
+            f"warning: {len(upsampled)} of {len(sources)} files are upsampled, their tiles enlarged "
+            f"{1 / first['downsample']:.3g}x (e.g. {first['path']}: {scanned}); they hold no finer detail than the scan"
+        )
+    if params["mpp"] is not None:
+        unknown = [s for s in sources if s["mpp"] is None]
+        if unknown:
+            notes.append(
+                f"warning: {len(unknown)} of {len(sources)} files have no pixel size (e.g. {unknown[0]['path']}); "
+                f"they were tiled at --downscale {params['downscale']:g}, not at --mpp {params['mpp']:g}"
+            )
+    return notes
+
+
 def _init_worker(parent: int) -> None:
     """Pool initializer: a worker ends with the stage, however the stage ends.
 

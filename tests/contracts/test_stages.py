@@ -89,11 +89,12 @@ def _bad_png(folder: Path) -> Path:
 
 
 @pytest.fixture
-def unreadable_set(shared_data, tmp_path) -> Path:
+def unreadable_set(sample_data, tmp_path) -> Path:
     """A folder-per-class set whose images look fine by name but one of each class cannot be decoded."""
     root = tmp_path / "unreadable_set"
     for label in ("atypical", "normal"):
-        good = sorted((shared_data / "amibr_midog21" / "patches" / label).glob("*.png"))[:3]
+        good = sorted((sample_data / "amibr" / "patches" / label).glob("*.png"))[:3]
+        assert len(good) == 3  # the stages must fail on the broken images, not on an empty set
         (root / label).mkdir(parents=True)
         for path in good:
             shutil.copy(path, root / label / path.name)
@@ -119,24 +120,24 @@ def _tiny_probe(spec: str, tmp_path: Path) -> list[str]:
 
 # module -> (argv without --out, whether --out is a folder) for a rerun that fails after its checks.
 FAILING_RERUNS: dict[str, Callable[[Path, Path, Path], tuple[list[str], bool]]] = {
-    "ssl_path.shards": lambda shared, tmp, bad: (["--data", str(_bad_png(tmp / "blank")), "--no-progress"], True),
-    "ssl_path.stain_preview": lambda shared, tmp, bad: (
+    "ssl_path.shards": lambda sample, tmp, bad: (["--data", str(_bad_png(tmp / "blank")), "--no-progress"], True),
+    "ssl_path.stain_preview": lambda sample, tmp, bad: (
         [
             "--data",
             str(_bad_png(tmp / "broken")),
             "--reference",
-            str(sorted((shared / "amibr_midog21" / "patches" / "normal").glob("*.png"))[0]),
+            str(sorted((sample / "amibr" / "patches" / "normal").glob("*.png"))[0]),
         ],
         False,
     ),
-    "ssl_path.hub": lambda shared, tmp, bad: (
+    "ssl_path.hub": lambda sample, tmp, bad: (
         ["export", "--ckpt", str(_bad_checkpoint(tmp))],
         True,
     ),
-    "probes.knn": lambda shared, tmp, bad: (_tiny_probe(f"folder:{bad}", tmp), False),
-    "probes.linear": lambda shared, tmp, bad: (_tiny_probe(f"folder:{bad}", tmp), False),
-    "probes.fewshot": lambda shared, tmp, bad: (_tiny_probe(f"folder:{bad}", tmp), False),
-    "probes.embed": lambda shared, tmp, bad: (
+    "probes.knn": lambda sample, tmp, bad: (_tiny_probe(f"folder:{bad}", tmp), False),
+    "probes.linear": lambda sample, tmp, bad: (_tiny_probe(f"folder:{bad}", tmp), False),
+    "probes.fewshot": lambda sample, tmp, bad: (_tiny_probe(f"folder:{bad}", tmp), False),
+    "probes.embed": lambda sample, tmp, bad: (
         [
             "--ckpt",
             "timm:vit_tiny_patch16_224",
@@ -150,7 +151,7 @@ FAILING_RERUNS: dict[str, Callable[[Path, Path, Path], tuple[list[str], bool]]] 
         ],
         True,
     ),
-    "finetune.predict": lambda shared, tmp, bad: (["--run", str(_not_a_run(tmp)), "--data", str(bad)], True),
+    "finetune.predict": lambda sample, tmp, bad: (["--run", str(_not_a_run(tmp)), "--data", str(bad)], True),
 }
 # Stages without an --out of their own: the run dir is their output (pretrain and the heads refuse
 # any folder that is not their run, and never train over a finished one), or they write inside a run
@@ -184,9 +185,9 @@ def test_every_stage_with_an_out_has_a_failing_rerun():
 
 @pytest.mark.parametrize("module", sorted(FAILING_RERUNS))
 def test_a_failing_rerun_with_overwrite_leaves_the_previous_output(
-    module, shared_data, unreadable_set, tmp_path, capsys
+    module, sample_data, unreadable_set, tmp_path, capsys
 ):
-    argv, is_folder = FAILING_RERUNS[module](shared_data, tmp_path, unreadable_set)
+    argv, is_folder = FAILING_RERUNS[module](sample_data, tmp_path, unreadable_set)
     out = tmp_path / ("previous" if is_folder else "previous.json")
     if is_folder:
         out.mkdir()

@@ -27,7 +27,7 @@ from ssl_path.pretrain import resolve_config, run
 
 REPO = Path(__file__).resolve().parents[2]
 AMIBR = "amibr"  # in data/sample
-MONUSEG = "monuseg_kumar_norm/NormalizedPNG"
+SLIDE = "slide/CMU-1-Small-Region.svs"  # in data/sample
 
 
 @pytest.fixture(scope="module")
@@ -106,20 +106,21 @@ def test_pretrain_out_inside_or_holding_its_shards_is_refused(trained, capsys):
 # ----------------------------------------------------------------------------- a failed or killed rerun
 
 
-def _good_shards(shared_data: Path, out: Path) -> dict[str, str]:
-    argv = ["--data", str(shared_data / MONUSEG / "TCGA-18-5592-01Z-00-DX1.png"), "--out", str(out)]
+def _good_shards(sample_data: Path, out: Path) -> dict[str, str]:
+    argv = ["--data", str(sample_data / SLIDE), "--out", str(out)]
     assert run_cli(shards.main, [*argv, "--tile-size", "250", "--no-progress"]) == 0
     return snapshot(out)
 
 
-def test_shards_rerun_on_unusable_inputs_leaves_the_previous_output(shared_data, tmp_path, capsys):
+def test_shards_rerun_on_unusable_inputs_leaves_the_previous_output(sample_data, tmp_path, capsys):
     out = tmp_path / "shards"
-    before = _good_shards(shared_data, out)
+    before = _good_shards(sample_data, out)
     blank = tmp_path / "inputs" / "blank.png"
     blank.parent.mkdir()
     Image.new("RGB", (600, 600), (255, 255, 255)).save(blank)  # no tissue
     broken = tmp_path / "inputs" / "broken.png"
-    broken.write_bytes((shared_data / MONUSEG / "TCGA-A7-A13E-01Z-00-DX1.png").read_bytes()[:2000])
+    patch = sorted((sample_data / AMIBR / "patches" / "normal").glob("*.png"))[0]
+    broken.write_bytes(patch.read_bytes()[:2000])  # a PNG cut short
     capsys.readouterr()
     argv = ["--data", str(blank), str(broken), "--out", str(out), "--overwrite", "--no-progress"]
     assert run_cli(shards.main, argv) == 2
@@ -128,10 +129,11 @@ def test_shards_rerun_on_unusable_inputs_leaves_the_previous_output(shared_data,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "shards"]
 
 
-def test_killed_shards_rerun_leaves_the_previous_output(shared_data, tmp_path):
+def test_killed_shards_rerun_leaves_the_previous_output(sample_data, tmp_path):
     out = tmp_path / "shards"
-    before = _good_shards(shared_data, out)
-    argv = ["--data", str(shared_data / MONUSEG), "--out", str(out), "--overwrite", "--no-progress"]
+    before = _good_shards(sample_data, out)
+    # the whole slide in 64 px tiles: about 1,600 tiles, 32 shards, far from done when it is killed
+    argv = ["--data", str(sample_data / SLIDE), "--out", str(out), "--overwrite", "--no-progress"]
     argv += ["--tile-size", "64", "--min-tissue", "0", "--samples-per-shard", "50"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "ssl_path.shards", *argv], cwd=REPO, env=env)

@@ -11,10 +11,10 @@ from ssl_path.data.readers import read_spec
 from ssl_path.data.transforms import eval_transform
 
 
-def test_images_and_targets_come_back_and_an_unreadable_image_is_one_line_from_a_worker(shared_data, tmp_path):
+def test_images_and_targets_come_back_and_an_unreadable_image_is_one_line_from_a_worker(sample_data, tmp_path):
     for label in ("atypical", "normal"):
         (tmp_path / label).mkdir()
-        for path in sorted((shared_data / "amibr_midog21" / "patches" / label).glob("*.png"))[:2]:
+        for path in sorted((sample_data / "amibr" / "patches" / label).glob("*.png"))[:2]:
             shutil.copy(path, tmp_path / label / path.name)
     (tmp_path / "normal" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 32)
     data = read_spec(f"folder:{tmp_path}")

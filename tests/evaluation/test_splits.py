@@ -50,9 +50,10 @@ def test_domain_folds_leave_each_domain_out_once():
 
 
 @pytest.fixture(scope="module")
-def both_scanners(shared_data) -> str:
-    """22 patches: slides 005, 006, 008 (Hamamatsu XR) and 054 (Hamamatsu S360), both classes in each scanner."""
-    return f"amibr:{shared_data / 'amibr_midog21'}?group=005.tiff,006.tiff,008.tiff,052.tiff,053.tiff,054.tiff"
+def both_scanners(sample_data) -> str:
+    """22 patches: slides 005, 006, 036 (Hamamatsu XR: 3 + 6 + 6) and 066, 088 (Hamamatsu S360: 4 + 3),
+    both classes in each scanner."""
+    return f"amibr:{sample_data / 'amibr'}?group=005.tiff,006.tiff,036.tiff,066.tiff,088.tiff"
 
 
 def _args(spec: str, tmp_path, *extra: str) -> list[str]:

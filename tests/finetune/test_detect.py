@@ -24,9 +24,9 @@ from ssl_path.data.readers import Box, LabelledSet, Point, Record, read_spec
 from ssl_path.evaluation.results import read_results
 
 
-def small_bccd(shared_data: Path, out: Path, n: dict[str, int]) -> Path:
-    """The first images of each official BCCD split list, in the VOC layout the reader reads."""
-    source = shared_data / "bccd" / "BCCD"
+def small_bccd(sample_data: Path, out: Path, n: dict[str, int]) -> Path:
+    """The first images of each official BCCD split list (the sample's cut of them), in the VOC layout."""
+    source = sample_data / "bccd" / "BCCD"
     root = out / "BCCD"
     for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -150,8 +150,8 @@ def test_detection_batches_keep_one_target_dict_per_image():
     assert batch["skipped"] == [("s", "bad.jpg", "truncated")]
 
 
-def test_a_named_validation_split_validates(shared_data, tmp_path):
-    data = read_spec(f"voc:{small_bccd(shared_data, tmp_path, {'train': 4, 'val': 2, 'test': 3})}")
+def test_a_named_validation_split_validates(sample_data, tmp_path):
+    data = read_spec(f"voc:{small_bccd(sample_data, tmp_path, {'train': 4, 'val': 2, 'test': 3})}")
     fit, val, tests, split = split_sets(data, None, 0.2, seed=0)
     assert {r.split for r in fit} == {"train"} and {r.split for r in val} == {"val"}
     assert list(tests) == ["test"] and len(tests["test"]) == 3
@@ -162,8 +162,8 @@ BCCD_SMALL = ["detect.scale=0.25", "detect.window=64", "detect.window_overlap=16
               "train.epochs=2", "train.batch_size=2", "select.val_every=1", "detect.overlays=1"]  # fmt: skip
 
 
-def test_detect_trains_selects_scores_and_predicts_on_bccd(shared_data, tmp_path, capsys):
-    root = small_bccd(shared_data, tmp_path, {"train": 4, "val": 2, "test": 2})
+def test_detect_trains_selects_scores_and_predicts_on_bccd(sample_data, tmp_path, capsys):
+    root = small_bccd(sample_data, tmp_path, {"train": 4, "val": 2, "test": 2})
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
     run = tmp_path / "run"
     argv = ["--ckpt", str(ckpt), "--train", f"voc:{root}", "--out", str(run), "--head", "fasterrcnn",
@@ -216,8 +216,8 @@ def test_detect_trains_selects_scores_and_predicts_on_bccd(shared_data, tmp_path
     assert json.loads((out / "coco_images.json").read_text())["images"][1]["file_name"].endswith("smear.jpg")
 
 
-def test_sets_a_detector_cannot_use_are_one_line(shared_data, tmp_path, capsys):
-    root = small_bccd(shared_data, tmp_path, {"train": 3, "val": 2, "test": 2})
+def test_sets_a_detector_cannot_use_are_one_line(sample_data, tmp_path, capsys):
+    root = small_bccd(sample_data, tmp_path, {"train": 3, "val": 2, "test": 2})
     base = ["--ckpt", "timm:vit_tiny_patch16_224", "--train", f"voc:{root}", "--out", str(tmp_path / "r")]
     assert run_cli(detect.main, [*base, "detect.negatives=[Eosinophil]"]) == 2
     assert_one_line_error(capsys, "'Eosinophil' is not a class", "Platelets, RBC, WBC")
@@ -226,9 +226,11 @@ def test_sets_a_detector_cannot_use_are_one_line(shared_data, tmp_path, capsys):
     nuclei = tmp_path / "nuclei"
     for name in ("images", "masks"):
         (nuclei / name).mkdir(parents=True)
-    for path in sorted((shared_data / "monuseg_kumar_norm" / "NormalizedPNG").glob("*.png"))[:2]:
+    # a nuclei set as masks only: two H&E patches, each with a mask of one disc
+    disc = (np.hypot(*np.mgrid[-64:64, -64:64]) < 20).astype(np.uint8) * 255
+    for path in sorted((sample_data / "amibr" / "patches" / "normal").glob("*.png"))[:2]:
         shutil.copy(path, nuclei / "images")
-        shutil.copy(shared_data / "monuseg_kumar_norm" / "GroundTruthInside" / path.name, nuclei / "masks")
+        Image.fromarray(disc).save(nuclei / "masks" / path.name)
     assert run_cli(detect.main, [*base[:2], "--train", f"monuseg:{nuclei}", "--out", str(tmp_path / "q")]) == 2
     assert_one_line_error(capsys, "no boxes or points", "detect.instances")
     assert not (tmp_path / "r").exists() and not (tmp_path / "q").exists()

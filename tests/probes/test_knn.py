@@ -263,10 +263,10 @@ def test_read_results_names_a_missing_or_foreign_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def specs(shared_data) -> tuple[str, str]:
-    """Two disjoint slide sets of AMi-Br: 3 atypical + 6 normal patches each."""
-    root = shared_data / "amibr_midog21"
-    return f"amibr:{root}?group=005.tiff,006.tiff", f"amibr:{root}?group=008.tiff,011.tiff"
+def specs(sample_data) -> tuple[str, str]:
+    """Two disjoint slide sets of AMi-Br: 3 atypical + 6 normal patches each, 005 + 006 and 036 + 088."""
+    root = sample_data / "amibr"
+    return f"amibr:{root}?group=005.tiff,006.tiff", f"amibr:{root}?group=036.tiff,088.tiff"
 
 
 def cli(argv: list[str]) -> int:
@@ -292,20 +292,20 @@ def test_cli_writes_results_and_reuses_the_cache(specs, tmp_path, capsys, monkey
     assert read_results(out)["metrics"]["k3"]["accuracy"] == first
 
 
-def test_cli_bad_inputs_are_one_line_errors(specs, shared_data, tmp_path, capsys, monkeypatch):
+def test_cli_bad_inputs_are_one_line_errors(specs, sample_data, tmp_path, capsys, monkeypatch):
     # none of these may get as far as building an encoder
     monkeypatch.setattr(encoder, "load", lambda *a, **k: pytest.fail("encoder built for a bad input"))
     train, test = specs
     assert cli(common(f"amibr:{tmp_path / 'nowhere'}", test, tmp_path)) == 2
     assert_one_line_error(capsys, "nowhere", "does not exist")
 
-    only_normal = f"amibr:{shared_data / 'amibr_midog21'}?group=003.tiff"
-    assert cli(common(only_normal, test, tmp_path)) == 2
-    assert_one_line_error(capsys, "003.tiff", "no images of class 'atypical'")
+    only_atypical = f"amibr:{sample_data / 'amibr'}?group=081.tiff"  # the one figure of slide 081
+    assert cli(common(only_atypical, test, tmp_path)) == 2
+    assert_one_line_error(capsys, "081.tiff", "no images of class 'normal'")
 
     one_class = tmp_path / "one_class" / "normal"
     one_class.mkdir(parents=True)
-    for path in sorted((shared_data / "amibr_midog21" / "patches" / "normal").glob("*.png"))[:2]:
+    for path in sorted((sample_data / "amibr" / "patches" / "normal").glob("*.png"))[:2]:
         shutil.copy(path, one_class)
     assert cli(common(str(one_class.parent), test, tmp_path)) == 2
     assert_one_line_error(capsys, "1 class", "at least 2")

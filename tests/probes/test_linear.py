@@ -218,10 +218,10 @@ def test_a_probe_that_predicts_one_class_says_so(capsys):
 
 
 @pytest.fixture(scope="module")
-def specs(shared_data) -> tuple[str, str]:
-    """Five training slides of AMi-Br (6 atypical + 12 normal patches), two other slides to test on."""
-    root = shared_data / "amibr_midog21"
-    return (f"amibr:{root}?group=005.tiff,006.tiff,025.tiff,029.tiff,031.tiff", f"amibr:{root}?group=008.tiff,011.tiff")
+def specs(sample_data) -> tuple[str, str]:
+    """Five training slides of AMi-Br (7 atypical + 11 normal patches), two other slides (036, 088: 4 + 5) to test on."""
+    root = sample_data / "amibr"
+    return (f"amibr:{root}?group=005.tiff,006.tiff,025.tiff,029.tiff,031.tiff", f"amibr:{root}?group=036.tiff,088.tiff")
 
 
 def cli(argv: list[str]) -> int:
