@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pytest
 from PIL import Image
 
@@ -17,24 +19,49 @@ from ssl_path.data.stain import (
 )
 from ssl_path.stain_preview import main as preview_main
 
-MONUSEG = "monuseg_kumar_norm/NormalizedPNG/TCGA-21-5784-01Z-00-DX1.png"
-TARGET = "pypi_wheel_samples/tiatoolbox-2.1.3/target_image.png"
+SLIDE = "slide/CMU-1-Small-Region.svs"
 BCCD = "bccd/BCCD/JPEGImages/BloodImage_00000.jpg"
+# 512 px level-0 tiles (x, y) of the CMU H&E slide (Aperio): dermis between two rete ridges, dermis beside one.
+CMU_TILES = {"cmu_dermis_ridges": (725, 1950), "cmu_dermis": (600, 2400)}
+# MIDOG 2021 slides by scanner: 001-050 Hamamatsu XR (the reference's), 051-100 Hamamatsu S360.
+XR, S360 = range(1, 51), range(51, 101)
 
 
-def rgb(path: Path, crop: int | None = None) -> np.ndarray:
-    img = np.asarray(Image.open(path).convert("RGB"))
-    return np.ascontiguousarray(img[:crop, :crop]) if crop else img
+def rgb(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def slide_tile(sample_data: Path, x: int, y: int, size: int = 512) -> np.ndarray:
+    with openslide.OpenSlide(sample_data / SLIDE) as slide:
+        return np.asarray(slide.read_region((x, y), 0, (size, size)).convert("RGB"))
+
+
+def amibr_mosaic(sample_data: Path, slides: range) -> np.ndarray:
+    """512 px of H&E from one scanner: the first 16 normal AMi-Br patches (128 px) of ``slides``, 4 x 4."""
+    with open(sample_data / "amibr/AMI-BR_MIDOG21.csv", newline="") as f:
+        uids = [
+            r["uid"] for r in csv.DictReader(f) if r["majority_atypical"] == "False" and int(r["slide"][:3]) in slides
+        ]
+    patches = [rgb(sample_data / f"amibr/patches/normal/MIDOG21_{uid}.png") for uid in uids[:16]]
+    return np.concatenate([np.concatenate(patches[i : i + 4], axis=1) for i in range(0, 16, 4)], axis=0)
 
 
 @pytest.fixture(scope="module")
-def reference(shared_data: Path) -> np.ndarray:
-    return rgb(shared_data / TARGET, 512)
+def reference(sample_data: Path) -> np.ndarray:
+    """Another lab's and scanner's H&E than the slide's: AMi-Br patches scanned on the Hamamatsu XR."""
+    return amibr_mosaic(sample_data, XR)
 
 
 @pytest.fixture(scope="module")
-def tile(shared_data: Path) -> np.ndarray:
-    return rgb(shared_data / MONUSEG, 512)
+def reference_png(reference: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("stain") / "reference.png"
+    Image.fromarray(reference).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tile(sample_data: Path) -> np.ndarray:
+    return slide_tile(sample_data, *CMU_TILES["cmu_dermis_ridges"])
 
 
 def lab_stats(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,16 +83,9 @@ def test_reinhard_matches_reference_lab_statistics(tile: np.ndarray, reference: 
     np.testing.assert_allclose(s_out, s_ref, rtol=0.05)
 
 
-@pytest.mark.parametrize(
-    "source",
-    [
-        MONUSEG,
-        "monuseg_kumar_norm/NormalizedPNG/TCGA-B0-5711-01Z-00-DX1.png",
-        "pypi_wheel_samples/stardist-0.9.2/histo.jpg",
-    ],
-)
-def test_macenko_moves_stain_vectors_to_the_reference(shared_data: Path, reference: np.ndarray, source: str) -> None:
-    img = rgb(shared_data / source, 512)
+@pytest.mark.parametrize("source", [*CMU_TILES, "amibr_s360"])
+def test_macenko_moves_stain_vectors_to_the_reference(sample_data: Path, reference: np.ndarray, source: str) -> None:
+    img = amibr_mosaic(sample_data, S360) if source == "amibr_s360" else slide_tile(sample_data, *CMU_TILES[source])
     out = make_normalizer("macenko", reference)(img)
     ref_stains = macenko_stain_matrix(reference)
     before = np.linalg.norm(macenko_stain_matrix(img) - ref_stains)
@@ -77,9 +97,9 @@ def test_macenko_moves_stain_vectors_to_the_reference(shared_data: Path, referen
 
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_strength_blends_between_input_and_full_normalisation(
-    method: str, shared_data: Path, reference: np.ndarray
+    method: str, sample_data: Path, reference: np.ndarray
 ) -> None:
-    img = rgb(shared_data / BCCD)
+    img = rgb(sample_data / BCCD)
     none, half, full = (make_normalizer(method, reference, s)(img) for s in (0.0, 0.5, 1.0))
     assert np.array_equal(none, img)
     lo, hi = np.minimum(img, full).astype(int), np.maximum(img, full).astype(int)
@@ -113,13 +133,13 @@ def test_bad_arguments_raise_user_error(reference: np.ndarray) -> None:
         make_normalizer("reinhard", reference)(reference[..., 0])
 
 
-def test_preview_writes_a_grid(shared_data: Path, tmp_path: Path) -> None:
+def test_preview_writes_a_grid(sample_data: Path, reference_png: Path, tmp_path: Path) -> None:
     out = tmp_path / "preview.png"
     args = [
         "--data",
-        str(shared_data / BCCD),
+        str(sample_data / BCCD),
         "--reference",
-        str(shared_data / TARGET),
+        str(reference_png),
         "--method",
         "macenko",
         "--strength",
@@ -149,9 +169,9 @@ def test_preview_writes_a_grid(shared_data: Path, tmp_path: Path) -> None:
     ],
 )
 def test_preview_bad_arguments_exit_2_with_one_line(
-    change: list[str], shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    change: list[str], sample_data: Path, reference_png: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["--data", str(shared_data / MONUSEG), "--reference", str(shared_data / TARGET)]
+    args = ["--data", str(sample_data / BCCD), "--reference", str(reference_png)]
     assert run_cli(preview_main, args + ["--out", str(tmp_path / "p.png"), *change]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1

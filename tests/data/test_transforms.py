@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pytest
 import torch
 from PIL import Image
@@ -34,20 +35,26 @@ from ssl_path.data.transforms import (
     solarize,
 )
 
-MONUSEG = "monuseg_kumar_norm/NormalizedPNG"
-TARGET = "pypi_wheel_samples/tiatoolbox-2.1.3/target_image.png"
+SLIDE = "slide/CMU-1-Small-Region.svs"
+# A real H&E PNG from another lab and scanner than the slide: the first normal AMi-Br patch (MIDOG slide 002).
+AMIBR_PATCH = "amibr/patches/normal/MIDOG21_10.png"
 
 
 @pytest.fixture(scope="module")
-def tiles(shared_data: Path) -> list[bytes]:
-    """256 px JPEG (q95) tiles cut from MoNuSeg H&E images, as the tiler writes them."""
+def he_rgb(sample_data: Path) -> np.ndarray:
+    """A 1000 px level-0 region of the CMU H&E slide: dermis and epidermis, glass only between collagen fibres."""
+    with openslide.OpenSlide(sample_data / SLIDE) as slide:
+        return np.asarray(slide.read_region((725, 1950), 0, (1000, 1000)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def tiles(he_rgb: np.ndarray) -> list[bytes]:
+    """Six 256 px JPEG (q95) tiles of real H&E on a fixed grid of the region, as the tiler writes them."""
     out = []
-    for path in sorted((shared_data / MONUSEG).glob("*.png"))[:3]:
-        img = np.asarray(Image.open(path).convert("RGB"))
-        for y, x in ((0, 0), (372, 500)):
-            buf = io.BytesIO()
-            Image.fromarray(img[y : y + 256, x : x + 256]).save(buf, "JPEG", quality=95)
-            out.append(buf.getvalue())
+    for y, x in itertools.product((0, 372), (0, 372, 744)):
+        buf = io.BytesIO()
+        Image.fromarray(he_rgb[y : y + 256, x : x + 256]).save(buf, "JPEG", quality=95)
+        out.append(buf.getvalue())
     return out
 
 
@@ -177,14 +184,15 @@ def test_crop_resize_orient_matches_torchvision(tiles: list[bytes]) -> None:
     assert torch.equal(out[1], TF.rotate(TF.vertical_flip(ref1), 270))
 
 
-def test_decode_reads_jpeg_png_bmp_and_arrays(shared_data: Path, tiles: list[bytes]) -> None:
-    bmp = next((shared_data / "wbc_seg").rglob("*.bmp"))
-    png = shared_data / TARGET
+def test_decode_reads_jpeg_png_bmp_and_arrays(sample_data: Path, tiles: list[bytes], tmp_path: Path) -> None:
+    bmp = tmp_path / "tile.bmp"  # the sample has no BMP: Pillow writes one (24-bit RGB, as the WBC set's are)
+    Image.open(io.BytesIO(tiles[0])).save(bmp)
+    png = sample_data / AMIBR_PATCH
     for image in (tiles[0], bmp.read_bytes(), png, Image.open(png), np.asarray(Image.open(png).convert("RGB"))):
         img = as_rgb_tensor(image)
         assert img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3
     with pytest.raises(UserError, match="not found"):
-        as_rgb_tensor(shared_data / "missing.png")
+        as_rgb_tensor(tmp_path / "missing.png")
 
 
 # ----------------------------------------------------------------------------- photometric ops
@@ -343,8 +351,8 @@ def test_apply_photometric_rejects_mismatched_params(tiles: list[bytes]) -> None
 # ----------------------------------------------------------------------------- stain option, eval, config
 
 
-def test_stain_normalisation_before_multicrop(shared_data: Path, tiles: list[bytes]) -> None:
-    ref = str(shared_data / TARGET)
+def test_stain_normalisation_before_multicrop(sample_data: Path, tiles: list[bytes], tmp_path: Path) -> None:
+    ref = str(sample_data / AMIBR_PATCH)
     plain = MultiCropAugment(MultiCropConfig(n_local=0), photometric=False)(tiles[0], key=0)["global_crops"]
     cfg = MultiCropConfig(n_local=0, stain_norm="macenko", stain_reference=ref)
     normed = MultiCropAugment(cfg, photometric=False)(tiles[0], key=0)["global_crops"]
@@ -355,11 +363,11 @@ def test_stain_normalisation_before_multicrop(shared_data: Path, tiles: list[byt
     with pytest.raises(UserError, match="stain_reference"):
         MultiCropConfig(stain_norm="reinhard")
     with pytest.raises(UserError, match="not found"):
-        MultiCropAugment(MultiCropConfig(stain_norm="reinhard", stain_reference=str(shared_data / "none.png")))
+        MultiCropAugment(MultiCropConfig(stain_norm="reinhard", stain_reference=str(tmp_path / "none.png")))
 
 
-def test_eval_transform_resizes_centre_crops_and_normalises(shared_data: Path) -> None:
-    smear = shared_data / "bccd/BCCD/JPEGImages/BloodImage_00000.jpg"  # 640x480
+def test_eval_transform_resizes_centre_crops_and_normalises(sample_data: Path) -> None:
+    smear = sample_data / "bccd/BCCD/JPEGImages/BloodImage_00000.jpg"  # 640x480
     x = eval_transform(224)(smear.read_bytes())
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32
     img = as_rgb_tensor(smear)

