@@ -128,7 +128,9 @@ def build_detector(
         "image_std": list(std),
         "size_divisible": 32,
     }
-    group_norm = partial(nn.GroupNorm, 32)
+    # RetinaNet's 32 groups (Lin et al. 2017), but two channels or more in each: with one, a 1x1 level
+    # (a small window's coarsest) of a one-window batch has nothing to normalise over and raises.
+    group_norm = partial(nn.GroupNorm, min(32, channels // 2))
     num_classes = n_classes if kind in ONE_STAGE else n_classes + 1
     generator = anchor_generator(kind, anchors)
     if kind == "retinanet":

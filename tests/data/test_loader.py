@@ -16,16 +16,16 @@ from ssl_path.data import shard_dataset, shard_loader, shard_total, shard_urls
 from ssl_path.data.loader import check_shards
 from ssl_path.tiling import TilingParams, make_shards
 
+# The domain of a tile: its crop's origin in the slide, from the file name (CMU-1_x700_y1900.png: x700_y1900).
+DOMAIN_REGEX = r"_(x\d+_y\d+)\.png"
+
 
 @pytest.fixture(scope="module")
-def shard_dir(shared_data, tmp_path_factory) -> Path:
-    """Real MoNuSeg tiles, 128 px PNG, 40 per shard, domain = organ code from the file name."""
-    images = sorted((shared_data / "monuseg_kumar_norm" / "NormalizedPNG").glob("*.png"))[:3]
-    out = tmp_path_factory.mktemp("shards") / "monuseg"
-    params = TilingParams(
-        tile_size=128, format="png", samples_per_shard=40, min_tissue=0.0, domain_regex=r"TCGA-(\w\w)-"
-    )
-    make_shards(images, out, params, progress=False)
+def shard_dir(slide_crops, tmp_path_factory) -> Path:
+    """Real tiles of three 1000 px crops of the sample slide, 128 px PNG, 40 per shard, with a domain."""
+    out = tmp_path_factory.mktemp("shards") / "slide_crops"
+    params = TilingParams(tile_size=128, format="png", samples_per_shard=40, min_tissue=0.0, domain_regex=DOMAIN_REGEX)
+    make_shards(slide_crops, out, params, progress=False)
     return out
 
 
@@ -42,7 +42,7 @@ def test_eval_pass_reads_every_sample_once_as_rgb(shard_dir):
     assert image.dtype == torch.uint8 and image.shape == (3, 128, 128)
     assert len({s["meta"]["source"] for s in samples}) == 3
     for sample in samples:
-        assert sample["meta"]["domain"] == re.search(r"TCGA-(\w\w)-", sample["meta"]["source"]).group(1)
+        assert sample["meta"]["domain"] == re.search(DOMAIN_REGEX, sample["meta"]["source"]).group(1)
 
 
 def test_eval_pass_is_exact_across_workers(shard_dir):

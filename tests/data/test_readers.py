@@ -1,4 +1,9 @@
-"""Readers for labelled sets, on the real sample data (read-only) and small layouts built from it in tmp_path."""
+"""Readers for labelled sets, on real data (read-only) and small layouts built from it in tmp_path.
+
+The project's own sample (data/sample: 344 AMi-Br patches, 30 BCCD smears) serves wherever some real images
+will do; the full sets in ../shared/data only where their published counts are the point, or where the sample
+has no such set (segmentation_WBC, MoNuSeg).
+"""
 
 from __future__ import annotations
 
@@ -39,62 +44,82 @@ def bccd(shared_data: Path) -> LabelledSet:
     return read_voc(shared_data / "bccd")
 
 
+@pytest.fixture(scope="module")
+def sample_bccd(sample_data: Path) -> LabelledSet:
+    return read_voc(sample_data / "bccd")
+
+
+@pytest.fixture(scope="module")
+def amibr(sample_data: Path) -> Path:
+    """The sample's AMi-Br: 344 patches of 63 slides (30 scanned on the XR, 33 on the S360), with the split."""
+    return sample_data / "amibr"
+
+
 # --- AMi-Br and folder-per-class --------------------------------------------------------------------------
 
 
-def test_amibr_counts_slides_and_scanners(shared_data: Path) -> None:
-    ds = read_amibr(shared_data / "amibr_midog21")
+# (root fixture, folder in it, normal, atypical, slides, XR and S360 patches, XR and S360 slides). The
+# sample's counts come from its folders and CSV; 88 of the full set's 100 slides hold a figure.
+AMIBR_COUNTS = {
+    "full": ("shared_data", "amibr_midog21", 801, 232, 88, (451, 582), (44, 44)),
+    "sample": ("sample_data", "amibr", 211, 133, 63, (168, 176), (30, 33)),
+}
+
+
+@pytest.mark.parametrize("which", AMIBR_COUNTS)
+def test_amibr_counts_slides_and_scanners(which: str, request: pytest.FixtureRequest) -> None:
+    fixture, folder, normal, atypical, slides, per_scanner, slides_per_scanner = AMIBR_COUNTS[which]
+    ds = read_amibr(request.getfixturevalue(fixture) / folder)
     assert ds.classes == ("normal", "atypical")
-    assert ds.class_counts() == {"normal": 801, "atypical": 232}
-    assert len(ds) == 1033
-    # 88 of the 100 slides hold a figure; 44 per scanner.
-    assert len(ds.groups()) == 88
+    assert ds.class_counts() == {"normal": normal, "atypical": atypical}
+    assert len(ds) == normal + atypical and len(ds.groups()) == slides
     xr, s360 = ds.filter(domain="hamamatsu_xr"), ds.filter(domain="hamamatsu_s360")
-    assert (len(xr), len(s360)) == (451, 582)
-    assert (len(xr.groups()), len(s360.groups())) == (44, 44)
+    assert (len(xr), len(s360)) == per_scanner
+    assert (len(xr.groups()), len(s360.groups())) == slides_per_scanner
+    # MIDOG 2021 slides 001-050 were scanned on the XR, 051-100 on the S360
     assert all(int(r.group[:3]) <= 50 for r in xr) and all(51 <= int(r.group[:3]) <= 100 for r in s360)
     assert not set(xr.groups()) & set(s360.groups())
     first = next(r for r in ds if r.meta["uid"] == "7")
     assert (first.group, first.label, first.meta["expert1_label"]) == ("002.tiff", "atypical", "AMF segregation")
     assert Path(first.path).parent.name == "atypical" and Path(first.path).is_file()
-    assert ds.targets().count(1) == 232
+    assert ds.targets().count(1) == atypical
 
 
-def test_amibr_expert_subtypes_as_target(shared_data: Path) -> None:
-    ds = read_amibr(shared_data / "amibr_midog21", target="expert1")
-    assert len(ds.classes) == 8 and sum(ds.class_counts().values()) == 1033
-    assert ds.class_counts()["NMF prometaphase"] == 448
+def test_amibr_expert_subtypes_as_target(amibr: Path) -> None:
+    ds = read_amibr(amibr, target="expert1")
+    # The sample holds all 8 subtypes; 116 of its 344 rows say "NMF prometaphase" in expert1_label.
+    assert len(ds.classes) == 8 and sum(ds.class_counts().values()) == 344
+    assert ds.class_counts()["NMF prometaphase"] == 116
     assert ds.classes == tuple(sorted(ds.classes))
-    assert sum(r.meta["atypical"] == "atypical" for r in ds) == 232
+    assert sum(r.meta["atypical"] == "atypical" for r in ds) == 133
     with pytest.raises(UserError, match="target must be one of"):
-        read_amibr(shared_data / "amibr_midog21", target="expert3")
+        read_amibr(amibr, target="expert3")
 
 
-def test_amibr_benchmark_split_is_slide_disjoint(shared_data: Path) -> None:
-    root = shared_data / "amibr_midog21"
-    assert {r.split for r in read_amibr(root)} == {None}
-    ds = read_spec(f"amibr:{root}?split=benchmark")
-    assert Counter(r.split for r in ds) == {"train": 783, "test": 250}
+def test_amibr_benchmark_split_is_slide_disjoint(amibr: Path) -> None:
+    assert {r.split for r in read_amibr(amibr)} == {None}
+    ds = read_spec(f"amibr:{amibr}?split=benchmark")
+    # benchmark_split.csv: 248 train and 96 test rows, of 44 and 19 slides.
+    assert Counter(r.split for r in ds) == {"train": 248, "test": 96}
     assert ds.splits() == ["test", "train"] and ds.info["split_rows_without_patch"] == 0
     train, test = ds.filter(split="train"), ds.filter(split="test")
     assert not set(train.groups()) & set(test.groups())
-    assert len(train.groups()) + len(test.groups()) == 88
-    assert ds.source == f"amibr:{root}?split=benchmark"
+    assert len(train.groups()) + len(test.groups()) == 63
+    assert ds.source == f"amibr:{amibr}?split=benchmark"
     assert read_spec(ds.source).records == ds.records
     # The option goes to the reader; the record filters still apply beside it.
-    xr = read_spec(f"amibr:{root}?split=benchmark&domain=hamamatsu_xr")
-    assert len(xr) == 451 and {r.split for r in xr} == {"train", "test"}
+    xr = read_spec(f"amibr:{amibr}?split=benchmark&domain=hamamatsu_xr")
+    assert len(xr) == 168 and {r.split for r in xr} == {"train", "test"}
     with pytest.raises(UserError, match="split must be one of benchmark; got 'kumar'"):
-        read_amibr(root, split="kumar")
+        read_amibr(amibr, split="kumar")
 
 
-def test_amibr_benchmark_split_errors(tmp_path: Path, shared_data: Path) -> None:
-    src = shared_data / "amibr_midog21"
-    (tmp_path / "patches").symlink_to(src / "patches")
-    (tmp_path / "AMI-BR_MIDOG21.csv").symlink_to(src / "AMI-BR_MIDOG21.csv")
+def test_amibr_benchmark_split_errors(tmp_path: Path, amibr: Path) -> None:
+    (tmp_path / "patches").symlink_to(amibr / "patches")
+    (tmp_path / "AMI-BR_MIDOG21.csv").symlink_to(amibr / "AMI-BR_MIDOG21.csv")
     with pytest.raises(UserError, match=rf"split=benchmark needs benchmark_split.csv under {tmp_path}"):
         read_amibr(tmp_path, split="benchmark")
-    lines = (src / "benchmark_split.csv").read_text().splitlines()
+    lines = (amibr / "benchmark_split.csv").read_text().splitlines()
     table = tmp_path / "benchmark_split.csv"
     cases = {
         "\n".join(lines[:-1]): rf"1 patch\(es\) have no row in {table}, e.g. uid {lines[-1].split(',')[0]}",
@@ -108,15 +133,15 @@ def test_amibr_benchmark_split_errors(tmp_path: Path, shared_data: Path) -> None
             read_amibr(tmp_path, split="benchmark")
 
 
-def test_folder_per_class_reads_amibr_patches(shared_data: Path) -> None:
-    ds = read_folder(shared_data / "amibr_midog21" / "patches")
+def test_folder_per_class_reads_amibr_patches(amibr: Path) -> None:
+    ds = read_folder(amibr / "patches")
     assert ds.classes == ("atypical", "normal")
-    assert ds.class_counts() == {"atypical": 232, "normal": 801}
-    assert ds.source == f"folder:{shared_data / 'amibr_midog21' / 'patches'}"
+    assert ds.class_counts() == {"atypical": 133, "normal": 211}
+    assert ds.source == f"folder:{amibr / 'patches'}"
 
 
-def test_folder_recurses_and_rejects_an_empty_class(tmp_path: Path, shared_data: Path) -> None:
-    src = sorted((shared_data / "amibr_midog21" / "patches" / "normal").iterdir())[:3]
+def test_folder_recurses_and_rejects_an_empty_class(tmp_path: Path, amibr: Path) -> None:
+    src = sorted((amibr / "patches" / "normal").iterdir())[:3]
     (tmp_path / "b" / "deep" / "er").mkdir(parents=True)
     (tmp_path / "a").mkdir()
     shutil.copy(src[0], tmp_path / "a")
@@ -133,30 +158,33 @@ def test_folder_recurses_and_rejects_an_empty_class(tmp_path: Path, shared_data:
 # --- CSV lists ----------------------------------------------------------------------------------------------
 
 
-def test_csv_resolves_relative_and_absolute_paths(tmp_path: Path, shared_data: Path) -> None:
-    wbc = shared_data / "wbc_seg" / "Dataset 1"
+def test_csv_resolves_relative_and_absolute_paths(tmp_path: Path, amibr: Path) -> None:
+    one, two, three = sorted((amibr / "patches" / "normal").iterdir())[:3]
     local = tmp_path / "imgs"
     local.mkdir()
-    shutil.copy(wbc / "001.bmp", local / "one.bmp")
+    shutil.copy(one, local / "one.png")
+    mask = tmp_path / "masks" / two.name  # the reader checks that a mask exists, not what it holds
+    mask.parent.mkdir()
+    Image.fromarray(np.zeros((128, 128), np.uint8)).save(mask)
     table = tmp_path / "list.csv"
     table.write_text(
         "path,label,group,domain,split,mask,stain\n"
-        "imgs/one.bmp,lymphocyte,p1,site_a,train,,rapid\n"
-        f"{wbc / '002.bmp'},neutrophil,p2,site_b,test,{wbc / '002.png'},\n"
-        f"{wbc / '003.bmp'},,p2,site_b,test,,\n"
+        "imgs/one.png,lymphocyte,p1,site_a,train,,rapid\n"
+        f"{two},neutrophil,p2,site_b,test,{mask},\n"
+        f"{three},,p2,site_b,test,,\n"
     )
     ds = read_csv(table)
     assert ds.classes == ("lymphocyte", "neutrophil")
-    assert [r.path for r in ds] == [str(local / "one.bmp"), str(wbc / "002.bmp"), str(wbc / "003.bmp")]
+    assert [r.path for r in ds] == [str(local / "one.png"), str(two), str(three)]
     assert ds.labels() == ["lymphocyte", "neutrophil", None]
     assert ds.targets() == [0, 1, -1]
-    assert ds[0].meta == {"stain": "rapid"} and ds[1].mask_path == str(wbc / "002.png")
+    assert ds[0].meta == {"stain": "rapid"} and ds[1].mask_path == str(mask)
     assert ds.filter(split="test", group="p2").labels() == ["neutrophil", None]
     assert ds.filter(domain=["site_a", "site_b"], label="lymphocyte").labels() == ["lymphocyte"]
 
 
-def test_csv_errors_name_the_line_or_the_columns(tmp_path: Path, shared_data: Path) -> None:
-    image = shared_data / "wbc_seg" / "Dataset 1" / "001.bmp"
+def test_csv_errors_name_the_line_or_the_columns(tmp_path: Path, amibr: Path) -> None:
+    image = amibr / "patches" / "normal" / "MIDOG21_10.png"
     table = tmp_path / "bad.csv"
     table.write_text(f"path,label\n{image},a\nmissing.png,b\n")
     with pytest.raises(UserError, match=r"line 3 of .*bad\.csv: image 'missing\.png' not found"):
@@ -225,6 +253,19 @@ def test_voc_bccd_boxes_after_dropping_degenerate_ones(bccd: LabelledSet) -> Non
     assert Box(260, 177, 491, 376, "WBC") in first.boxes
 
 
+def test_voc_sample_bccd_boxes(sample_bccd: LabelledSet) -> None:
+    """The same on the sample; its counts from its XML files (no zero-area box among them) and split lists."""
+    assert len(sample_bccd) == 30 and sample_bccd.classes == ("Platelets", "RBC", "WBC")
+    assert sample_bccd.box_counts() == {"Platelets": 31, "RBC": 496, "WBC": 32}
+    assert sample_bccd.info["degenerate_by_class"] == {} and sample_bccd.info["degenerate_boxes_dropped"] == 0
+    assert all(b.x1 > b.x0 and b.y1 > b.y0 for r in sample_bccd for b in r.boxes)
+    assert all(r.label is None and r.meta["width"] == 640 and r.meta["height"] == 480 for r in sample_bccd)
+    assert Counter(r.split for r in sample_bccd) == {"train": 18, "val": 6, "test": 6}
+    first = sample_bccd[0]
+    assert (Path(first.path).name, first.split) == ("BloodImage_00000.jpg", "val")
+    assert Box(260, 177, 491, 376, "WBC") in first.boxes
+
+
 def test_voc_split_option(shared_data: Path) -> None:
     sizes = {s: len(read_voc(shared_data / "bccd", split=s)) for s in ("train", "val", "trainval", "test")}
     assert sizes == {"train": 205, "val": 87, "trainval": 292, "test": 72}
@@ -236,16 +277,29 @@ def test_voc_split_option(shared_data: Path) -> None:
         read_voc(shared_data / "bccd", split="holdout")
 
 
+def test_voc_split_option_on_the_sample(sample_data: Path) -> None:
+    """The sample's lists: the first 18 / 6 / 6 ids of the official train / val / test, trainval = train + val."""
+    root = sample_data / "bccd"
+    sizes = {s: len(read_voc(root, split=s)) for s in ("train", "val", "trainval", "test")}
+    assert sizes == {"train": 18, "val": 6, "trainval": 24, "test": 6}
+    trainval = read_voc(root, split="trainval")
+    assert trainval.splits() == ["train", "val"] and trainval.classes == ("Platelets", "RBC", "WBC")
+    via_spec = read_spec(f"voc:{root}?split=test")
+    assert len(via_spec) == 6 and via_spec.source.endswith("BCCD?split=test")
+    with pytest.raises(UserError, match=r"no split list .*holdout\.txt \(available: test, train, trainval, val\)"):
+        read_voc(root, split="holdout")
+
+
 def test_voc_without_annotations_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "JPEGImages").mkdir()
     with pytest.raises(UserError, match=f"voc: no Annotations/ folder under {tmp_path}"):
         read_voc(tmp_path)
 
 
-def test_coco_reads_back_bccd_converted_from_voc(tmp_path: Path, shared_data: Path, bccd: LabelledSet) -> None:
-    categories = {name: i + 1 for i, name in enumerate(bccd.classes)}
+def test_coco_reads_back_bccd_converted_from_voc(tmp_path: Path, sample_data: Path, sample_bccd: LabelledSet) -> None:
+    categories = {name: i + 1 for i, name in enumerate(sample_bccd.classes)}
     images, annotations = [], []
-    for image_id, r in enumerate(bccd, start=1):
+    for image_id, r in enumerate(sample_bccd, start=1):
         images.append({"id": image_id, "file_name": Path(r.path).name, "width": 640, "height": 480})
         for b in r.boxes:
             ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": categories[b.label]}
@@ -256,24 +310,24 @@ def test_coco_reads_back_bccd_converted_from_voc(tmp_path: Path, shared_data: Pa
     cats = [{"id": i, "name": n} for n, i in categories.items()]
     (tmp_path / "bccd.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": cats}))
     # Images are looked up beside the json, then in images/ beside it.
-    (tmp_path / "images").symlink_to(shared_data / "bccd" / "BCCD" / "JPEGImages", target_is_directory=True)
+    (tmp_path / "images").symlink_to(sample_data / "bccd" / "BCCD" / "JPEGImages", target_is_directory=True)
 
     ds = read_coco(tmp_path / "bccd.json")
-    assert ds.classes == bccd.classes and len(ds) == len(bccd)
-    assert [Path(r.path).name for r in ds] == [Path(r.path).name for r in bccd]
-    assert [r.boxes for r in ds] == [r.boxes for r in bccd]
+    assert ds.classes == sample_bccd.classes and len(ds) == len(sample_bccd)
+    assert [Path(r.path).name for r in ds] == [Path(r.path).name for r in sample_bccd]
+    assert [r.boxes for r in ds] == [r.boxes for r in sample_bccd]
     assert ds.info["degenerate_by_class"] == {"RBC": 1}
     assert ds[0].meta["segmentations"][0] == [[260, 177, 491, 177, 491, 376]]
-    assert len(read_spec(f"coco:{tmp_path}?images={shared_data / 'bccd' / 'BCCD' / 'JPEGImages'}")) == 364
+    assert len(read_spec(f"coco:{tmp_path}?images={sample_data / 'bccd' / 'BCCD' / 'JPEGImages'}")) == 30
 
 
 # --- MIDOG json ---------------------------------------------------------------------------------------------
 
 
-def _midog_json(tmp_path: Path, shared_data: Path) -> tuple[Path, dict[str, list[tuple[float, float, str]]]]:
-    """MIDOG 2021-style json with AMi-Br's figure centres on slides 002 and 054; MoNuSeg PNGs stand in for images."""
-    rows = list(csv.DictReader((shared_data / "amibr_midog21" / "AMI-BR_MIDOG21.csv").open()))
-    stand_ins = sorted((shared_data / "monuseg_kumar_norm" / "NormalizedPNG").iterdir())
+def _midog_json(tmp_path: Path, amibr: Path) -> tuple[Path, dict[str, list[tuple[float, float, str]]]]:
+    """MIDOG 2021-style json with AMi-Br's figure centres on slides 002 and 054; AMi-Br patches stand in for images."""
+    rows = list(csv.DictReader((amibr / "AMI-BR_MIDOG21.csv").open()))
+    stand_ins = sorted((amibr / "patches" / "normal").iterdir())
     folder = tmp_path / "slides"
     folder.mkdir()
     numbers = (2, 54, 180, 250)
@@ -298,8 +352,8 @@ def _midog_json(tmp_path: Path, shared_data: Path) -> tuple[Path, dict[str, list
     return file, expected
 
 
-def test_midog_points_boxes_scanners_and_unannotated_images(tmp_path: Path, shared_data: Path) -> None:
-    file, expected = _midog_json(tmp_path, shared_data)
+def test_midog_points_boxes_scanners_and_unannotated_images(tmp_path: Path, amibr: Path) -> None:
+    file, expected = _midog_json(tmp_path, amibr)
     ds = read_midog(file, images="slides")
     assert ds.classes == ("mitotic figure", "not mitotic figure")
     assert [r.group for r in ds] == ["002", "054", "250"]  # 180 (Leica, unlabelled in MIDOG 2021) left out
@@ -403,15 +457,16 @@ def test_monuseg_kumar_split(tmp_path: Path, shared_data: Path) -> None:
     assert len(read_monuseg(tmp_path)) == 30  # without the option any TCGA images will do
 
 
-def _glas_folder(tmp_path: Path, shared_data: Path) -> Path:
-    """A GlaS-layout folder (BMP images + _anno masks + Grade.csv as released, space-padded) from MoNuSeg pairs."""
-    src = shared_data / "monuseg_kumar_norm"
+def _glas_folder(tmp_path: Path, amibr: Path) -> Path:
+    """A GlaS-layout folder (BMP images + _anno masks + Grade.csv as released, space-padded) from AMi-Br patches,
+    each with its dark pixels as the mask (the reader pairs the files; it does not read them)."""
     root = tmp_path / "Warwick QU Dataset"
     root.mkdir()
     names = ["train_1", "train_2", "train_10", "testA_1", "testB_1"]
-    for name, stem in zip(names, sorted(p.stem for p in (src / "NormalizedPNG").iterdir()), strict=False):
-        Image.open(src / "NormalizedPNG" / f"{stem}.png").resize((64, 64)).save(root / f"{name}.bmp")
-        Image.open(src / "GroundTruthInside" / f"{stem}.png").resize((64, 64), Image.NEAREST).save(
+    for name, patch in zip(names, sorted((amibr / "patches" / "normal").iterdir()), strict=False):
+        image = Image.open(patch).convert("RGB").resize((64, 64))
+        image.save(root / f"{name}.bmp")
+        Image.fromarray(np.where(np.asarray(image.convert("L")) < 128, 255, 0).astype(np.uint8)).save(
             root / f"{name}_anno.bmp"
         )
     (root / "Grade.csv").write_text(
@@ -425,8 +480,8 @@ def _glas_folder(tmp_path: Path, shared_data: Path) -> Path:
     return root
 
 
-def test_glas_labels_patients_and_splits(tmp_path: Path, shared_data: Path) -> None:
-    root = _glas_folder(tmp_path, shared_data)
+def test_glas_labels_patients_and_splits(tmp_path: Path, amibr: Path) -> None:
+    root = _glas_folder(tmp_path, amibr)
     ds = read_glas(root)
     assert ds.classes == ("benign", "malignant")
     assert [r.meta["name"] for r in ds] == ["testA_1", "train_1", "train_2", "train_10", "testB_1"]
@@ -447,26 +502,25 @@ def test_glas_labels_patients_and_splits(tmp_path: Path, shared_data: Path) -> N
 # --- SPEC parsing -------------------------------------------------------------------------------------------
 
 
-def test_spec_bare_paths_options_and_filters(tmp_path: Path, shared_data: Path) -> None:
-    patches = shared_data / "amibr_midog21" / "patches"
-    assert read_spec(str(patches)).class_counts() == {"atypical": 232, "normal": 801}
+def test_spec_bare_paths_options_and_filters(tmp_path: Path, amibr: Path) -> None:
+    patches = amibr / "patches"
+    assert read_spec(str(patches)).class_counts() == {"atypical": 133, "normal": 211}
     table = tmp_path / "list.csv"
     table.write_text(f"path,label\n{patches / 'normal' / 'MIDOG21_10.png'},normal\n")
     assert read_spec(str(table)).labels() == ["normal"]
 
-    spec = f"amibr:{shared_data / 'amibr_midog21'}?domain=hamamatsu_xr&label=atypical"
+    spec = f"amibr:{amibr}?domain=hamamatsu_xr&label=atypical"
     xr = read_spec(spec)
-    assert len(xr) == 105 and xr.domains() == ["hamamatsu_xr"] and xr.classes == ("normal", "atypical")
+    # 65 of the CSV's rows of slides 001-050 have majority_atypical True.
+    assert len(xr) == 65 and xr.domains() == ["hamamatsu_xr"] and xr.classes == ("normal", "atypical")
     assert read_spec(xr.source).records == xr.records  # the source SPEC reads the same set again
-    both = read_spec(f"amibr:{shared_data / 'amibr_midog21'}?domain=hamamatsu_xr,hamamatsu_s360")
-    assert len(both) == 1033
+    both = read_spec(f"amibr:{amibr}?domain=hamamatsu_xr,hamamatsu_s360")
+    assert len(both) == 344
     assert parse_spec("voc:../x?split=test").options == {"split": "test"}
 
 
-def test_spec_colon_in_a_path_is_not_a_reader(
-    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    image = shared_data / "amibr_midog21" / "patches" / "normal" / "MIDOG21_10.png"
+def test_spec_colon_in_a_path_is_not_a_reader(tmp_path: Path, amibr: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = amibr / "patches" / "normal" / "MIDOG21_10.png"
     (tmp_path / "run:1" / "cls").mkdir(parents=True)
     shutil.copy(image, tmp_path / "run:1" / "cls")
     monkeypatch.chdir(tmp_path)
@@ -475,17 +529,17 @@ def test_spec_colon_in_a_path_is_not_a_reader(
     assert read_spec("folder:run:1").class_counts() == {"cls": 1}
 
 
-def test_spec_errors_say_what_and_where(tmp_path: Path, shared_data: Path) -> None:
+def test_spec_errors_say_what_and_where(tmp_path: Path, sample_data: Path) -> None:
     cases = {
         f"nosuch:{tmp_path}": r"unknown reader 'nosuch' .*readers: folder, csv, amibr",
         f"voc:{tmp_path / 'gone'}": rf"voc: {tmp_path / 'gone'} does not exist",
         str(tmp_path / "gone"): "does not exist",
-        f"voc:{shared_data / 'bccd'}?splt=test": r"voc: unknown option 'splt' .*reader options: split",
-        f"voc:{shared_data / 'bccd'}?split": "malformed options",
-        f"amibr:{shared_data / 'amibr_midog21'}?domain=leica_gt450": (
+        f"voc:{sample_data / 'bccd'}?splt=test": r"voc: unknown option 'splt' .*reader options: split",
+        f"voc:{sample_data / 'bccd'}?split": "malformed options",
+        f"amibr:{sample_data / 'amibr'}?domain=leica_gt450": (
             r"no records left after domain=leica_gt450 .*hamamatsu_s360, hamamatsu_xr"
         ),
-        f"{shared_data / 'bccd' / 'BCCD' / 'Annotations' / 'BloodImage_00000.xml'}": "cannot tell how to read",
+        f"{sample_data / 'bccd' / 'BCCD' / 'Annotations' / 'BloodImage_00000.xml'}": "cannot tell how to read",
         "voc:": "has no PATH",
     }
     for spec, message in cases.items():

@@ -136,6 +136,10 @@ def test_a_trained_detector_reloads_with_its_own_anchors():
     retina = build_detector("retinanet", anchors=(8, 16, 32, 64, 128), **args)
     retina.load_state_dict(build_detector("retinanet", anchors=(10, 20, 40, 80, 160), **args).state_dict())
     assert retina.model.anchor_generator.sizes[0] == (10, 13, 16)  # three octave scales per level
+    # 32 channels: 16 groups of two, so that a 1x1 level (a 64 px window's coarsest) of one window normalises
+    norms = [m for m in retina.model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 16 for m in norms)
+    assert torch.isfinite(norms[0](torch.randn(1, 32, 1, 1))).all()
 
 
 def test_detection_batches_keep_one_target_dict_per_image():

