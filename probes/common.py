@@ -46,6 +46,8 @@ __all__ = [
     "check_sets",
     "shared_groups",
     "ci_cell",
+    "difference_header",
+    "excludes_zero",
     "format_table",
     "Prediction",
     "score_rows",
@@ -107,6 +109,16 @@ def shared_groups(train: FeatureSet, test: FeatureSet) -> int:
     return len({g for g in train.groups if g is not None} & {g for g in test.groups if g is not None})
 
 
+def excludes_zero(ci: Sequence[float] | None) -> bool:
+    """Whether a difference's interval lies wholly on one side of 0."""
+    return ci is not None and (ci[0] > 0 or ci[1] < 0)
+
+
+def difference_header(reference: str) -> str:
+    """The line above a table's block of paired differences."""
+    return f"paired difference, this encoder minus {reference} (* the 95 % CI excludes 0):"
+
+
 def ci_cell(value: float | None, ci: Sequence[float] | None, signed: bool = False) -> str:
     """A score and its 95 % CI for a table; a signed one (a difference) gets * where the CI excludes 0."""
     if value is None:
@@ -116,7 +128,7 @@ def ci_cell(value: float | None, ci: Sequence[float] | None, signed: bool = Fals
     if ci is not None:
         text += f" [{ci[0]:{spec}}, {ci[1]:{spec}}]"
         if signed:
-            text += "*" if ci[0] > 0 or ci[1] < 0 else " "
+            text += "*" if excludes_zero(ci) else " "
     return text
 
 
@@ -158,7 +170,7 @@ def format_table(
             f"{'groups (slides/patients)' if described['unit'] == 'group' else 'images'}]"
         )
     if reference is not None and any(f"{s}_diff" in row for row in rows.values() for s in SCORES):
-        lines += ["", f"paired difference, this encoder minus {reference} (* the 95 % CI excludes 0):"]
+        lines += ["", difference_header(reference)]
         lines += block("_diff", signed=True)
     return "\n".join(lines)
 
@@ -312,7 +324,8 @@ def add_compare_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--compare",
         metavar="REF",
         default=None,
-        help="a second encoder (any --ckpt ref): report this one minus it, with a paired bootstrap 95 %% CI",
+        help="a second encoder (any --ckpt ref), put through the same probe on the same images: "
+        "report this one minus it, with a paired 95 %% CI",
     )
     return parser
 

@@ -76,6 +76,8 @@ from probes.common import (
     add_probe_arguments,
     align_labels,
     check_reference,
+    difference_header,
+    excludes_zero,
     prefixed,
     probe_request,
     probe_splits,
@@ -325,6 +327,22 @@ def _differences(ours: _Draws, theirs: _Draws) -> tuple[list[dict[str, Any]], li
     return per_seed, redrawn
 
 
+def _probe_settings(probe: str, scored: _Draws) -> dict[str, Any]:
+    """What each seed's single draw chose: k for kNN; C, how it was chosen, and how often it was fixed or
+    at the grid's edge for the linear probe."""
+    settings = scored.settings
+    if probe == "knn":
+        return {"k_used": [r["k_used"] for r in settings]}
+    if probe == "linear":
+        return {
+            "c": [r["c"] for r in settings],
+            "c_selection": [r["c_selection"] for r in settings],
+            "n_fixed_c": sum(r["c_selection"] == "fixed" for r in settings),
+            "n_c_at_grid_edge": sum(r.get("c_grid_edge") is not None for r in settings),
+        }
+    return {}
+
+
 def _warn_one_class(scored: _Draws, probe: str, name: str, where: str, classes: Sequence[str]) -> None:
     if scored.one_class:
         common = classes[np.bincount(scored.one_class).argmax()]
@@ -398,13 +416,7 @@ def run_fewshot(
             if regime == "shots":
                 row["episodes"] = n_draws
                 row["short_classes"] = _shortfall(train.labels, int(value), classes)
-            if probe == "knn":
-                row["k_used"] = [r["k_used"] for r in ours.settings]
-            if probe == "linear":
-                row["c"] = [r["c"] for r in ours.settings]
-                row["c_selection"] = [r["c_selection"] for r in ours.settings]
-                row["n_fixed_c"] = sum(r["c_selection"] == "fixed" for r in ours.settings)
-                row["n_c_at_grid_edge"] = sum(r.get("c_grid_edge") is not None for r in ours.settings)
+            row.update(_probe_settings(probe, ours))
             row.update(_interval_rows(ours.per_seed, ours.redrawn))
             if redraws is not None:
                 row["bootstrap"] = redraws.describe()
@@ -414,6 +426,7 @@ def run_fewshot(
                 theirs = _score_draws(probe, draws, reference[0], reference[1], *args)
                 _warn_one_class(theirs, probe, name, f"{where} (the --compare encoder)", classes)
                 row["reference"] = {
+                    **_probe_settings(probe, theirs),
                     **_interval_rows(theirs.per_seed, theirs.redrawn),
                     "n_one_class": len(theirs.one_class),
                 }
@@ -434,8 +447,7 @@ def format_curves(rows: dict[str, dict[str, Any]], reference: str | None = None)
             return f"{'-':>{width}}"
         signed = score.endswith("_diff")
         half = "" if ci is None else f"±{(ci[1] - ci[0]) / 2:.3f}"
-        excludes_zero = ci is not None and (ci[0] > 0 or ci[1] < 0)
-        mark = ("*" if excludes_zero else " ") if signed else ""
+        mark = ("*" if excludes_zero(ci) else " ") if signed else ""
         return (format(mean, "+.3f" if signed else ".3f") + f"{half:>7}" + mark).rjust(width)
 
     def block(suffix: str) -> list[str]:
@@ -448,7 +460,7 @@ def format_curves(rows: dict[str, dict[str, Any]], reference: str | None = None)
 
     lines = block("")
     if reference is not None and any("balanced_accuracy_diff" in row for row in rows.values()):
-        lines += ["", f"paired difference, this encoder minus {reference} (* the 95 % CI excludes 0):", *block("_diff")]
+        lines += ["", difference_header(reference), *block("_diff")]
     return "\n".join(lines)
 
 
@@ -612,20 +624,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         curves.append((inputs.name, split_rows))
         rows.update(prefixed(inputs.name, split_rows))
-    fixed = sum(r.get("n_fixed_c", 0) for r in rows.values())
-    if fixed:
-        print(
-            f"note: {fixed} linear-probe subsets were too small for a validation split; "
-            f"they used a fixed C = {FIXED_C:g}",
-            file=sys.stderr,
-        )
-    edge = sum(r.get("n_c_at_grid_edge", 0) for r in rows.values())
-    if edge:
-        print(
-            f"warning: {edge} linear-probe subsets chose C at the edge of the grid ({grid[0]:g} ... {grid[-1]:g}); "
-            "the best C may lie beyond it",
-            file=sys.stderr,
-        )
+    encoders = [("", list(rows.values()))]
+    if request.compare is not None:
+        encoders.append((f" of the --compare encoder {request.compare}", [r["reference"] for r in rows.values()]))
+    for of, chosen in encoders:
+        fixed = sum(r.get("n_fixed_c", 0) for r in chosen)
+        if fixed:
+            print(
+                f"note: {fixed} linear-probe subsets{of} were too small for a validation split; "
+                f"they used a fixed C = {FIXED_C:g}",
+                file=sys.stderr,
+            )
+        edge = sum(r.get("n_c_at_grid_edge", 0) for r in chosen)
+        if edge:
+            print(
+                f"warning: {edge} linear-probe subsets{of} chose C at the edge of the grid "
+                f"({grid[0]:g} ... {grid[-1]:g}); the best C may lie beyond it",
+                file=sys.stderr,
+            )
     config = {
         "fractions": fractions,
         "shots": shots,

@@ -306,7 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model card": out / "export" / "README.md",
     }
     print(f"== 7/7 summary ({time.perf_counter() - start:.0f} s in all)")
-    print("balanced accuracy on the held-out slides; paired differences on the same bootstrap redraws")
+    print(
+        "balanced accuracy on the held-out slides; paired differences on the same test redraws "
+        "(few-label: the same subsets too, the seeds' spread added)"
+    )
     print(
         f"{'probe':<10}{'setting':<22}{'pretrained':>11}{'random init':>12}{'d bal. acc [95% CI]':>28}{'d AUROC [95% CI]':>28}"
     )

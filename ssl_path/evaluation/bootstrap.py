@@ -282,11 +282,15 @@ def combined_interval(
     """An interval around ``centre`` for two independent sources of error, each side the root sum of
     squares of ``test_interval``'s side (a bootstrap over test redraws) and ``seed_half_width`` (e.g.
     Student's t over training draws): it is the test interval when the seeds agree, and the t-interval
-    when the test redraws do. None without a centre; the t side alone without a test interval."""
+    when the test redraws do. None without a centre; the t side alone without a test interval.
+
+    A percentile interval need not hold the centre (a skewed score, a mean of per-seed figures); then
+    its bound on that side is kept and only widened outwards by what the seeds add, never mirrored."""
     if centre is None:
         return None
     seeds = 0.0 if seed_half_width is None else float(seed_half_width)
     if test_interval is None:
         return None if seed_half_width is None else [centre - seeds, centre + seeds]
-    below, above = centre - test_interval[0], test_interval[1] - centre
-    return [centre - float(np.hypot(below, seeds)), centre + float(np.hypot(above, seeds))]
+    low, high = test_interval
+    below, above = centre - low, high - centre  # negative: that bound lies beyond the centre
+    return [low - float(np.hypot(below, seeds) - abs(below)), high + float(np.hypot(above, seeds) - abs(above))]

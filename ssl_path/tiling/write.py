@@ -277,8 +277,9 @@ def _write_shards(
 
 def resolution_notes(manifest: dict[str, Any]) -> list[str]:
     """Warnings on the tiles' resolution, from a manifest: sources read finer than they were scanned
-    (upsampled tiles: sharper pixels, no more detail, e.g. a 20x slide at ``--mpp 0.25``) and, under
-    ``--mpp``, sources without a pixel size, tiled at ``--downscale`` instead."""
+    (upsampled tiles: more pixels, no more detail; e.g. a 20x slide at ``--mpp 0.25``, or
+    ``--downscale`` below 1) and, under ``--mpp``, sources without a pixel size, tiled at
+    ``--downscale`` instead. Each names how many files and the first of them."""
     params = manifest["params"]
     sources = manifest["sources"]
     tolerance = 1.0 - params["resolution_tolerance"]
@@ -286,10 +287,11 @@ def resolution_notes(manifest: dict[str, Any]) -> list[str]:
     notes = []
     if upsampled:
         first = upsampled[0]
-        scanned = f"{first['mpp'] / first['downsample']:.3g} µm/px" if first["mpp"] is not None else "coarser"
+        scanned = f"{first['mpp'] / first['downsample']:.3g} µm/px, " if first["mpp"] is not None else ""
         notes.append(
-            f"warning: {len(upsampled)} of {len(sources)} files are upsampled, their tiles enlarged "
-            f"{1 / first['downsample']:.3g}x (e.g. {first['path']}: {scanned}); they hold no finer detail than the scan"
+            f"warning: {len(upsampled)} of {len(sources)} files are read finer than they were scanned, "
+            f"their tiles upsampled (e.g. {first['path']}: {scanned}enlarged {1 / first['downsample']:.3g}x); "
+            "they hold no finer detail than the scan"
         )
     if params["mpp"] is not None:
         unknown = [s for s in sources if s["mpp"] is None]

@@ -266,6 +266,18 @@ def test_voc_sample_bccd_boxes(sample_bccd: LabelledSet) -> None:
     assert Box(260, 177, 491, 376, "WBC") in first.boxes
 
 
+def test_voc_drops_a_zero_area_box_and_counts_it(sample_data: Path, tmp_path: Path) -> None:
+    """The full set's two zero-area RBC boxes, made on a copy of the sample: one added to an XML file."""
+    root = tmp_path / "BCCD"
+    shutil.copytree(sample_data / "bccd" / "BCCD", root)
+    xml = root / "Annotations" / "BloodImage_00000.xml"
+    flat = "<object><name>RBC</name><bndbox><xmin>100</xmin><ymin>50</ymin><xmax>100</xmax><ymax>90</ymax></bndbox></object>"
+    xml.write_text(xml.read_text().replace("</annotation>", flat + "</annotation>"))
+    ds = read_voc(root)
+    assert ds.info["degenerate_by_class"] == {"RBC": 1} and ds.info["degenerate_boxes_dropped"] == 1
+    assert ds.box_counts() == {"Platelets": 31, "RBC": 496, "WBC": 32}  # the sample's, the flat box left out
+
+
 def test_voc_split_option(shared_data: Path) -> None:
     sizes = {s: len(read_voc(shared_data / "bccd", split=s)) for s in ("train", "val", "trainval", "test")}
     assert sizes == {"train": 205, "val": 87, "trainval": 292, "test": 72}

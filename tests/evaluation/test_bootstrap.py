@@ -170,3 +170,7 @@ def test_undefined_scores_and_combined_intervals():
     # both: each side the root sum of squares, the bootstrap's asymmetry kept
     assert bs.combined_interval(0.7, [0.64, 0.78], 0.06) == pytest.approx([0.7 - 0.06 * 2**0.5, 0.8])
     assert bs.combined_interval(0.7, None, None) is None and bs.combined_interval(None, [0, 1], 0.1) is None
+    # a bootstrap interval wholly above the centre keeps its lower bound, widened downwards by the seeds
+    assert bs.combined_interval(0.5, [0.52, 0.6], 0.0) == pytest.approx([0.52, 0.6])
+    low, high = bs.combined_interval(0.5, [0.52, 0.6], 0.05)
+    assert 0.52 - 0.05 < low < 0.52 and high == pytest.approx(0.5 + (0.1**2 + 0.05**2) ** 0.5)

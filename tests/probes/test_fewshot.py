@@ -286,6 +286,22 @@ def test_cli_compare_adds_the_reference_and_paired_differences(specs, tmp_path, 
         assert row["balanced_accuracy_diff"] == 0.0 and row["balanced_accuracy_diff_ci95"] == [0.0, 0.0]
     assert (out.parent / fewshot.CURVES_NAME).stat().st_size > 1024
 
+    # another encoder: its rows are those of a run of its own, on the same draws
+    other = "timm:vit_small_patch16_224"
+    compared, alone = tmp_path / "compared" / "results.json", tmp_path / "alone" / "results.json"  # a PNG each
+    settings = [*few, "--probes", "knn", "linear", "--c-grid", "0.1", "1", "--bootstrap", "100"]
+    assert cli([*common(*specs, tmp_path), *settings, "--compare", other, "--out", str(compared)]) == 0
+    argv = [*common(*specs, tmp_path), *settings, "--out", str(alone)]
+    assert cli([a if a != "timm:vit_tiny_patch16_224" else other for a in argv]) == 0
+    results, own = read_results(compared), read_results(alone)
+    assert results["config"]["compare"]["hash"] == own["encoder"]["hash"] != results["encoder"]["hash"]
+    for name, row in results["metrics"].items():
+        theirs = own["metrics"][name]
+        assert row["reference"]["per_seed"] == theirs["per_seed"], name
+        assert row["reference"]["balanced_accuracy_ci95"] == pytest.approx(theirs["balanced_accuracy_ci95"])
+        for key in ("k_used", "c", "c_selection"):
+            assert row["reference"].get(key) == theirs.get(key), (name, key)
+
 
 def test_cli_bad_inputs_are_one_line_errors(specs, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(encoder, "load", lambda *a, **k: pytest.fail("encoder built for a bad input"))

@@ -264,7 +264,7 @@ def test_read_results_names_a_missing_or_foreign_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def specs(sample_data) -> tuple[str, str]:
-    """Two disjoint slide sets of AMi-Br: 3 atypical + 6 normal patches each, 005 + 006 and 036 + 088."""
+    """Two disjoint slide sets of AMi-Br: 005 + 006 (3 atypical + 6 normal) and 036 + 088 (4 + 5)."""
     root = sample_data / "amibr"
     return f"amibr:{root}?group=005.tiff,006.tiff", f"amibr:{root}?group=036.tiff,088.tiff"
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO
 from PIL import Image
@@ -60,8 +61,14 @@ def test_quick_demo_runs_every_stage_on_the_sample_alone(tmp_path: Path) -> None
     assert {r["probe"] for r in rows} == {"knn", "linear", "few-label"}
     for r in rows:
         assert 0 <= r["pretrained"] <= 1 and 0 <= r["random_init"] <= 1
-    # every row, few-label too, with the paired difference inside its interval
     assert all(r["diff_ci95"][0] <= r["diff"] <= r["diff_ci95"][1] for r in rows)
+    # With all labels every seed draws the whole training set: the few-label kNN is the kNN probe at
+    # k=20, fitted and paired alike, on the same test redraws; its figures must be that row's.
+    by_setting = {(r["probe"], r["setting"]): r for r in rows}
+    few, knn = by_setting[("few-label", "fraction_1/knn")], by_setting[("knn", "k20")]
+    for key in ("pretrained", "random_init", "diff"):
+        assert few[key] == pytest.approx(knn[key]), key
+    assert few["diff_ci95"] == pytest.approx(knn["diff_ci95"])
     assert summary["heads"][0].startswith("classification head") and summary["heads"][1].startswith("detection head")
     # timm loaded the export through hf-hub: from the local cache, and it computes the same features.
     assert summary["hub_reload"]["max_abs_diff"] < 1e-5 and summary["hub_reload"]["num_features"] == 192

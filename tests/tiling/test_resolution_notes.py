@@ -21,8 +21,8 @@ def test_an_upsampled_scan_and_a_file_without_pixel_size_are_one_warning_each(sa
     _tile(sample_data, tmp_path / "fine", "0.25", patch)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2, err
-    assert err[0].startswith("warning: 1 of 2 files are upsampled, their tiles enlarged 2x")
-    assert "CMU-1-Small-Region.svs: 0.499 µm/px" in err[0]
+    assert err[0].startswith("warning: 1 of 2 files are read finer than they were scanned, their tiles upsampled")
+    assert "CMU-1-Small-Region.svs: 0.499 µm/px, enlarged 2x" in err[0]
     assert err[1].startswith("warning: 1 of 2 files have no pixel size") and patch.name in err[1]
     assert "--downscale 1, not at --mpp 0.25" in err[1]
 
