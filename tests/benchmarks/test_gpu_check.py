@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from sample_helpers import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 

@@ -17,6 +17,7 @@ from file_helpers import snapshot
 from PIL import Image
 from pretrain_helpers import TINY, make_tiles
 from probe_helpers import assert_one_line_error, probe_args
+from sample_helpers import SAMPLE_SLIDE
 
 from probes import embed, fewshot, knn
 from ssl_path import hub, shards
@@ -27,7 +28,6 @@ from ssl_path.pretrain import resolve_config, run
 
 REPO = Path(__file__).resolve().parents[2]
 AMIBR = "amibr"  # in data/sample
-SLIDE = "slide/CMU-1-Small-Region.svs"  # in data/sample
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +106,15 @@ def test_pretrain_out_inside_or_holding_its_shards_is_refused(trained, capsys):
 # ----------------------------------------------------------------------------- a failed or killed rerun
 
 
-def _good_shards(sample_data: Path, out: Path) -> dict[str, str]:
-    argv = ["--data", str(sample_data / SLIDE), "--out", str(out)]
+def _good_shards(out: Path) -> dict[str, str]:
+    argv = ["--data", str(SAMPLE_SLIDE), "--out", str(out)]
     assert run_cli(shards.main, [*argv, "--tile-size", "250", "--no-progress"]) == 0
     return snapshot(out)
 
 
 def test_shards_rerun_on_unusable_inputs_leaves_the_previous_output(sample_data, tmp_path, capsys):
     out = tmp_path / "shards"
-    before = _good_shards(sample_data, out)
+    before = _good_shards(out)
     blank = tmp_path / "inputs" / "blank.png"
     blank.parent.mkdir()
     Image.new("RGB", (600, 600), (255, 255, 255)).save(blank)  # no tissue
@@ -131,10 +131,10 @@ def test_shards_rerun_on_unusable_inputs_leaves_the_previous_output(sample_data,
 
 def test_killed_shards_rerun_leaves_the_previous_output(sample_data, tmp_path):
     out = tmp_path / "shards"
-    before = _good_shards(sample_data, out)
+    before = _good_shards(out)
     # the whole slide in 16 px tiles: 25,530 tiles, about 4 s of work here, where the first shard
     # lands after about 1 s: far from done when it is killed
-    argv = ["--data", str(sample_data / SLIDE), "--out", str(out), "--overwrite", "--no-progress"]
+    argv = ["--data", str(SAMPLE_SLIDE), "--out", str(out), "--overwrite", "--no-progress"]
     argv += ["--tile-size", "16", "--min-tissue", "0", "--samples-per-shard", "50"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "ssl_path.shards", *argv], cwd=REPO, env=env)

@@ -6,9 +6,9 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import openslide
 import pytest
 from PIL import Image
+from sample_helpers import sample_slide_region
 
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.data.stain import (
@@ -19,7 +19,6 @@ from ssl_path.data.stain import (
 )
 from ssl_path.stain_preview import main as preview_main
 
-SLIDE = "slide/CMU-1-Small-Region.svs"
 BCCD = "bccd/BCCD/JPEGImages/BloodImage_00000.jpg"
 # 512 px level-0 tiles (x, y) of the CMU H&E slide (Aperio): dermis between two rete ridges, dermis beside one.
 CMU_TILES = {"cmu_dermis_ridges": (725, 1950), "cmu_dermis": (600, 2400)}
@@ -29,11 +28,6 @@ XR, S360 = range(1, 51), range(51, 101)
 
 def rgb(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-def slide_tile(sample_data: Path, x: int, y: int, size: int = 512) -> np.ndarray:
-    with openslide.OpenSlide(sample_data / SLIDE) as slide:
-        return np.asarray(slide.read_region((x, y), 0, (size, size)).convert("RGB"))
 
 
 def amibr_mosaic(sample_data: Path, slides: range) -> np.ndarray:
@@ -60,8 +54,8 @@ def reference_png(reference: np.ndarray, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module")
-def tile(sample_data: Path) -> np.ndarray:
-    return slide_tile(sample_data, *CMU_TILES["cmu_dermis_ridges"])
+def tile() -> np.ndarray:
+    return sample_slide_region(*CMU_TILES["cmu_dermis_ridges"], 512)
 
 
 def lab_stats(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +79,7 @@ def test_reinhard_matches_reference_lab_statistics(tile: np.ndarray, reference: 
 
 @pytest.mark.parametrize("source", [*CMU_TILES, "amibr_s360"])
 def test_macenko_moves_stain_vectors_to_the_reference(sample_data: Path, reference: np.ndarray, source: str) -> None:
-    img = amibr_mosaic(sample_data, S360) if source == "amibr_s360" else slide_tile(sample_data, *CMU_TILES[source])
+    img = amibr_mosaic(sample_data, S360) if source == "amibr_s360" else sample_slide_region(*CMU_TILES[source], 512)
     out = make_normalizer("macenko", reference)(img)
     ref_stains = macenko_stain_matrix(reference)
     before = np.linalg.norm(macenko_stain_matrix(img) - ref_stains)

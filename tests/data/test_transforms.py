@@ -8,10 +8,10 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import openslide
 import pytest
 import torch
 from PIL import Image
+from sample_helpers import sample_slide_region
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
@@ -35,16 +35,14 @@ from ssl_path.data.transforms import (
     solarize,
 )
 
-SLIDE = "slide/CMU-1-Small-Region.svs"
 # A real H&E PNG from another lab and scanner than the slide: the first normal AMi-Br patch (MIDOG slide 002).
 AMIBR_PATCH = "amibr/patches/normal/MIDOG21_10.png"
 
 
 @pytest.fixture(scope="module")
-def he_rgb(sample_data: Path) -> np.ndarray:
+def he_rgb() -> np.ndarray:
     """A 1000 px level-0 region of the CMU H&E slide: dermis and epidermis, glass only between collagen fibres."""
-    with openslide.OpenSlide(sample_data / SLIDE) as slide:
-        return np.asarray(slide.read_region((725, 1950), 0, (1000, 1000)).convert("RGB"))
+    return sample_slide_region(725, 1950, 1000)
 
 
 @pytest.fixture(scope="module")

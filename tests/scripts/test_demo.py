@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
 from PIL import Image
+from sample_helpers import REPO
 
 DEMO = REPO / "scripts" / "demo.py"
 

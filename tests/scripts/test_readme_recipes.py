@@ -21,14 +21,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import openslide
 import tifffile
-from conftest import REPO
 from PIL import Image
+from sample_helpers import REPO, SAMPLE_SLIDE, sample_slide_region
 
 from ssl_path.core.errors import run_cli
 
-SLIDE = "slide/CMU-1-Small-Region.svs"
 # Toy size: (README text, replacement); each must occur in the recipes.
 TOY = (
     ("--config dinov2_vits16", "--config dinov2_tiny_cpu --max-steps 2"),
@@ -67,21 +65,16 @@ def recipe_commands() -> list[str]:
     return lines
 
 
-def _slide_region(x: int, y: int, size: int, turn: int = 0) -> np.ndarray:
-    with openslide.OpenSlide(REPO / "data" / "sample" / SLIDE) as slide:
-        rgb = np.asarray(slide.read_region((x, y), 0, (size, size)).convert("RGB"))
-    return np.ascontiguousarray(np.rot90(rgb, turn))
-
-
 def build_recipe_data(root: Path, sample: Path) -> None:
     """pRCC/type{1,2}/*.png (2000 px), slides/ (the sample .svs), midog/images/*.tiff + midog/MIDOG.json,
     AMi-Br/ (the sample's patches): the layouts the recipes name."""
     for label, xs in (("type1", (0, 300, 600, 900)), ("type2", (150, 450, 750, 967))):
         (root / "pRCC" / label).mkdir(parents=True)
         for n, x in enumerate(xs):
-            Image.fromarray(_slide_region(x, 220 - 40 * n, 2000, turn=n)).save(root / "pRCC" / label / f"{n}.png")
+            region = np.ascontiguousarray(np.rot90(sample_slide_region(x, 220 - 40 * n, 2000), n))
+            Image.fromarray(region).save(root / "pRCC" / label / f"{n}.png")
     (root / "slides").mkdir()
-    shutil.copy(sample / SLIDE, root / "slides")
+    shutil.copy(SAMPLE_SLIDE, root / "slides")
     shutil.copytree(sample / "amibr", root / "AMi-Br")
     # MIDOG 2021 numbering: images 1-50 Hamamatsu XR, 51-100 Hamamatsu S360.
     images = root / "midog" / "images"
@@ -91,7 +84,7 @@ def build_recipe_data(root: Path, sample: Path) -> None:
                                           (51, 700, 1200), (52, 1700, 900), (53, 2300, 400))):  # fmt: skip
         name = f"{image_id:03d}.tiff"
         tifffile.imwrite(
-            images / name, _slide_region(x, y, 512), resolution=(40000, 40000), resolutionunit="CENTIMETER"
+            images / name, sample_slide_region(x, y, 512), resolution=(40000, 40000), resolutionunit="CENTIMETER"
         )
         entries.append({"id": image_id, "file_name": name, "width": 512, "height": 512})
         for k, (cx, cy) in enumerate(((100 + 30 * n, 120), (300, 260 + 20 * n), (420, 400))):
@@ -102,7 +95,7 @@ def build_recipe_data(root: Path, sample: Path) -> None:
     payload = {"images": entries, "annotations": annotations, "categories": categories}
     (root / "midog" / "MIDOG.json").write_text(json.dumps(payload))
     (root / "new_images").mkdir()
-    Image.fromarray(_slide_region(1200, 1200, 400)).save(root / "new_images" / "region.png")
+    Image.fromarray(sample_slide_region(1200, 1200, 400)).save(root / "new_images" / "region.png")
 
 
 def stage_main(module: str):

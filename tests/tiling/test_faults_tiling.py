@@ -19,6 +19,8 @@ from pathlib import Path
 
 import openslide
 import pytest
+from PIL import Image
+from sample_helpers import sample_slide_region
 
 from ssl_path.core.errors import run_cli
 from ssl_path.data.manifest import MANIFEST
@@ -30,30 +32,24 @@ LONG_RUN = ["--tile-size", "8", "--min-tissue", "0", "--format", "png", "--worke
 
 
 @pytest.fixture(scope="module")
-def svs(sample_data: Path) -> Path:
-    return sample_data / "slide" / "CMU-1-Small-Region.svs"
-
-
-@pytest.fixture(scope="module")
 def png(slide_crops: list[Path]) -> Path:
     """A 1000 px crop of the slide, tissue throughout: 9 tiles."""
     return slide_crops[0]
 
 
 @pytest.fixture(scope="module")
-def slide_regions(svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def slide_regions(sample_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole slide as six PNG regions of 1110 x 989 px, in a folder of their own.
 
     PNGs, not the .svs: a run stopped while a worker reads the whole slide is slower to end.
     """
     folder = tmp_path_factory.mktemp("slide_regions")
-    with openslide.OpenSlide(str(svs)) as slide:
+    with openslide.OpenSlide(sample_slide) as slide:
         width, height = slide.dimensions
-        for col in range(2):
-            for row in range(3):
-                origin = (col * width // 2, row * height // 3)
-                region = slide.read_region(origin, 0, (width // 2, height // 3)).convert("RGB")
-                region.save(folder / f"CMU-1_x{origin[0]}_y{origin[1]}.png")
+    for col in range(2):
+        for row in range(3):
+            x, y = col * width // 2, row * height // 3
+            Image.fromarray(sample_slide_region(x, y, (width // 2, height // 3))).save(folder / f"CMU-1_x{x}_y{y}.png")
     return folder
 
 
@@ -207,31 +203,31 @@ def _disk_error(capsys: pytest.CaptureFixture[str], out: Path) -> Path:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_full_disk_while_writing_shards_is_one_line_naming_the_shard(
-    svs: Path, small_disk, capsys: pytest.CaptureFixture[str], workers: int
+    sample_slide: Path, small_disk, capsys: pytest.CaptureFixture[str], workers: int
 ) -> None:
     disk = small_disk(400 * 1024)  # room for one shard of the slide's tiles, not for two
     out = disk / "shards"
-    argv = ["--data", str(svs), "--out", str(out), "--samples-per-shard", "7", "--no-progress"]
+    argv = ["--data", str(sample_slide), "--out", str(out), "--samples-per-shard", "7", "--no-progress"]
     assert run_cli(main, [*argv, "--workers", str(workers), "--shuffle-seed", "none"]) == 2
     assert re.fullmatch(r"shard-\d{6}\.tar", _disk_error(capsys, out).name)
     assert list(disk.iterdir()) == []  # no folder, no temporary shard, no partial file
 
 
 def test_full_disk_while_shuffling_is_one_line_naming_the_bucket(
-    svs: Path, small_disk, capsys: pytest.CaptureFixture[str]
+    sample_slide: Path, small_disk, capsys: pytest.CaptureFixture[str]
 ) -> None:
     disk = small_disk(400 * 1024)  # the shuffle's buckets hold all tiles before the first shard
     out = disk / "shards"
-    argv = ["--data", str(svs), "--out", str(out), "--samples-per-shard", "7", "--no-progress"]
+    argv = ["--data", str(sample_slide), "--out", str(out), "--samples-per-shard", "7", "--no-progress"]
     assert run_cli(main, argv) == 2
     assert re.fullmatch(r"bucket-\d{3}\.pkl", _disk_error(capsys, out / ".shuffle").name)
     assert list(disk.iterdir()) == []
 
 
 def test_full_disk_at_the_manifest_is_one_line_naming_it(
-    svs: Path, tmp_path: Path, small_disk, capsys: pytest.CaptureFixture[str]
+    sample_slide: Path, tmp_path: Path, small_disk, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--data", str(svs), "--samples-per-shard", "7", "--no-progress"]
+    argv = ["--data", str(sample_slide), "--samples-per-shard", "7", "--no-progress"]
     assert run_cli(main, [*argv, "--out", str(tmp_path / "measure")]) == 0
     page = os.sysconf("SC_PAGE_SIZE")
     pages = sum(-(-p.stat().st_size // page) for p in (tmp_path / "measure").glob("shard-*.tar"))
@@ -266,10 +262,10 @@ def _under_file_size_limit(script: str, limit: int) -> subprocess.CompletedProce
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_file_size_limit_while_writing_shards_is_one_line_and_keeps_the_previous_output(
-    svs: Path, previous: tuple[Path, dict[str, str]], workers: int
+    sample_slide: Path, previous: tuple[Path, dict[str, str]], workers: int
 ) -> None:
     out, before = previous
-    argv = ["--data", str(svs), "--out", str(out), "--overwrite", "--no-progress"]
+    argv = ["--data", str(sample_slide), "--out", str(out), "--overwrite", "--no-progress"]
     argv += ["--samples-per-shard", "20", "--workers", str(workers)]
     done = _under_file_size_limit(
         f"""
@@ -320,9 +316,9 @@ def test_file_size_limit_on_json_and_a_checkpoint_names_the_file_and_leaves_none
 
 
 @pytest.fixture(scope="module")
-def truncated_svs(svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def truncated_svs(sample_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Aperio slide cut in half: its IFDs lie past the cut, so tifffile and PIL both complain, then fail."""
-    data = svs.read_bytes()
+    data = sample_slide.read_bytes()
     path = tmp_path_factory.mktemp("truncated") / "cut.svs"
     path.write_bytes(data[: len(data) // 2])
     return path

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import openslide
 import pytest
 import tifffile
 import webdataset as wds
 from PIL import Image
+from sample_helpers import sample_slide_region
 
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.data.manifest import FORMAT, MANIFEST
@@ -27,11 +27,6 @@ from ssl_path.tiling import CHUNK, TilingParams, make_shards
 def crops(slide_crops: list[Path]) -> list[Path]:
     """``CMU-1_x700_y1900.png``, ``CMU-1_x800_y1900.png``, ``CMU-1_x700_y1800.png``: tissue in every tile."""
     return slide_crops
-
-
-@pytest.fixture(scope="module")
-def svs(sample_data: Path) -> Path:
-    return sample_data / "slide" / "CMU-1-Small-Region.svs"
 
 
 def read_samples(out: Path) -> list[dict[str, Any]]:
@@ -56,10 +51,10 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
 # ----------------------------------------------------------------------------- core output
 
 
-def test_png_crops_and_svs_round_trip(tmp_path: Path, crops: list[Path], svs: Path) -> None:
+def test_png_crops_and_svs_round_trip(tmp_path: Path, crops: list[Path], sample_slide: Path) -> None:
     out = tmp_path / "shards"
     params = TilingParams(format="png", samples_per_shard=10, stride=192)
-    manifest = make_shards([*map(str, crops), str(svs)], out, params, progress=False)
+    manifest = make_shards([*map(str, crops), str(sample_slide)], out, params, progress=False)
 
     assert manifest["format"] == FORMAT
     assert json.loads((out / MANIFEST).read_text()) == manifest
@@ -82,7 +77,7 @@ def test_png_crops_and_svs_round_trip(tmp_path: Path, crops: list[Path], svs: Pa
         assert all(m["y"] % 192 == 0 and m["y"] + 256 <= 1000 for m in metas)
         assert all(m["level"] == 0 and m["mpp"] is None and m["downsample"] == 1 for m in metas)
     # The svs: 0.499 µm/px, only tiles that are at least half tissue.
-    svs_metas = [s["meta"] for s in samples if s["meta"]["source"] == str(svs)]
+    svs_metas = [s["meta"] for s in samples if s["meta"]["source"] == str(sample_slide)]
     assert 0 < len(svs_metas) < 14 * 10  # a grid of 10 x 14 origins on 2220 x 2967
     assert all(m["tissue_fraction"] >= 0.5 and m["mpp"] == pytest.approx(0.499) for m in svs_metas)
     assert all(m["x"] % 192 == 0 and m["x"] + 256 <= 2220 and m["y"] + 256 <= 2967 for m in svs_metas)
@@ -94,19 +89,16 @@ def test_png_crops_and_svs_round_trip(tmp_path: Path, crops: list[Path], svs: Pa
     np.testing.assert_array_equal(decode(png_sample["img.png"]), source[m["y"] : m["y"] + 256, m["x"] : m["x"] + 256])
     svs_sample = samples[-1]
     m = svs_sample["meta"]
-    region = np.asarray(openslide.OpenSlide(str(svs)).read_region((m["x"], m["y"]), 0, (256, 256)))[..., :3]
-    np.testing.assert_array_equal(decode(svs_sample["img.png"]), region)
+    np.testing.assert_array_equal(decode(svs_sample["img.png"]), sample_slide_region(m["x"], m["y"], 256))
     assert set(m) >= {"source", "x", "y", "level", "mpp", "downsample", "tile_size", "tissue_fraction", "domain"}
 
 
 @pytest.fixture(scope="module")
-def crop_40x(svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def crop_40x(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """1000 px of the slide's tissue at 0.25 µm/px, as MoNuSeg and 40x scans are: its 500 px square at (1000, 775)
     (0.5 µm/px) resampled. The slide's own pixels hold twice the detail, which JPEG keeps less well."""
-    with openslide.OpenSlide(str(svs)) as slide:
-        region = slide.read_region((1000, 775), 0, (500, 500)).convert("RGB")
     path = tmp_path_factory.mktemp("crop_40x") / "CMU-1_x1000_y775_40x.png"
-    region.resize((1000, 1000), Image.LANCZOS).save(path)
+    Image.fromarray(sample_slide_region(1000, 775, 500)).resize((1000, 1000), Image.LANCZOS).save(path)
     return path
 
 
@@ -274,8 +266,8 @@ def test_out_holding_an_input_is_refused(tmp_path: Path, crops: list[Path]) -> N
 # ----------------------------------------------------------------------------- workers, domains, limits
 
 
-def test_two_workers_write_identical_shards(tmp_path: Path, crops: list[Path], svs: Path) -> None:
-    inputs = [*crops, svs]
+def test_two_workers_write_identical_shards(tmp_path: Path, crops: list[Path], sample_slide: Path) -> None:
+    inputs = [*crops, sample_slide]
     params = TilingParams(samples_per_shard=7, stride=128)
     one = make_shards(inputs, tmp_path / "w1", params, progress=False)
     two = make_shards(inputs, tmp_path / "w2", TilingParams(samples_per_shard=7, stride=128, workers=2), progress=False)
@@ -285,9 +277,9 @@ def test_two_workers_write_identical_shards(tmp_path: Path, crops: list[Path], s
 
 
 def test_shuffled_order_is_a_seeded_permutation_that_mixes_sources(
-    tmp_path: Path, crops: list[Path], svs: Path
+    tmp_path: Path, crops: list[Path], sample_slide: Path
 ) -> None:
-    inputs = [*crops, svs]
+    inputs = [*crops, sample_slide]
 
     def order(name: str, seed: int | None) -> list[tuple[int, int, int]]:
         manifest = make_shards(

@@ -6,10 +6,10 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-import openslide
 import pytest
 import tifffile
 from PIL import Image
+from sample_helpers import sample_slide_region
 
 from ssl_path.tiling.slides import (
     SlideError,
@@ -20,14 +20,11 @@ from ssl_path.tiling.slides import (
 )
 from ssl_path.tiling.tissue import TissueMap, otsu_threshold, saturation, tissue_mask
 
-SVS = "slide/CMU-1-Small-Region.svs"  # OpenSlide's CMU-1-Small-Region, in data/sample
-
 
 @pytest.fixture(scope="module")
-def he_rgb(sample_data: Path) -> np.ndarray:
+def he_rgb() -> np.ndarray:
     """A 1000 px level-0 region of the CMU slide: epidermis, dermis, keratin, glass and a speck of marking ink."""
-    with openslide.OpenSlide(sample_data / SVS) as slide:
-        return np.asarray(slide.read_region((900, 700), 0, (1000, 1000)).convert("RGB"))
+    return sample_slide_region(900, 700, 1000)
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +43,20 @@ def pyramid(tmp_path_factory: pytest.TempPathFactory, he_rgb: np.ndarray) -> Pat
     return path
 
 
-def test_svs_opens_with_openslide_geometry_and_mpp(sample_data: Path) -> None:
-    with open_slide(sample_data / SVS) as slide:
+def test_svs_opens_with_openslide_geometry_and_mpp(sample_slide: Path) -> None:
+    with open_slide(sample_slide) as slide:
         assert slide.backend == "openslide"
         assert slide.dimensions == (2220, 2967)
         assert slide.level_dimensions == ((2220, 2967),)
         assert slide.mpp == pytest.approx(0.499)
         region = slide.read_region(1000, 1500, 0, (300, 200))
     assert region.shape == (200, 300, 3) and region.dtype == np.uint8
-    expected = np.asarray(openslide.OpenSlide(str(sample_data / SVS)).read_region((1000, 1500), 0, (300, 200)))
-    np.testing.assert_array_equal(region, expected[..., :3])
+    np.testing.assert_array_equal(region, sample_slide_region(1000, 1500, (300, 200)))
 
 
-def test_tifffile_backend_reads_svs_like_openslide(sample_data: Path) -> None:
+def test_tifffile_backend_reads_svs_like_openslide(sample_slide: Path) -> None:
     """Same pixels from both backends, and the Aperio ``MPP = 0.499`` found in the ImageDescription."""
-    with TiffSlide(sample_data / SVS) as tiff, open_slide(sample_data / SVS) as osr:
+    with TiffSlide(sample_slide) as tiff, open_slide(sample_slide) as osr:
         assert tiff.mpp == pytest.approx(0.499)
         assert tiff.dimensions == osr.dimensions
         for x, y in [(0, 0), (239, 241), (2000, 2800)]:
@@ -182,8 +178,8 @@ def test_saturation_of_grey_and_pure_colour() -> None:
     np.testing.assert_allclose(saturation(rgb)[0], [0.0, 1.0, 0.0, 0.5])
 
 
-def test_tissue_mask_on_real_slide_and_blank(sample_data: Path) -> None:
-    with open_slide(sample_data / SVS) as slide:
+def test_tissue_mask_on_real_slide_and_blank(sample_slide: Path) -> None:
+    with open_slide(sample_slide) as slide:
         thumb, _ = read_thumbnail(slide, 16)
     mask, threshold = tissue_mask(thumb)
     assert 0.2 < mask.mean() < 0.5  # the CMU section covers about a third of the region
