@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from finetune import classify, detect  # noqa: E402
 from probes import embed, fewshot, knn, linear  # noqa: E402
+from probes.common import ci_cell  # noqa: E402
 from ssl_path import hub, pretrain, shards  # noqa: E402
 from ssl_path.core.errors import UserError, run_cli  # noqa: E402
 from ssl_path.data.readers import read_spec  # noqa: E402
@@ -134,13 +135,6 @@ def reload_from_hub(export: Path, cache: Path) -> dict[str, Any]:
 
 def _metrics(path: Path) -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text())["metrics"]
-
-
-def _cell(value: float | None, ci: Sequence[float] | None = None, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    text = f"{value:+.3f}" if signed else f"{value:.3f}"
-    return f"{text} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else text
 
 
 def summary_rows(out: Path) -> list[dict[str, Any]]:
@@ -308,15 +302,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"== 7/7 summary ({time.perf_counter() - start:.0f} s in all)")
     print(
         "balanced accuracy on the held-out slides; paired differences on the same test redraws "
-        "(few-label: the same subsets too, the seeds' spread added)"
+        "(few-label: the same subsets too, the seeds' spread added); * the 95 % CI excludes 0"
     )
     print(
         f"{'probe':<10}{'setting':<22}{'pretrained':>11}{'random init':>12}{'d bal. acc [95% CI]':>28}{'d AUROC [95% CI]':>28}"
     )
     for r in rows:
         print(
-            f"{r['probe']:<10}{r['setting']:<22}{_cell(r['pretrained']):>11}{_cell(r['random_init']):>12}"
-            f"{_cell(r['diff'], r['diff_ci95'], signed=True):>28}{_cell(r['auroc_diff'], r['auroc_diff_ci95'], signed=True):>28}"
+            f"{r['probe']:<10}{r['setting']:<22}{ci_cell(r['pretrained'], None):>11}{ci_cell(r['random_init'], None):>12}"
+            f"{ci_cell(r['diff'], r['diff_ci95'], signed=True):>28}{ci_cell(r['auroc_diff'], r['auroc_diff_ci95'], signed=True):>28}"
         )
     heads = head_rows(out, detect_spec is not None)
     print("\n".join(heads))
