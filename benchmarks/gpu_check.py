@@ -44,6 +44,9 @@ Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -222,9 +225,6 @@ def requirement(dist: str) -> str:
 
 def needs_wheel(name: str) -> bool:
     """Whether import ``name`` is missing here, or installed at a version pyproject.toml does not allow."""
-    import importlib.metadata
-    import importlib.util
-
     from packaging.requirements import Requirement
 
     if importlib.util.find_spec(name) is None:
@@ -238,8 +238,6 @@ def needs_wheel(name: str) -> bool:
 
 def install_missing(wheels: Path) -> list[str]:
     """Install what is missing or too old from the carried wheels into a temporary folder on sys.path."""
-    import importlib
-
     from packaging.utils import canonicalize_name, parse_wheel_filename
 
     missing = [name for name in WHEELS if needs_wheel(name)]
@@ -559,7 +557,8 @@ def _child(name: str, ctx: dict[str, Any], rows_file: Path) -> None:
         rows_file.write_text(json.dumps({"rows": rows}))
 
     try:
-        PARTS[name](ctx, record)
+        cuda = ctx["device"] == "auto" and torch.cuda.is_available()
+        PARTS[name]({**ctx, "device": torch.device("cuda" if cuda else "cpu")}, record)
     except BaseException as err:  # reported as the part's failure; the other parts still run
         rows_file.write_text(json.dumps({"rows": rows, "error": f"{type(err).__name__}: {err}"}))
         traceback.print_exc()
@@ -568,7 +567,12 @@ def _child(name: str, ctx: dict[str, Any], rows_file: Path) -> None:
 
 
 def run_part(name: str, ctx: dict[str, Any], budget_s: float) -> dict[str, Any]:
-    """Run one part in a forked process (the parent never touches CUDA, so forking is safe)."""
+    """Run one part in a forked process.
+
+    Forking is safe only while the parent has asked CUDA nothing: even ``torch.cuda.is_available()``
+    initialises the driver, and every forked child then fails with "Cannot re-initialize CUDA in
+    forked subprocess". So the parent passes ``device="auto"`` and each part's process looks itself.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = Path(tmp) / "rows.json"
         process = multiprocessing.get_context("fork").Process(target=_child, args=(name, ctx, rows_file))
@@ -690,15 +694,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     installed = install_missing(args.data_dir / "wheels")
-    import timm  # after the install: nothing here may need a carried wheel at import time
 
     sizes = SMOKE if args.smoke else GPU
-    # The parent only asks whether CUDA exists (no context, so forking stays safe).
-    cuda = not args.smoke and torch.cuda.is_available()
     workers = args.workers if args.workers is not None else (1 if args.smoke else min(16, os.cpu_count() or 1))
     ctx = {
         "sizes": sizes,
-        "device": torch.device("cuda" if cuda else "cpu"),
+        "device": "cpu" if args.smoke else "auto",  # each part's process decides: see run_part
         "data_dir": args.data_dir,
         "workers": workers,
     }
@@ -708,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "device": (parts["device"]["rows"] or [{}])[0],
         "torch": torch.__version__,
-        "timm": timm.__version__,
+        # Read, not imported: the parent imports no more than it must before it forks the parts.
+        "timm": importlib.metadata.version("timm"),
         "installed_from_wheels": installed,
         "sizes": asdict(sizes),
         "wall_s": round(time.perf_counter() - started, 1),

@@ -76,7 +76,9 @@ def test_a_part_over_its_budget_plus_the_spare_is_killed_and_the_next_runs(monke
     for name, part in (("quick", quick), ("hangs", hangs), ("after", quick)):
         monkeypatch.setitem(gpu_check.PARTS, name, part)
     start = time.perf_counter()
-    parts = gpu_check.run_parts(["quick", "hangs", "after"], {}, {"quick": 2.0, "hangs": 1.0, "after": 5.0})
+    parts = gpu_check.run_parts(
+        ["quick", "hangs", "after"], {"device": "cpu"}, {"quick": 2.0, "hangs": 1.0, "after": 5.0}
+    )
     assert time.perf_counter() - start < 15
 
     assert parts["quick"]["status"] == "ok" and parts["quick"]["budget_s"] == 2.0
@@ -94,6 +96,30 @@ def test_a_part_over_its_budget_plus_the_spare_is_killed_and_the_next_runs(monke
     }
     time.sleep(1)
     assert not marker.exists()
+
+
+def test_the_parent_asks_cuda_nothing_so_that_its_forked_parts_can_use_it(monkeypatch, tmp_path: Path) -> None:
+    # On a GPU machine one torch.cuda.is_available() in the parent makes every forked part fail with
+    # "Cannot re-initialize CUDA in forked subprocess" (here too it marks the children as a bad fork).
+    import torch
+
+    parent, asked = os.getpid(), []
+
+    def device_count() -> int:
+        if os.getpid() == parent:
+            asked.append(True)
+        return 0
+
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", device_count)
+    assert not torch.cuda.is_available() and asked == [True]  # the probe sees what would poison
+    asked.clear()
+    (tmp_path / "data" / "shards").mkdir(parents=True)
+    # The GPU sizes (not --smoke), each part killed at once: what is tested is the parent's run.
+    budgets = [f"--budget={name}=0.1" for name in gpu_check.BUDGETS_S]
+    assert gpu_check.main(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), *budgets]) == 0
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert list(report["parts"]) == list(gpu_check.BUDGETS_S)  # each part ran in its process (and was cut short)
+    assert not asked
 
 
 def _build_wheel(src: Path, dist: str, version: str, out: Path) -> None:
