@@ -272,7 +272,19 @@ def part_device(ctx: dict[str, Any], record: Callable[[dict], None]) -> None:
         name, cap = torch.cuda.get_device_name(device), ".".join(map(str, torch.cuda.get_device_capability(device)))
     else:
         name, cap = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)", None
-    record({"name": name, "capability": cap, "peak_flops": peak, "peak_dtype": dtype, "cpus": os.cpu_count()})
+    # Loader workers hand batches over in /dev/shm (a GPU-fed batch is ~67 MB, a float one ~270 MB):
+    # a container's small default there would break the loader parts with a bus error.
+    shm = shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else None
+    record(
+        {
+            "name": name,
+            "capability": cap,
+            "peak_flops": peak,
+            "peak_dtype": dtype,
+            "cpus": os.cpu_count(),
+            "shm_gib": None if shm is None else round(shm, 1),
+        }
+    )
 
 
 def _time_steps(ctx: dict[str, Any], kinds: list[tuple[str, str, str]], record: Callable[[dict], None]) -> None:
@@ -644,7 +656,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# gpu_check, {report['date']}: {device.get('name', '?')}",
         "",
-        f"torch {report['torch']}, timm {report['timm']}, {device.get('cpus')} CPUs; measured {device.get('peak_dtype', '?')} "
+        f"torch {report['torch']}, timm {report['timm']}, {device.get('cpus')} CPUs, /dev/shm {device.get('shm_gib')} GiB; "
+        f"measured {device.get('peak_dtype', '?')} "
         f"matmul peak {device.get('peak_flops', 0) / 1e12:.1f} TFLOP/s{'; --smoke (tiny sizes, CPU)' if report['smoke'] else ''}",
         "",
         "| part | status | seconds | budget (s, with what earlier parts left) |",

@@ -323,7 +323,9 @@ def _compute(
             _stop_if_too_many(data, skipped, max_skipped_fraction)  # before the rest is spent on a lost cause
             read = [i for i, error in enumerate(errors) if not error]
             if read:
-                images = batch["image"][read].to(device, non_blocking=True)
+                # Copied whole, then indexed: an indexed copy would be unpinned and the copy synchronous.
+                images = batch["image"].to(device, non_blocking=True)
+                images = images if len(read) == len(errors) else images[read]
                 views = dihedral_views(images) if tta else [images]
                 pooled = sum(pool_tokens(model.forward_features(v), pool, num_prefix_tokens).float() for v in views)
                 chunks.append((pooled / len(views)).cpu().numpy())

@@ -43,7 +43,7 @@ def test_smoke_runs_every_part_and_writes_the_table(tmp_path: Path, shared_data:
         assert part["budget_s"] == pytest.approx(gpu_check.BUDGETS_S[name] + spare, abs=0.11)
         spare = part["budget_s"] - part["seconds"]
 
-    assert report["device"]["peak_flops"] > 0
+    assert report["device"]["peak_flops"] > 0 and report["device"]["shm_gib"] > 0
     steps = {(r["step"], r["mode"]) for r in parts["steps"]["rows"]}
     assert steps == {(s, m) for s in ("dinov2", "supervised") for m in ("eager", "compiled")}
     assert all(r["img_per_s"] > 0 and 0 < r["mfu"] for r in parts["steps"]["rows"])

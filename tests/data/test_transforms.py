@@ -310,6 +310,19 @@ def test_batched_photometric_equals_per_sample_path(tiles: list[bytes]) -> None:
     torch.testing.assert_close(bf16.float(), expected["collated_global_crops"], atol=0.05, rtol=0.01)
 
 
+def test_photometric_inside_a_bf16_autocast_step_still_computes_in_float32(tiles: list[bytes]) -> None:
+    # On the device it runs inside the training step's autocast, whose bf16 bmm/conv2d would move
+    # crops by up to ~3/255 (CPU autocast casts the same ops as CUDA's).
+    cfg = MultiCropConfig(seed=3, global_blur_p=(1.0,), local_blur_p=1.0)
+    batch = collate_multicrop([MultiCropAugment(cfg, photometric=False)(t, key=k) for k, t in enumerate(tiles)])
+    plain = MultiCropPhotometric(cfg)(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_step = MultiCropPhotometric(cfg)(batch)
+    for name in ("collated_global_crops", "collated_local_crops"):
+        assert in_step[name].dtype == torch.float32
+        torch.testing.assert_close(in_step[name], plain[name], atol=0, rtol=0)
+
+
 def test_collate_is_crop_major(tiles: list[bytes]) -> None:
     aug = MultiCropAugment(MultiCropConfig(), photometric=False)
     samples = [aug(t, key=i) for i, t in enumerate(tiles[:3])]

@@ -256,19 +256,22 @@ def apply_photometric(
     """
     if len(params) != crops.shape[0]:
         raise ValueError(f"{crops.shape[0]} crops but {len(params)} rows of photometric parameters")
-    params = params.to(crops.device)
-    mean_t = torch.tensor(mean, device=crops.device, dtype=torch.float32).view(1, 3, 1, 1)
-    inv_std = 1.0 / torch.tensor(std, device=crops.device, dtype=torch.float32).view(1, 3, 1, 1)
-    k, _, h, w = crops.shape
-    # On a CPU, a pass over a whole batch of float crops runs from main memory, over a few crops from cache.
-    rows = max(1, _CPU_CHUNK_ELEMENTS // (3 * h * w)) if crops.device.type == "cpu" else k
-    if rows >= k:
-        return _photometric(crops, params, mean_t, inv_std, blur_kernel_size).to(dtype)
-    out = torch.empty(crops.shape, dtype=dtype, device=crops.device)
-    for start in range(0, k, rows):
-        part = slice(start, start + rows)
-        out[part] = _photometric(crops[part], params[part], mean_t, inv_std, blur_kernel_size)
-    return out
+    # Called inside a bf16-autocast training step, bmm/baddbmm/conv2d would run in bf16 (errors of
+    # up to 3/255 in the crops) and the device path would no longer equal the workers' float32 one.
+    with torch.autocast(crops.device.type, enabled=False):
+        params = params.to(crops.device)
+        mean_t = torch.tensor(mean, device=crops.device, dtype=torch.float32).view(1, 3, 1, 1)
+        inv_std = 1.0 / torch.tensor(std, device=crops.device, dtype=torch.float32).view(1, 3, 1, 1)
+        k, _, h, w = crops.shape
+        # On a CPU, a pass over a whole batch of float crops runs from main memory, over a few crops from cache.
+        rows = max(1, _CPU_CHUNK_ELEMENTS // (3 * h * w)) if crops.device.type == "cpu" else k
+        if rows >= k:
+            return _photometric(crops, params, mean_t, inv_std, blur_kernel_size).to(dtype)
+        out = torch.empty(crops.shape, dtype=dtype, device=crops.device)
+        for start in range(0, k, rows):
+            part = slice(start, start + rows)
+            out[part] = _photometric(crops[part], params[part], mean_t, inv_std, blur_kernel_size)
+        return out
 
 
 def _photometric(
