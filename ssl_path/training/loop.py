@@ -106,7 +106,11 @@ def train(
     optimizer = torch.optim.AdamW(task.param_groups(optim_cfg), lr=0.0, betas=optim_cfg.betas)
     total = cfg.total_steps
     end = min(total, max_steps) if max_steps is not None else total
-    start, wall_before = _resume(task, optimizer, run_dir, cfg, config, dist_info)
+    start, wall_before = _resume(task, optimizer, run_dir, cfg, config, dist_info, device)
+    if start == 0 and dist_info.world_size > 1:
+        # The model was built alike on every rank from the run's seed (FSDP2 broadcasts nothing); from
+        # here on each rank draws its own DropPath and masks, as dinov2 seeds seed + rank.
+        torch.manual_seed((torch.initial_seed() + dist_info.rank) % 2**63)
     if cfg.compile:
         task.compile_parts()
     step_fn: nn.Module = task
@@ -195,6 +199,7 @@ def train(
                     config,
                     cfg,
                     dist_info,
+                    device,
                     wall_before + time.perf_counter() - run_start,
                     keep=keep,
                 )
@@ -341,11 +346,14 @@ def _save(
     config: dict[str, Any],
     cfg: TrainConfig,
     dist_info: DistInfo,
+    device: torch.device,
     wall_time: float,
     keep: bool = False,
 ) -> None:
-    """Write ``checkpoints/last.pt`` atomically (rank 0), gathering sharded state from every rank."""
+    """Write ``checkpoints/last.pt`` atomically (rank 0), gathering sharded state and every rank's
+    generators from every rank."""
     model_state, optim_state = _full_state(task, optimizer)
+    rng = _rng_states(device, dist_info)
     if dist_info.is_main:
         checkpoint = {
             "method": task.name,
@@ -354,7 +362,7 @@ def _save(
             "model": model_state,
             "optimizer": optim_state,
             "encoder": task.encoder_state(model_state),
-            "rng": _rng_state(),
+            "rng": rng,
             "data": {
                 "batches": step,
                 "batch_size": cfg.batch_size,
@@ -391,6 +399,7 @@ def _resume(
     cfg: TrainConfig,
     config: dict[str, Any],
     dist_info: DistInfo,
+    device: torch.device,
 ) -> tuple[int, float]:
     path = checkpoint_path(run_dir)
     if not path.exists():
@@ -425,7 +434,7 @@ def _resume(
     else:
         module.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(optim_state)
-    _set_rng_state(checkpoint["rng"])
+    _set_rng_state(checkpoint["rng"], device, dist_info)
     return int(checkpoint["step"]), float(checkpoint.get("wall_time", 0.0))
 
 
@@ -458,18 +467,32 @@ def _keyed_by_name(optim_state: dict) -> bool:
     return any(isinstance(k, str) for k in optim_state.get("state", {}))
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generators: torch's on the CPU, Python's, and its own CUDA device's."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _rng_states(device: torch.device, dist_info: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's generators, in rank order: each rank draws its own, and resumes with its own."""
+    state = _rng_state(device)
+    if dist_info.world_size == 1:
+        return [state]
+    states: list[Any] = [None] * dist_info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _set_rng_state(saved: list[dict[str, Any]] | dict[str, Any], device: torch.device, dist_info: DistInfo) -> None:
+    """Restore this rank's generators (at another world size, those of rank ``rank % saved ranks``)."""
+    states = saved if isinstance(saved, list) else [saved]  # checkpoints before per-rank states
+    state = states[dist_info.rank % len(states)]
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ----------------------------------------------------------------------------- FSDP

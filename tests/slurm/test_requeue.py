@@ -72,6 +72,9 @@ def test_two_gloo_tasks_end_with_identical_weights(uninterrupted):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     saved = torch.load(uninterrupted / "checkpoints" / "last.pt", weights_only=True)
     assert saved["data"]["world_size"] == 2 and saved["step"] == STEPS
+    # One model, but each rank its own DropPath draws since the first step, saved each for its rank
+    # (a requeued rank 1 that took rank 0's generators would not reach the uninterrupted weights).
+    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
     assert all(torch.equal(saved["model"][k], a[k]) for k in a)
     assert steps_logged(uninterrupted) == list(range(1, STEPS + 1))
 
