@@ -162,7 +162,33 @@ def build_detector(
                              mask_predictor=MaskRCNNPredictor(256, 256, num_classes), **rcnn)  # fmt: skip
     else:
         raise ValueError(f"unknown detector {kind!r}; choose one of {', '.join(HEADS)}")
+    _decode_in_float32(model)
     return Detector(model, num_blocks - 1, kind, anchors)
+
+
+def _decode_in_float32(model: nn.Module) -> None:
+    """Give the detector box coders that decode in float32.
+
+    torchvision's coders cast the anchors to the regression's dtype, so under a bf16-autocast step
+    the boxes of a 256 px window (RPN proposals, FCOS's GIoU boxes) would come in 1 px steps, enough
+    to move a nucleus's IoU across the 0.3-0.7 sampling thresholds; detectron2 decodes in float32 too.
+    """
+    from torchvision.models.detection._utils import BoxCoder, BoxLinearCoder
+
+    class Float32BoxCoder(BoxCoder):
+        def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+            return super().decode_single(rel_codes.float(), boxes)
+
+    class Float32BoxLinearCoder(BoxLinearCoder):
+        def decode(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+            return super().decode(rel_codes.float(), boxes)
+
+    for owner in (model, getattr(model, "rpn", None), getattr(model, "roi_heads", None)):
+        coder = getattr(owner, "box_coder", None)
+        if isinstance(coder, BoxCoder):
+            owner.box_coder = Float32BoxCoder(coder.weights, coder.bbox_xform_clip)
+        elif isinstance(coder, BoxLinearCoder):
+            owner.box_coder = Float32BoxLinearCoder(coder.normalize_by_size)
 
 
 def anchor_generator(kind: str, anchors: Sequence[int]) -> nn.Module:
