@@ -202,12 +202,14 @@ def prepare(data_dir: Path, shared: Path, n_tiles: int, wheels: bool) -> None:
         cmd += ["--python-version", "3.12", "--implementation", "cp", "-d", str(fresh)]
         for tag in ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64"):
             cmd += ["--platform", tag]
-        if subprocess.run(cmd + wanted).returncode == 0:
-            shutil.rmtree(data_dir / "wheels", ignore_errors=True)
-            fresh.rename(data_dir / "wheels")
-        else:
-            shutil.rmtree(fresh)
-            print("warning: pip could not download the wheels; the GPU machine must have them", file=sys.stderr)
+        try:
+            if subprocess.run(cmd + wanted).returncode == 0:
+                shutil.rmtree(data_dir / "wheels", ignore_errors=True)
+                fresh.rename(data_dir / "wheels")
+            else:
+                print("warning: pip could not download the wheels; the GPU machine must have them", file=sys.stderr)
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)  # gone once renamed; else it would travel unused
     size = sum(f.stat().st_size for f in data_dir.rglob("*") if f.is_file())
     print(f"prepared {data_dir} ({size / 2**20:.1f} MiB): carry it to the GPU machine with the working tree")
 
@@ -292,9 +294,9 @@ def _time_steps(ctx: dict[str, Any], kinds: list[tuple[str, str, str]], record: 
 
     sizes, device = ctx["sizes"], ctx["device"]
     bf16 = device.type == "cuda"
-    for mode in ("eager", "compiled"):
-        compile_backend = sizes.compile_backend if mode == "compiled" else None
-        for kind, config, arch in kinds:
+    for kind, config, arch in kinds:
+        for mode in ("eager", "compiled"):
+            compile_backend = sizes.compile_backend if mode == "compiled" else None
             if kind == "supervised":
                 step = supervised_step_fn(arch, sizes.batch, device, compile_backend, bf16, size=sizes.supervised_size)
             else:
@@ -717,13 +719,14 @@ def main(argv: list[str] | None = None) -> int:
         "workers": workers,
     }
     parts = run_parts([n for n in BUDGETS_S if n == "device" or n in args.parts], ctx, budgets)
+    import timm  # only now: before the forks the parent imports no more than it must
+
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "smoke": args.smoke,
         "device": (parts["device"]["rows"] or [{}])[0],
         "torch": torch.__version__,
-        # Read, not imported: the parent imports no more than it must before it forks the parts.
-        "timm": importlib.metadata.version("timm"),
+        "timm": timm.__version__,
         "installed_from_wheels": installed,
         "sizes": asdict(sizes),
         "wall_s": round(time.perf_counter() - started, 1),

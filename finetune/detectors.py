@@ -183,7 +183,7 @@ def _decode_in_float32(model: nn.Module) -> None:
         def decode(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
             return super().decode(rel_codes.float(), boxes)
 
-    for owner in (model, getattr(model, "rpn", None), getattr(model, "roi_heads", None)):
+    for owner in model.modules():  # the model's own, the RPN's, the R-CNN heads', FCOS/RetinaNet heads' (losses)
         coder = getattr(owner, "box_coder", None)
         if isinstance(coder, BoxCoder):
             owner.box_coder = Float32BoxCoder(coder.weights, coder.bbox_xform_clip)

@@ -109,8 +109,8 @@ def train(
     start, wall_before = _resume(task, optimizer, run_dir, cfg, config, dist_info, device)
     if start == 0 and dist_info.world_size > 1:
         # The model was built alike on every rank from the run's seed (FSDP2 broadcasts nothing); from
-        # here on each rank draws its own DropPath and masks, as dinov2 seeds seed + rank.
-        torch.manual_seed((torch.initial_seed() + dist_info.rank) % 2**63)
+        # here on each rank draws its own DropPath and dropout, as dinov2 seeds seed + rank.
+        _seed_rank(dist_info.rank)
     if cfg.compile:
         task.compile_parts()
     step_fn: nn.Module = task
@@ -486,13 +486,26 @@ def _rng_states(device: torch.device, dist_info: DistInfo) -> list[dict[str, Any
 
 
 def _set_rng_state(saved: list[dict[str, Any]] | dict[str, Any], device: torch.device, dist_info: DistInfo) -> None:
-    """Restore this rank's generators (at another world size, those of rank ``rank % saved ranks``)."""
+    """Restore this rank's generators; a rank the run did not have takes rank ``rank % saved ranks``'s,
+    reseeded so that it draws its own."""
     states = saved if isinstance(saved, list) else [saved]  # checkpoints before per-rank states
     state = states[dist_info.rank % len(states)]
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
-        torch.cuda.set_rng_state(state["cuda"], device)
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # every device's, by get_rng_state_all() before per-rank states: this one's
+        index = device.index or 0
+        cuda = cuda[index] if device.type == "cuda" and index < len(cuda) else None
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+    if dist_info.rank >= len(states):
+        _seed_rank(dist_info.rank)
+
+
+def _seed_rank(rank: int) -> None:
+    """Seed every generator of this rank from the current seed and the rank (+ 1: rank 0 must not
+    replay the draws that initialised the weights)."""
+    torch.manual_seed((torch.initial_seed() + 1 + rank) % 2**63)
 
 
 # ----------------------------------------------------------------------------- FSDP

@@ -149,9 +149,8 @@ def test_boxes_are_decoded_in_float32_inside_a_bf16_autocast_step(kind):
     args = dict(embed_dim=32, patch_size=16, num_blocks=2, n_classes=2, mean=(0.5,) * 3, std=(0.25,) * 3,
                 window=256, channels=32, anchors=(8, 16, 32, 64, 128))  # fmt: skip
     detector = build_detector(kind, **args)
-    owners = [detector.model, getattr(detector.model, "rpn", None), getattr(detector.model, "roi_heads", None)]
-    coders = [o.box_coder for o in owners if hasattr(o, "box_coder")]
-    assert coders
+    coders = [m.box_coder for m in detector.model.modules() if hasattr(m, "box_coder")]
+    assert len(coders) == 2  # the model's and its head's (losses), or the RPN's and the R-CNN heads'
     anchors = torch.tensor([[200.3, 150.7, 212.9, 163.1]])
     codes = torch.tensor([[0.01, -0.02, 0.03, 0.05]]).to(torch.bfloat16)
     for coder in coders:

@@ -125,3 +125,27 @@ def test_a_frozen_group_does_not_move_before_its_step(patches, tmp_path):
 def test_the_loop_trains_only_a_training_task(patches, tmp_path):
     with pytest.raises(TypeError, match="TrainingTask"):
         _train(nn.Linear(2, 2), patches, tmp_path / "run")
+
+
+def test_each_rank_resumes_its_own_generators_and_a_rank_the_run_lacked_draws_its_own() -> None:
+    import random
+
+    from ssl_path.core.distributed import DistInfo
+    from ssl_path.training.loop import _set_rng_state
+
+    cpu = torch.device("cpu")
+    saved, next_draws = [], []
+    for seed in (11, 12):  # two ranks' generators, as gathered into a checkpoint
+        torch.manual_seed(seed)
+        torch.rand(5)
+        saved.append({"torch": torch.get_rng_state(), "python": list(random.getstate()[1])})
+        next_draws.append(torch.rand(3))  # what that rank would have drawn next
+    draws = {}
+    for rank, world in ((0, 2), (1, 2), (2, 3)):
+        _set_rng_state(saved, cpu, DistInfo(rank=rank, world_size=world))
+        draws[rank] = torch.rand(3)
+    assert torch.equal(draws[0], next_draws[0]) and torch.equal(draws[1], next_draws[1])
+    # Rank 2 of a larger run takes rank 0's state, reseeded: neither rank's draws.
+    assert not torch.equal(draws[2], draws[0]) and not torch.equal(draws[2], draws[1])
+    _set_rng_state(saved[1], cpu, DistInfo())  # a one-process checkpoint from before per-rank lists
+    assert torch.equal(torch.rand(3), next_draws[1])
