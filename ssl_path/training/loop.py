@@ -6,8 +6,9 @@ batches, steps the optimiser with the schedules, calls the task's hooks, logs an
 Everything that varies over time is a pure function of the step (``ssl_path.training.schedules``
 and the task's ``set_step``); batches come from ``stream(start_batch)``, a factory that can restart
 a stream at an exact position (``ssl_path.data.loader.shard_loader(..., start_batch=n)``, say).
-So a checkpoint that stores weights, optimiser state, step and RNG state is enough to continue
-exactly where a killed run left off.
+So a checkpoint that stores weights, optimiser state, step and every rank's RNG state is enough to
+continue exactly where a killed run left off (on a GPU as exactly as its kernels are deterministic:
+some backward passes, of indexing and gathers, add up with atomics in no fixed order).
 
 Checkpoints (``RUN_DIR/checkpoints/last.pt``, plus a retained copy every ``keep_every`` steps;
 :mod:`ssl_path.encoder.checkpoint`) are whole, unsharded state dicts written atomically by rank 0,
