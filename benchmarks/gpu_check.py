@@ -85,6 +85,7 @@ WHEELS = {
 # that compile (minutes of inductor code generation, which the CPU cannot tell in advance) go last,
 # where the spare time of the quick ones lets them finish. The sum is the run's limit (8 minutes with
 # the install).
+CARRY_LIMIT_MIB = 64  # what travels with a command to a lent GPU machine: working tree and carried folders
 BUDGETS_S = {"device": 25, "data": 55, "end_to_end": 35, "knn": 20, "features": 20, "steps": 250, "mae": 60}
 GOALS = {
     "data_samples_per_s": 2000.0,
@@ -212,6 +213,16 @@ def prepare(data_dir: Path, shared: Path, n_tiles: int, wheels: bool) -> None:
             shutil.rmtree(fresh, ignore_errors=True)  # gone once renamed; else it would travel unused
     size = sum(f.stat().st_size for f in data_dir.rglob("*") if f.is_file())
     print(f"prepared {data_dir} ({size / 2**20:.1f} MiB): carry it to the GPU machine with the working tree")
+    files = ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    listed = subprocess.run(files, capture_output=True)
+    if listed.returncode == 0:
+        tree = sum((REPO / f).stat().st_size for f in listed.stdout.decode().split("\0") if (REPO / f).is_file())
+        total = (tree + size) / 2**20
+        print(
+            f"with the working tree ({tree / 2**20:.1f} MiB) a run carries {total:.1f} MiB of the {CARRY_LIMIT_MIB} allowed"
+        )
+        if total > CARRY_LIMIT_MIB:
+            print(f"warning: over the {CARRY_LIMIT_MIB} MiB a GPU run can carry; prepare fewer tiles", file=sys.stderr)
 
 
 def requirement(dist: str) -> str:

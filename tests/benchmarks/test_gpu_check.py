@@ -28,6 +28,7 @@ def test_smoke_runs_every_part_and_writes_the_table(tmp_path: Path, shared_data:
     prepared = _run("--prepare", "--smoke", "--shared", str(shared_data), "--data-dir", str(data))
     assert prepared.returncode == 0, prepared.stderr
     assert len(list((data / "tiles" / "monuseg").glob("*.jpg"))) == 16
+    assert "a run carries" in prepared.stdout and "warning" not in prepared.stderr  # under the 64 MiB
 
     out = tmp_path / "out"
     result = _run("--smoke", "--data-dir", str(data), "--out", str(out))
