@@ -605,10 +605,14 @@ def run_part(name: str, ctx: dict[str, Any], budget_s: float) -> dict[str, Any]:
         process.start()
         process.join(budget_s)
         over = process.is_alive()
-        if over:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.join()
         seconds = time.perf_counter() - start
+        # Its group also holds the loader workers, which would linger for seconds after a part that
+        # ended, taking cores from the next part's timing: killed either way.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the part ended and left nothing running
+            pass
+        process.join()
         result = json.loads(rows_file.read_text()) if rows_file.is_file() else {"rows": []}
     if over:
         status = f"skipped: over its {budget_s:g} s budget after {len(result['rows'])} rows"
