@@ -81,11 +81,11 @@ WHEELS = {
     "lightly": ["lightly", "lightning-utilities"],  # all that lightly.transforms needs
     "timm": ["timm"],
 }
+CARRY_LIMIT_MIB = 64  # what travels with a command to a lent GPU machine: working tree and carried folders
 # Run in this order, each part under its budget plus what the parts before it left unused: the parts
 # that compile (minutes of inductor code generation, which the CPU cannot tell in advance) go last,
 # where the spare time of the quick ones lets them finish. The sum is the run's limit (8 minutes with
 # the install).
-CARRY_LIMIT_MIB = 64  # what travels with a command to a lent GPU machine: working tree and carried folders
 BUDGETS_S = {"device": 25, "data": 55, "end_to_end": 35, "knn": 20, "features": 20, "steps": 250, "mae": 60}
 GOALS = {
     "data_samples_per_s": 2000.0,
