@@ -190,6 +190,7 @@ def predict_files(
     size = _size(cfg, task.info)
     images = LabelledImages(unlabelled, eval_transform(size, task.info.mean, task.info.std), size)
     device = next(task.parameters()).device
+    written = 0
     with atomic_path(out / PREDICTIONS) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "prediction", *(f"p_{c}" for c in classes), "error"])
@@ -197,11 +198,13 @@ def predict_files(
             with torch.no_grad():
                 probs = torch.softmax(task.logits(batch["image"].to(device)).float(), 1).cpu().numpy()
             for path, error, p in zip(batch["path"], batch["error"], probs):
-                if error:
+                if error:  # a row still, so that the CSV lists every image asked for
+                    print(f"warning: skipped {path}: {error}", file=sys.stderr)
                     writer.writerow([path, "", *([""] * len(classes)), error])
                 else:
                     writer.writerow([path, classes[int(p.argmax())], *(f"{v:.6f}" for v in p), ""])
-    return len(paths)
+                    written += 1
+    return written
 
 
 def no_choice(cfg: ClassifyConfig, task: nn.Module, data: LabelledSet) -> dict[str, Any]:

@@ -106,7 +106,10 @@ def resolve_config(
     dir's ``config.yaml``, whose ``train.steps_per_epoch`` its training set set."""
     data = apply_overrides(read_yaml(config_path(str(name_or_path), CONFIG_DIR)), overrides)
     if data.get("task", task) != task:
-        raise UserError(f"config is for task {data.get('task')!r}, this command is {task!r}")
+        other = data.get("task")
+        raise UserError(
+            f"{name_or_path} is for task {other!r}, this command is {task!r} (use python -m finetune.{other})"
+        )
     if saved:
         data.pop(INPUTS, None)
     known = {"task", "seed", "encoder", "select", "optim", "train", task}

@@ -101,7 +101,9 @@ def build_parser(head: Head):
     parser.add_argument(
         "--ckpt", metavar="REF", help="encoder: timm:ARCH, hf-hub:ORG/NAME, a checkpoint, run dir or export"
     )
-    parser.add_argument("--train", metavar="SPEC", help="labelled training set, e.g. wbc_seg:DATA?dataset=1")
+    parser.add_argument(
+        "--train", metavar="SPEC", help="labelled training set, a data SPEC: READER:PATH[?option=value&...]"
+    )
     parser.add_argument("--test", metavar="SPEC", help="test set (default: the set's named split, or a held-out share)")
     add_out(parser, help="run directory (with --eval: the results.json to write)", required=False)
     parser.add_argument("--eval", type=Path, metavar="RUN_DIR", help="score the trained run RUN_DIR on --test")
@@ -112,7 +114,8 @@ def build_parser(head: Head):
         "--mode", help="encoder tuning: frozen, last-N (e.g. last-4), full or lora (= encoder.mode=...)"
     )
     parser.add_argument("--max-steps", type=int, help="stop after this step (schedules still span the run)")
-    add_overwrite(parser)
+    # A run dir is resumed or refused, never replaced: it may hold hours of training.
+    add_overwrite(parser, help="with --eval: replace an existing results.json (only once the new one is complete)")
     add_progress(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-3")
     return parser
@@ -143,6 +146,8 @@ def request_from(head: Head, args: argparse.Namespace) -> Request:
             raise UserError("--eval scores a trained run as it is: drop --ckpt, --train, --mode and overrides")
     elif args.ckpt is None or args.train is None or args.out is None:
         raise UserError("give --ckpt REF --train SPEC --out RUN_DIR (or --eval RUN_DIR --test SPEC)")
+    elif args.overwrite:
+        raise UserError("--overwrite is for --eval's results.json; a run dir is never replaced: give another --out")
     return Request(
         ckpt=args.ckpt,
         train=args.train,
@@ -197,17 +202,19 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
         labels = labels if (labels >= 0).any() else np.zeros(len(labels), dtype=np.int64)
         train_set = train_set.select(sample_subset(labels, fraction=request.fraction, seed=cfg.seed))
         split.update(fraction=request.fraction, n_train=len(train_set))
-    dist_info = init_distributed()
+    dist_info = init_distributed(cfg.train.device)
     device = resolve_device(cfg.train.device, dist_info.local_rank)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     task = build_task(head, cfg, request.ckpt, train_set)  # writes nothing: a bad request leaves out as it was
+    trained_from = encoder_hash(request.ckpt)  # what results.json names: the encoder this run started from
     dataset, weights = head.train_data(cfg.head, train_set, task.info, cfg.seed)
     _, per_epoch = batch_layout(len(dataset), cfg.train.batch_size, dist_info.world_size)
     cfg = replace(cfg, train=replace(cfg.train, steps_per_epoch=per_epoch))
-    # What the run learns from belongs to its config: a resumed run must be trained on the same.
-    inputs = {"ckpt": request.ckpt, "train": request.train, "test": request.test, "fraction": request.fraction,
-              "split_seed": split_seed}  # fmt: skip
+    # What the run learns from belongs to its config: a resumed run must be trained on the same encoder
+    # (by content, wherever it is now) and sets (as the readers name them, however the path was written).
+    inputs = {"encoder_hash": trained_from, "train": data.source, "test": test.source if test else None,
+              "fraction": request.fraction, "split_seed": split_seed}  # fmt: skip
     config = {**cfg.to_dict(), INPUTS: inputs}
     fresh = check_run_dir(out, config, run_entries(head), kind="fine-tuning")
     barrier()  # every rank checked the run dir before rank 0 writes into it
@@ -262,10 +269,18 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
         scored, missed = head.evaluate(cfg.head, task, test_set, selection, out, name)
         rows.update({f"{name}/{key}" if len(tests) > 1 else key: row for key, row in scored.items()})
         skipped += missed
-    results = _results(head, cfg, request.ckpt, train_set, val_set, tests, split, rows, selection, skipped)
+    encoder = {"ref": request.ckpt, "hash": trained_from}
+    results = _results(head, cfg, encoder, train_set, val_set, tests, split, rows, selection, skipped)
     write_results(out / RESULTS, results, overwrite=True)
+    print_scores(rows)
     print(f"wrote {out / RESULTS}")
     return results
+
+
+def print_scores(rows: dict[str, dict[str, Any]]) -> None:
+    """Each results row, its numbers only, a line each: what a user looks for when a run ends."""
+    for key, row in rows.items():
+        print(key, json.dumps({k: v for k, v in row.items() if isinstance(v, (int, float))}))
 
 
 def build_task(head: Head, cfg: FinetuneConfig, ref: str, data: LabelledSet) -> HeadTask:
@@ -284,8 +299,12 @@ def _refuse_non_vit(module: nn.Module, encoder: nn.Module, info: EncoderInfo) ->
 
 def load_trained(head: Head, run_dir: Path) -> tuple[FinetuneConfig, HeadTask, dict[str, Any]]:
     """A finished run's config, its task with the selected weights (LoRA merged), and its selection."""
-    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / SELECTION).is_file():
-        raise UserError(f"{run_dir} is not a finished {head.name} run (no {CONFIG_FILE} or {SELECTION})")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir} is not a {head.name} run (no {CONFIG_FILE})")
+    if not (run_dir / SELECTION).is_file():
+        raise UserError(f"{run_dir} has not finished training (no {SELECTION}); its training command resumes it")
     cfg = resolve_config(run_dir / CONFIG_FILE, head.name, head.config, (), saved=True)
     selection = json.loads((run_dir / SELECTION).read_text())
     best = load_best(run_dir)
@@ -308,8 +327,7 @@ def eval_run(head: Head, request: Request) -> dict[str, Any]:
     test = read_spec(request.test)
     head.check(cfg.head, test, "--test")
     rows, skipped = head.evaluate(cfg.head, task, test, selection, None, "test")
-    for key, row in rows.items():
-        print(key, json.dumps({k: v for k, v in row.items() if isinstance(v, (int, float))}))
+    print_scores(rows)
     if request.out is None:
         return {}
     results = make_results(
@@ -338,7 +356,7 @@ def eval_run(head: Head, request: Request) -> dict[str, Any]:
 def _results(
     head: Head,
     cfg: FinetuneConfig,
-    ref: str,
+    encoder: dict[str, str],
     train_set: LabelledSet,
     val_set: LabelledSet,
     tests: dict[str, LabelledSet],
@@ -351,7 +369,7 @@ def _results(
         probe=f"finetune.{head.name}",
         task=head.task,
         title=f"{head.title} ({cfg.encoder.mode} encoder)",
-        encoder={"ref": ref, "hash": encoder_hash(ref)},
+        encoder=encoder,
         dataset={
             "train": train_set.source,
             "test": " + ".join(dict.fromkeys(t.source for t in tests.values())),
@@ -422,9 +440,18 @@ def run_series(
         raise UserError(f"--out {out} is finished (its scores are in {out / RESULTS}); use another --out")
     done: dict[str, dict[str, Any]] = {}
     for name, sub in runs:
-        assert sub.out is not None
+        assert sub.out is not None and sub.ckpt is not None
         finished = sub.out / RESULTS
-        results = read_results(finished) if finished.is_file() else train_run(head, sub)
+        if finished.is_file():
+            results = read_results(finished)
+            # A series reports one encoder: its finished runs must be of the one --ckpt names now.
+            if results["encoder"].get("hash") != (now := encoder_hash(sub.ckpt)):
+                raise UserError(
+                    f"{finished} was trained from encoder {results['encoder'].get('hash')}, not from --ckpt "
+                    f"{sub.ckpt} (now {now}); use another --out"
+                )
+        else:
+            results = train_run(head, sub)
         if results is None:
             return None
         if results:  # rank 0's

@@ -50,8 +50,8 @@ difference on each test redraw. Pairing removes what both share: the same unluck
 test slide hurts both, so a gain shows even where the two rows' own intervals overlap.
 
 A learning-curve PNG (balanced accuracy against label fraction and shots, one line per probe, the
-95 % CI shaded, REF2 dashed) is written beside ``--out`` as ``fewshot_curves.png``, or in the current
-directory without ``--out``.
+95 % CI shaded, REF2 dashed) is written beside ``--out`` as ``<its stem>_curves.png`` (``fewshot.json``:
+``fewshot_curves.png``), or as ``fewshot_curves.png`` in the current directory without ``--out``.
 
     python -m probes.fewshot --ckpt REF --train SPEC --test SPEC [--fractions 0.01 0.1 0.5 1.0]
         [--shots 1 2 4 8 16 32] [--seeds 5] [--probes knn linear prototype] [--episodes 100]
@@ -465,8 +465,10 @@ def format_curves(rows: dict[str, dict[str, Any]], reference: str | None = None)
 
 
 def curves_path(out: Path | None, split: str = "") -> Path:
-    """Where the learning-curve PNG goes: beside ``--out``, else in the current directory; one per split."""
-    name = CURVES_NAME if not split else CURVES_NAME.replace(".png", f"_{split}.png")
+    """Where the learning-curve PNG goes: beside ``--out`` as ``<its stem>_curves.png`` (so that runs
+    with their own ``--out`` share a folder), else :data:`CURVES_NAME` in the current directory; one per split."""
+    name = CURVES_NAME if out is None else f"{Path(out).stem}_curves.png"
+    name = name if not split else name.replace(".png", f"_{split}.png")
     return (Path(".") if out is None else Path(out).parent) / name
 
 

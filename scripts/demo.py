@@ -84,8 +84,8 @@ def call(main: Callable[[Sequence[str] | None], int | None], *argv: str) -> None
 def split(spec: str, out: Path, test_fraction: float, seed: int) -> tuple[str, str, list[str]]:
     """Train / test CSVs of ``spec`` in whole groups, and the train images (the pretraining tiles)."""
     data = read_spec(spec)
-    if not data.classes:
-        raise UserError(f"--data {spec}: the set has no image labels; the demo needs a classification set")
+    if len({r.label for r in data.records if r.label is not None}) < 2:
+        raise UserError(f"--data {spec}: fewer than 2 image labels; the demo needs a classification set")
     groups = [r.group if r.group is not None else r.path for r in data.records]
     train_idx, test_idx = group_split(data.targets(), groups, test_fraction, seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +102,15 @@ def split(spec: str, out: Path, test_fraction: float, seed: int) -> tuple[str, s
         f"   {len(train_idx)} train / {len(test_idx)} test images, {len(set(groups))} groups, classes {', '.join(data.classes)}"
     )
     return f"csv:{paths['train']}", f"csv:{paths['test']}", [data.records[i].path for i in train_idx]
+
+
+def check_inputs(detect_spec: str | None, slides: Sequence[str]) -> None:
+    """Refuse, in one line, a detection set without boxes or a slide path that is not there."""
+    missing = [p for p in slides if not Path(p).expanduser().exists()]
+    if missing:
+        raise UserError(f"--slides {missing[0]}: no such file or folder")
+    if detect_spec and not any(r.boxes or r.points for r in read_spec(detect_spec).records):
+        raise UserError(f"--detect {detect_spec}: no boxes or points; the demo's detection head needs them")
 
 
 RELOAD = """
@@ -199,9 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --out {out} holds files the demo did not write; choose another folder", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # a summary is there only once every stage of this run is
     (out / MARKER).write_text("written by scripts/demo.py; a rerun replaces this folder's contents\n")
     start = time.perf_counter()
     try:
+        check_inputs(detect_spec, slides)  # before minutes of work, not at the stage that reads them
         train, test, train_images = stage(
             1,
             "split",
@@ -247,7 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         call(knn.main, "--ckpt", run_dir, *paired, "--out", out / "knn.json")
         call(linear.main, "--ckpt", run_dir, *paired, "--out", out / "linear.json")
         labels = ["--fractions", 0.1, 1.0, "--shots", 8, "--probes", "knn", "linear", "--seeds", sizes["seeds"]]
-        # In a folder of its own: the curves PNG is written beside --out under a fixed name.
         call(fewshot.main, "--ckpt", run_dir, *paired, *labels, "--out", out / "fewshot" / "fewshot.json")
         umap = ["--data", test, "--methods", "umap", "--out", out / "umap", "--overwrite"]
         call(embed.main, "--ckpt", run_dir, *umap, "--no-progress", "--cache-dir", out / "cache")
@@ -255,7 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage(4, "probe", "kNN, linear, few-label against random init; UMAP", probe)
 
     def finetune() -> None:
-        heads = ["--ckpt", run_dir, "--overwrite", "--no-progress"]
+        # Run dirs, like the pretraining run: a command never replaces one, so the demo removes its own.
+        for head_dir in ("classify", "detect"):
+            shutil.rmtree(out / head_dir, ignore_errors=True)
+        heads = ["--ckpt", run_dir, "--no-progress"]
         classify_args = ["--train", train, "--test", test, "--mode", "frozen", "--out", out / "classify"]
         call(classify.main, *heads, *classify_args, *sizes["classify"])
         if detect_spec:

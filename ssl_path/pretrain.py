@@ -15,6 +15,7 @@ Several processes (torchrun, ``slurm/launch.py``) train with DDP, or FSDP with `
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import sys
@@ -122,7 +123,7 @@ def run(
     dist_info: DistInfo | None = None,
 ) -> torch.nn.Module:
     """Build the method and train it; returns the trained method (unwrapped)."""
-    dist_info = dist_info or init_distributed()
+    dist_info = dist_info or init_distributed(cfg.train.device)
     urls = shard_urls(data)  # bad --data fails here, before any model is built
     # A run dir inside a shard folder, or holding one, would mix checkpoints with the data.
     refuse_out_over_inputs(out, sorted({Path(u).parent for u in urls}))
@@ -144,7 +145,8 @@ def run(
         write_json(
             out / RUN_FILE,
             {
-                "data": [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data),
+                # absolute, so that the export and the figures find them from any folder
+                "data": [_absolute(d) for d in data] if isinstance(data, (list, tuple)) else _absolute(data),
                 "command": " ".join(sys.argv),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(),
@@ -195,6 +197,11 @@ def draw_figure(run_dir: Path, data: Any = None) -> Path:
         raise UserError(f"no readable tile in {data} to draw {method.figure} with")
     panels = method.eval().figure_panels(images)
     return draw_panels(panels, Path(run_dir) / method.figure, title=f"{Path(run_dir).name}: {method.name}")
+
+
+def _absolute(data: str | Path) -> str:
+    """A ``--data`` value with each of its ``::``-joined locations made absolute."""
+    return "::".join(os.path.abspath(os.path.expanduser(part)) for part in str(data).split("::") if part)
 
 
 def load_run(run_dir: Path) -> tuple[PretrainConfig, PretrainingMethod, dict[str, Any]]:

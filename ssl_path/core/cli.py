@@ -38,10 +38,10 @@ def add_out(parser: argparse.ArgumentParser, help: str, required: bool = True, m
     parser.add_argument("--out", required=required, type=Path, metavar=metavar, help=help)
 
 
-def add_overwrite(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace existing outputs (only when the new ones are complete)"
-    )
+def add_overwrite(
+    parser: argparse.ArgumentParser, help: str = "replace existing outputs (only when the new ones are complete)"
+) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=help)
 
 
 def add_progress(parser: argparse.ArgumentParser) -> None:

@@ -121,9 +121,11 @@ def dump_yaml(config: Any) -> str:
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    """The dotted key of the first value that differs between two config trees (lists equal tuples)."""
+    """The dotted key of the first value that differs between two config trees (lists equal tuples);
+    a level's own values come before its sections, so that ``method`` differs before ``dinov2``."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
+        keys = set(a) | set(b)
+        for key in sorted(keys, key=lambda k: (isinstance(a.get(k), dict) or isinstance(b.get(k), dict), k)):
             found = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
             if found is not None:
                 return found

@@ -25,14 +25,15 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group named by the environment (nccl on CUDA, gloo on CPU)."""
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group named by the environment: nccl where ``device`` (a ``train.device``
+    value) lands on CUDA, gloo where it is the CPU, even on a GPU node (nccl cannot reduce CPU tensors)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)

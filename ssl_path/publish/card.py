@@ -122,7 +122,7 @@ def evaluation_tables(all_results: Sequence[dict[str, Any]]) -> list[dict[str, A
                 if value is None:
                     cells.append("n/a")
                 elif isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
-                    cells.append(f"{value:.3f} ± {(ci[1] - ci[0]) / 2:.3f}")
+                    cells.append(f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")  # bootstrap intervals need not be symmetric
                 else:
                     cells.append(f"{value:.3f}")
             body.append([row_name, *cells])
@@ -139,11 +139,22 @@ def evaluation_tables(all_results: Sequence[dict[str, Any]]) -> list[dict[str, A
                 "classes": dataset.get("classes") or [],
                 "folds": [f.get("domain") for f in split.get("folds", []) if isinstance(f, dict)],
                 "seeds": results.get("seeds") or [],
-                "with_ci": any("±" in c for r in body for c in r[1:]),
+                "ci": _ci_method(results) if any("[" in c for r in body for c in r[1:]) else None,
                 "created": results.get("created"),
             }
         )
     return tables
+
+
+def _ci_method(results: dict[str, Any]) -> str:
+    """How a results file's 95 % intervals were drawn, as the file says."""
+    stated = results["config"].get("ci")
+    if isinstance(stated, str):
+        return stated.removeprefix("95%:").strip()  # the template says 95 % already
+    boot = next((r["bootstrap"] for _, r in _rows(results) if isinstance(r.get("bootstrap"), dict)), None)
+    if boot:
+        return f"percentile bootstrap over the {boot.get('n_units')} test {boot.get('unit')}s, {boot.get('resamples')} resamples"
+    return "over seeds"
 
 
 # ----------------------------------------------------------------------------- the card

@@ -73,6 +73,14 @@ def export(
     inputs = [Path(ckpt), path, *results, *(shards or ()), *([template] if template is not None else [])]
     out = check_out_dir(out, overwrite, inputs)
     all_results = [read_results(r) for r in results]  # a missing or foreign file fails before any work
+    checkpoint = read_checkpoint(path)
+    trained = checkpoint.get("config") or {}
+    if "task" in trained and "method" not in trained:
+        # A fine-tuning run holds an encoder too, but it learnt from labels: the card would say otherwise.
+        raise UserError(
+            f"{path} is of a fine-tuning run (a {trained['task']} head); export the pretraining run or "
+            "checkpoint its --ckpt named"
+        )
     if all_results:
         own_hash = encoder_hash(str(path))
         for file, res in zip(results, all_results):
@@ -82,7 +90,6 @@ def export(
                     f"not on {path} (hash {own_hash}); a card only reports its own encoder's results"
                 )
     with atomic_dir(out, overwrite, inputs) as tmp:
-        checkpoint = read_checkpoint(path)
         entry = encoder_entry(checkpoint, path)
         model = model_from_entry(entry, str(path)).eval()
         args = published_kwargs(entry.get("model_kwargs", {}))

@@ -111,8 +111,14 @@ def data_summary(manifests: Sequence[Path]) -> dict[str, Any]:
         sources.extend(s for s in content.get("sources", []) if isinstance(s, dict) and "path" in s)
         params = content.get("params", {})
         tiling = {k: params.get(k) for k in ("tile_size", "stride", "mpp", "downscale", "min_tissue", "stain_norm")}
-        if tiling not in tilings:
-            tilings.append(tiling)
+        same = next((t for t in tilings if {k: t[k] for k in tiling} == tiling), None)
+        if same is None:
+            same = {**tiling, "images": 0, "without_mpp": 0}
+            tilings.append(same)
+        used = [s for s in content.get("sources", []) if isinstance(s, dict)]
+        same["images"] += len(used)
+        # under --mpp, sources with no pixel size were tiled at --downscale: the card must not claim the mpp for them
+        same["without_mpp"] += sum(1 for s in used if s.get("mpp") is None) if tiling["mpp"] is not None else 0
     folders: Counter[str] = Counter()
     images: Counter[str] = Counter()
     for source, folder in zip(sources, _source_folders([s["path"] for s in sources])):

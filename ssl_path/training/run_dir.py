@@ -8,6 +8,7 @@ it; a different config is refused, except the settings that do not change what i
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,10 +50,24 @@ def check_run_dir(out: Path, config: dict[str, Any], entries: Sequence[str], kin
             raise UserError(f"--out {out} holds {foreign[0]} but no {checkpoint_path(out)}; use another --out")
         return True
     previous = read_yaml(saved)
-    difference = first_difference(previous, config)
-    if difference is not None and difference not in RESUMABLE_CHANGES:
+    # A resumable change must not hide a change after it: compare without them.
+    difference = first_difference(_without(previous, RESUMABLE_CHANGES), _without(config, RESUMABLE_CHANGES))
+    if difference is not None:
         raise UserError(
             f"--out {out} is a run with a different config ({difference}: "
             f"{lookup(previous, difference)!r} there, {lookup(config, difference)!r} now); use another --out"
         )
     return False
+
+
+def _without(tree: dict[str, Any], dotted: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``tree`` without the entries at the ``dotted`` keys."""
+    pruned = copy.deepcopy(tree)
+    for key in dotted:
+        *parents, last = key.split(".")
+        node: Any = pruned
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return pruned

@@ -164,19 +164,24 @@ def test_fewshot_does_not_replace_its_curves_without_overwrite(sample_data, tmp_
     argv += ["--seeds", "2", "--fractions", "1.0", "--shots", "1", "--episodes", "1", "--c-grid", "1"]
     argv += ["--probes", "knn", "prototype"]
     folder = tmp_path / "fewshot"
-    assert run_cli(fewshot.main, [*argv, "--out", str(folder / "results.json")]) == 0
-    curves = folder / fewshot.CURVES_NAME
+    monkeypatch.chdir(folder.parent)
+    assert run_cli(fewshot.main, argv) == 0  # no --out: the curves in the current folder
+    curves = folder.parent / fewshot.CURVES_NAME
     before = curves.read_bytes()
     capsys.readouterr()
-
-    # A new results file beside it would still replace the curves; so would a run without --out there.
-    assert run_cli(fewshot.main, [*argv, "--out", str(folder / "again.json")]) == 2
-    assert_one_line_error(capsys, str(curves), "--overwrite")
-    monkeypatch.chdir(folder)
-    assert run_cli(fewshot.main, argv) == 2
+    assert run_cli(fewshot.main, argv) == 2  # a second run there would replace them
     assert_one_line_error(capsys, fewshot.CURVES_NAME, "--overwrite")
     assert curves.read_bytes() == before
-    assert sorted(p.name for p in folder.iterdir()) == [fewshot.CURVES_NAME, "results.json"]
+
+    # With --out, each results file has curves of its own: two runs share a folder.
+    for name in ("results.json", "again.json"):
+        assert run_cli(fewshot.main, [*argv, "--out", str(folder / name)]) == 0
+    names = ["again.json", "again_curves.png", "results.json", "results_curves.png"]
+    assert sorted(p.name for p in folder.iterdir()) == names
+    (folder / "results.json").unlink()  # results gone, their curves kept: still not replaced unasked
+    capsys.readouterr()
+    assert run_cli(fewshot.main, [*argv, "--out", str(folder / "results.json")]) == 2
+    assert_one_line_error(capsys, "results_curves.png", "--overwrite")
 
     assert run_cli(fewshot.main, [*argv, "--overwrite"]) == 0  # asked for: replaced
     assert Image.open(curves).format == "PNG"

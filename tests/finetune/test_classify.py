@@ -14,8 +14,10 @@ import torch.multiprocessing as mp
 from finetune_helpers import assert_one_line_error, tiny_checkpoint
 
 from finetune import classify, predict
+from ssl_path import hub
 from ssl_path.core.errors import run_cli
 from ssl_path.encoder.checkpoint import read_training_checkpoint
+from ssl_path.encoder.identity import encoder_hash
 from ssl_path.evaluation.results import read_results
 
 SMALL = ["classify.input_size=32", "train.batch_size=16", "train.num_workers=0", "--no-progress"]
@@ -73,7 +75,54 @@ def test_a_paused_run_resumes_exactly_through_validation_and_selection(amibr_sma
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
 
 
-def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tiny_ref, sample_data, tmp_path):
+def test_a_paused_run_resumes_from_its_encoder_wherever_it_is_and_refuses_another(amibr_small, tmp_path, capsys):
+    encoder = tiny_checkpoint(tmp_path / "a" / "tiny.pt")
+    out = tmp_path / "run"
+    base = ["--out", str(out), "train.epochs=3", *SMALL]
+    assert run_cli(classify.main, ["--ckpt", str(encoder), "--train", f"folder:{amibr_small}", *base,
+                                   "--max-steps", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert run_cli(classify.main, ["--eval", str(out), "--test", f"folder:{amibr_small}"]) == 2
+    assert_one_line_error(capsys, "has not finished training (no selection.json); its training command resumes it")
+    assert run_cli(classify.main, ["--eval", str(tmp_path / "nope"), "--test", f"folder:{amibr_small}"]) == 2
+    assert_one_line_error(capsys, "nope: no such run directory")
+    moved = tmp_path / "b" / "tiny.pt"
+    moved.parent.mkdir()
+    shutil.copy(encoder, moved)
+    # the same encoder elsewhere, the same set written another way (bare, trailing slash, relative)
+    same_set = os.path.relpath(amibr_small, os.getcwd()) + "/"
+    assert run_cli(classify.main, ["--ckpt", str(moved), "--train", same_set, *base, "--max-steps", "3"]) == 0
+    assert read_training_checkpoint(out / "checkpoints" / "last.pt")["step"] == 3
+
+    torch.manual_seed(1)
+    tiny_checkpoint(encoder)  # other weights at the path the run started from
+    capsys.readouterr()
+    assert run_cli(classify.main, ["--ckpt", str(encoder), "--train", f"folder:{amibr_small}", *base]) == 2
+    assert_one_line_error(capsys, "different config (inputs.encoder_hash")
+    assert run_cli(classify.main, ["--ckpt", str(moved), "--train", f"folder:{amibr_small}", *base]) == 0
+    results = read_results(out / "results.json")
+    assert results["encoder"] == {"ref": str(moved), "hash": encoder_hash(str(moved))}
+    assert results["encoder"]["hash"] != encoder_hash(str(encoder))
+
+
+def test_a_series_refuses_to_go_on_from_another_encoder_than_its_finished_runs(amibr_small, tmp_path, capsys):
+    encoder = tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "series"
+    argv = ["--ckpt", str(encoder), "--train", f"folder:{amibr_small}", "--out", str(out), "train.epochs=1",
+            *SMALL, "--fractions", "0.5", "1"]  # fmt: skip
+    assert run_cli(classify.main, argv) == 0
+    # as if the job had been requeued after the first run finished, and the encoder then trained on
+    (out / "results.json").unlink()
+    shutil.rmtree(out / "fraction_1")
+    torch.manual_seed(1)
+    tiny_checkpoint(encoder)
+    capsys.readouterr()
+    assert run_cli(classify.main, argv) == 2
+    assert_one_line_error(capsys, "fraction_0.5", "was trained from encoder")
+    assert not (out / "fraction_1").exists()
+
+
+def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tiny_ref, sample_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert run_cli(classify.main, ["--ckpt", str(tiny_ref), "--train", f"folder:{amibr_small}", "--out", str(run),
                                    "train.epochs=1", *SMALL]) == 0  # fmt: skip
@@ -85,13 +134,25 @@ def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tin
     with (sample_data / "amibr" / "AMI-BR_MIDOG21.csv").open() as f:
         n_s360 = sum(51 <= int(r["slide"][:3]) <= 100 for r in csv.DictReader(f))
     assert row["n"] == n_s360 and 0 <= row["balanced_accuracy"] <= 1
-    out = tmp_path / "pred"
-    assert run_cli(predict.main, ["--run", str(run), "--data", str(amibr_small / "normal"), "--out", str(out)]) == 0
+    out, images = tmp_path / "pred", tmp_path / "images"
+    shutil.copytree(amibr_small / "normal", images)
+    (images / "broken.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    assert run_cli(predict.main, ["--run", str(run), "--data", str(images), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "wrote 48 predictions of 49 images" in captured.out and "warning: skipped" in captured.err
     with (out / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 48 and {r["prediction"] for r in rows} <= {"normal", "atypical"}
-    assert all(abs(float(r["p_normal"]) + float(r["p_atypical"]) - 1) < 1e-5 for r in rows)
+    scored_rows = [r for r in rows if not r["error"]]
+    assert len(rows) == 49 and len(scored_rows) == 48  # the unreadable one listed, with its reason
+    assert {r["prediction"] for r in scored_rows} <= {"normal", "atypical"}
+    assert all(abs(float(r["p_normal"]) + float(r["p_atypical"]) - 1) < 1e-5 for r in scored_rows)
     assert json.loads((run / "selection.json").read_text())["mode"] == "frozen"
+    # its encoder was not pretrained by this head: the card would say so
+    capsys.readouterr()
+    assert run_cli(hub.main, ["export", "--ckpt", str(run), "--out", str(tmp_path / "export")]) == 2
+    assert_one_line_error(capsys, "is of a fine-tuning run (a classify head)")
+    assert not (tmp_path / "export").exists()
 
 
 @pytest.mark.parametrize(
@@ -102,6 +163,11 @@ def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tin
         (["classify.balance=oversample"], "classify.balance must be one of"),
         (["train.steps_per_epoch=3"], "set by the training set"),
         (["--mode", "lora", "encoder.lora_targets=[q]"], "names no linear layer"),
+        (["--overwrite"], "--overwrite is for --eval's results.json; a run dir is never replaced"),
+        (
+            ["--config", "segment_wbc"],
+            "is for task 'segment', this command is 'classify' (use python -m finetune.segment)",
+        ),
     ],
 )
 def test_bad_requests_are_one_line(extra, fragment, amibr_small, tiny_ref, tmp_path, capsys):

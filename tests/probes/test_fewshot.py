@@ -267,7 +267,8 @@ def test_cli_writes_results_and_curves(specs, tmp_path, capsys):
     assert all(len(row["per_seed"][score]) == 2 and f"{score}_ci95" in row for score in CLASSIFICATION_SCORES)
     assert results["config"]["ci"] == fewshot.CI_BOOTSTRAP and row["bootstrap"]["unit"] == "group"
     assert results["metrics"]["shots_1/linear"]["c_selection"] == ["fixed", "fixed"]
-    png = out.parent / fewshot.CURVES_NAME
+    png = fewshot.curves_path(out)
+    assert png.name == "results_curves.png"
     assert png.is_file() and png.stat().st_size > 1024
 
 
@@ -284,7 +285,7 @@ def test_cli_compare_adds_the_reference_and_paired_differences(specs, tmp_path, 
         # the same encoder on both sides: its figures twice, every difference exactly 0
         assert row["reference"]["per_seed"] == row["per_seed"]
         assert row["balanced_accuracy_diff"] == 0.0 and row["balanced_accuracy_diff_ci95"] == [0.0, 0.0]
-    assert (out.parent / fewshot.CURVES_NAME).stat().st_size > 1024
+    assert fewshot.curves_path(out).stat().st_size > 1024
 
     # another encoder: its rows are those of a run of its own, on the same draws
     other = "timm:vit_small_patch16_224"

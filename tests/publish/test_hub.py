@@ -14,17 +14,20 @@ import pytest
 import timm
 import torch
 from huggingface_hub import ModelCard
-from pretrain_helpers import TINY, make_tiles
+from pretrain_helpers import SAMPLE_DATA, TINY, make_tiles
 from safetensors.torch import load_file
 
 from probes import fewshot, knn
 from ssl_path import encoder, hub
 from ssl_path.core.errors import run_cli
 from ssl_path.data.transforms import as_rgb_tensor, eval_transform
+from ssl_path.encoder.checkpoint import read_checkpoint
 from ssl_path.evaluation.metrics import SCORES
 from ssl_path.evaluation.results import read_results, write_results
 from ssl_path.pretrain import resolve_config, run
 from ssl_path.publish.push import cache_export
+from ssl_path.publish.records import training_record
+from ssl_path.tiling import TilingParams, make_shards
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_ID = "path-lab/tiny-dinov2"
@@ -200,7 +203,8 @@ def test_card_front_matter_parses_and_holds_every_score(exported, trained):
     assert f'timm.create_model("hf-hub:{REPO_ID}", pretrained=True)' in text
     assert "2 of 8 planned" in text and "4 images per step" in text  # the recipe, from the checkpoint
     assert "13 images" in text  # the shard manifest's sources
-    assert "± " in text and "shots_2/prototype" in text  # few-label curves with their confidence intervals
+    # few-label curves with their confidence intervals, and how those were drawn
+    assert re.search(r"shots_2/prototype \| [0-9.]+ \[[0-9.]+, [0-9.]+\]", text) and "t over seeds" in text
     assert f"### {knn.TITLE} on amibr, given" in text and f"### {fewshot.TITLE} on amibr" in text
     assert "Oquab" in text  # the method's paper
 
@@ -357,3 +361,29 @@ def test_moved_shards_are_named_by_shards_or_reported_missing(trained, sample_da
     text = (tmp_path / "b" / "README.md").read_text()
     assert "13 images" in text and "| amibr | 12 | 48 |" in text  # 12 patches cut into 4 tiles each
     assert str(trained["root"]) not in text and str(sample_data) not in text  # no local path is published
+
+
+def test_a_relative_data_path_is_recorded_whole_so_that_export_finds_it_from_anywhere(trained, tmp_path, monkeypatch):
+    shards = trained["shards"]
+    monkeypatch.chdir(shards.parent)
+    run(resolve_config("dinov2_tiny_cpu", TINY), shards.name, tmp_path / "run", max_steps=1, progress=False)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == str(shards)
+    monkeypatch.chdir(tmp_path)  # the export runs elsewhere: the card still describes the shards
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    record = training_record(read_checkpoint(last), last)
+    assert record.data_missing == [] and record.data is not None
+
+
+def test_the_card_tells_which_images_had_no_pixel_size_under_mpp(trained, tmp_path):
+    """Under --mpp, images without a pixel size are tiled at --downscale: the card may not claim the mpp for them."""
+    patches = sorted((SAMPLE_DATA / "amibr" / "patches" / "normal").glob("*.png"))[:3]  # PNGs: no pixel size
+    slide = SAMPLE_DATA / "slide" / "CMU-1-Small-Region.svs"  # 0.499 µm/px
+    params = TilingParams(tile_size=64, min_tissue=0.0, samples_per_shard=40, max_tiles_per_source=20, mpp=0.5)
+    make_shards([*patches, slide], tmp_path / "shards", params, progress=False)
+    out = tmp_path / "export"
+    argv = ["export", "--ckpt", str(trained["run"]), "--out", str(out), "--shards", str(tmp_path / "shards")]
+    assert run_cli(hub.main, argv) == 0
+    text = " ".join((out / "README.md").read_text().split())
+    assert (
+        "at 0.5 µm/px (3 of its 4 images have no pixel size and were tiled at their native resolution instead)" in text
+    )

@@ -31,14 +31,12 @@ def test_quick_demo_runs_every_stage_on_the_sample_alone(tmp_path: Path) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SSL_PATH_"))}
     env["SSL_PATH_SHARED_DATA"] = str(tmp_path / "no_shared_here")
     env["HOME"] = str(tmp_path)  # no feature cache of an earlier run
-    done = subprocess.run(
-        [sys.executable, str(DEMO), "--quick", "--out", str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def demo() -> subprocess.CompletedProcess:
+        command = [sys.executable, str(DEMO), "--quick", "--out", str(out)]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    done = demo()
     assert done.returncode == 0, done.stderr[-3000:]
     for n, name in enumerate(("split", "tile", "pretrain", "probe", "finetune", "export"), start=1):
         assert f"== {n}/7 {name}:" in done.stdout
@@ -73,17 +71,33 @@ def test_quick_demo_runs_every_stage_on_the_sample_alone(tmp_path: Path) -> None
     # timm loaded the export through hf-hub: from the local cache, and it computes the same features.
     assert summary["hub_reload"]["max_abs_diff"] < 1e-5 and summary["hub_reload"]["num_features"] == 192
 
+    # A rerun replaces what the demo wrote, the heads' run dirs too (no command replaces a run dir).
+    first = (out / "classify" / "results.json").stat().st_mtime_ns
+    again = demo()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "classify" / "results.json").stat().st_mtime_ns > first and (out / "summary.json").is_file()
 
-def test_a_missing_data_folder_is_one_line(tmp_path: Path) -> None:
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--data", "folder:{tmp}/nope"], "does not exist"),
+        (["--data", "voc:{sample}/bccd"], "fewer than 2 image labels"),
+        (["--detect", "amibr:{sample}/amibr"], "--detect amibr:"),
+        (["--slides", "{tmp}/nope.svs"], "--slides"),
+    ],
+)
+def test_bad_inputs_are_one_line_before_any_stage(args: list[str], fragment: str, tmp_path: Path) -> None:
+    args = [a.format(tmp=tmp_path, sample=REPO / "data" / "sample") for a in args]
     done = subprocess.run(
-        [sys.executable, str(DEMO), "--quick", "--data", f"folder:{tmp_path / 'nope'}", "--out", str(tmp_path / "o")],
+        [sys.executable, str(DEMO), "--quick", *args, "--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "does not exist" in done.stderr
-    assert not (tmp_path / "o" / "summary.json").exists()
+    assert done.stderr.count("\n") == 1 and fragment in done.stderr, done.stderr
+    assert "== 2/7" not in done.stdout and not (tmp_path / "o" / "summary.json").exists()
 
 
 def test_an_out_folder_the_demo_did_not_write_is_refused_and_kept(tmp_path: Path) -> None:
