@@ -23,7 +23,7 @@ from ssl_path.core.errors import ConfigError, UserError
 from ssl_path.training.config import OptimConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-INPUTS = "inputs"  # a run dir's config.yaml also names what it was trained from (ref, sets, share)
+INPUTS = "inputs"  # a run dir's config.yaml also names what it was trained from (encoder hash, sets, share)
 MODES = ("frozen", "last-N", "full", "lora")
 _LAST_N = re.compile(r"last-(\d+)")
 

@@ -36,13 +36,13 @@ from finetune.config import INPUTS, FinetuneConfig, resolve_config
 from finetune.data import batch_layout, epoch_stream, split_sets
 from finetune.task import VALIDATION_LOG, VALIDATION_PNG, HeadTask, best_path, fit, load_best, load_encoder
 from ssl_path.core.cli import add_out, add_overwrite, add_progress, make_parser, resolve_device
-from ssl_path.core.config import dump_yaml
-from ssl_path.core.distributed import barrier, init_distributed
+from ssl_path.core.config import dump_yaml, read_yaml
+from ssl_path.core.distributed import barrier, from_rank_0, init_distributed
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path, check_out_file, refuse_out_over_inputs, write_json
 from ssl_path.data.readers import LabelledSet, parse_spec, read_spec, with_filters
 from ssl_path.encoder import EncoderInfo
-from ssl_path.encoder.checkpoint import CHECKPOINT_DIR
+from ssl_path.encoder.checkpoint import CHECKPOINT_DIR, checkpoint_path
 from ssl_path.encoder.identity import encoder_hash
 from ssl_path.evaluation.results import make_results, read_results, write_results
 from ssl_path.evaluation.splits import sample_subset
@@ -207,7 +207,9 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     task = build_task(head, cfg, request.ckpt, train_set)  # writes nothing: a bad request leaves out as it was
-    trained_from = encoder_hash(request.ckpt)  # what results.json names: the encoder this run started from
+    # What results.json names: the encoder this run started from, read once, by rank 0, for all ranks.
+    trained_from = from_rank_0(encoder_hash(request.ckpt) if dist_info.is_main else None)
+    _refuse_another_encoder(out, request.ckpt, trained_from)
     dataset, weights = head.train_data(cfg.head, train_set, task.info, cfg.seed)
     _, per_epoch = batch_layout(len(dataset), cfg.train.batch_size, dist_info.world_size)
     cfg = replace(cfg, train=replace(cfg.train, steps_per_epoch=per_epoch))
@@ -275,6 +277,23 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
     print_scores(rows)
     print(f"wrote {out / RESULTS}")
     return results
+
+
+def _refuse_another_encoder(out: Path, ckpt: str, trained_from: str) -> None:
+    """A resumable run dir trained from another encoder than ``ckpt``'s, refused in words rather than as a
+    config difference of hashes; a run dir with no checkpoint yet starts again whatever it held."""
+    saved = out / CONFIG_FILE
+    if not (saved.is_file() and checkpoint_path(out).is_file()):
+        return
+    inputs = read_yaml(saved).get(INPUTS) or {}
+    if "encoder_hash" not in inputs:
+        raise UserError(f"--out {out} was started by an older ssl-path (it names its encoder by path); "
+                        "finish it with that version or use another --out")  # fmt: skip
+    if inputs["encoder_hash"] != trained_from:
+        raise UserError(
+            f"--out {out} was trained from another encoder (hash {inputs['encoder_hash']}) than --ckpt {ckpt} "
+            f"(hash {trained_from}: its weights, or for timm: its timm and torch versions); use another --out"
+        )
 
 
 def print_scores(rows: dict[str, dict[str, Any]]) -> None:

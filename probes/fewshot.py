@@ -468,7 +468,7 @@ def curves_path(out: Path | None, split: str = "") -> Path:
     """Where the learning-curve PNG goes: beside ``--out`` as ``<its stem>_curves.png`` (so that runs
     with their own ``--out`` share a folder), else :data:`CURVES_NAME` in the current directory; one per split."""
     name = CURVES_NAME if out is None else f"{Path(out).stem}_curves.png"
-    name = name if not split else name.replace(".png", f"_{split}.png")
+    name = name if not split else name.removesuffix(".png") + f"_{split}.png"
     return (Path(".") if out is None else Path(out).parent) / name
 
 

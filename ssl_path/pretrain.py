@@ -151,8 +151,8 @@ def run(
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(),
                 "world_size": dist_info.world_size,
-                "device": torch.cuda.get_device_name()
-                if torch.cuda.is_available()
+                "device": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
                 else f"CPU ({torch.get_num_threads()} threads)",
                 "torch": str(torch.__version__),
             },

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ssl_path.core.cli import parse_device
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,20 @@ def init_distributed(device: str = "auto") -> DistInfo:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+        backend = "nccl" if parse_device(device)[0] != "cpu" and torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def from_rank_0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object), so that all of them act on one reading."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

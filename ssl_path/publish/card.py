@@ -150,7 +150,7 @@ def _ci_method(results: dict[str, Any]) -> str:
     """How a results file's 95 % intervals were drawn, as the file says."""
     stated = results["config"].get("ci")
     if isinstance(stated, str):
-        return stated.removeprefix("95%:").strip()  # the template says 95 % already
+        return re.sub(r"^95 ?%:? *", "", stated)  # the template says 95 % already
     boot = next((r["bootstrap"] for _, r in _rows(results) if isinstance(r.get("bootstrap"), dict)), None)
     if boot:
         return f"percentile bootstrap over the {boot.get('n_units')} test {boot.get('unit')}s, {boot.get('resamples')} resamples"

@@ -98,7 +98,14 @@ def test_a_paused_run_resumes_from_its_encoder_wherever_it_is_and_refuses_anothe
     tiny_checkpoint(encoder)  # other weights at the path the run started from
     capsys.readouterr()
     assert run_cli(classify.main, ["--ckpt", str(encoder), "--train", f"folder:{amibr_small}", *base]) == 2
-    assert_one_line_error(capsys, "different config (inputs.encoder_hash")
+    assert_one_line_error(capsys, "was trained from another encoder (hash", f"than --ckpt {encoder} (hash")
+    # a run dir of the version that named its encoder by path
+    config = out / "config.yaml"
+    saved = config.read_text()
+    config.write_text(saved.replace("encoder_hash:", "ckpt: a/tiny.pt\n  hash_was:"))
+    assert run_cli(classify.main, ["--ckpt", str(moved), "--train", f"folder:{amibr_small}", *base]) == 2
+    assert_one_line_error(capsys, "was started by an older ssl-path")
+    config.write_text(saved)
     assert run_cli(classify.main, ["--ckpt", str(moved), "--train", f"folder:{amibr_small}", *base]) == 0
     results = read_results(out / "results.json")
     assert results["encoder"] == {"ref": str(moved), "hash": encoder_hash(str(moved))}

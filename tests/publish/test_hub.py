@@ -205,6 +205,8 @@ def test_card_front_matter_parses_and_holds_every_score(exported, trained):
     assert "13 images" in text  # the shard manifest's sources
     # few-label curves with their confidence intervals, and how those were drawn
     assert re.search(r"shots_2/prototype \| [0-9.]+ \[[0-9.]+, [0-9.]+\]", text) and "t over seeds" in text
+    assert "[95 % confidence interval: percentile bootstrap over the 2 test groups, 1000 resamples]" in text  # kNN's
+    assert "95 % confidence interval: 95" not in text
     assert f"### {knn.TITLE} on amibr, given" in text and f"### {fewshot.TITLE} on amibr" in text
     assert "Oquab" in text  # the method's paper
 
