@@ -480,7 +480,7 @@ def plot_curves(rows: dict[str, dict[str, Any]], path: Path, title: str = "") ->
 
     matplotlib.use("Agg")  # no display on training nodes
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, regime, label in ((axes[0], "fraction", "label fraction"), (axes[1], "shots", "shots per class")):
@@ -511,7 +511,8 @@ def plot_curves(rows: dict[str, dict[str, Any]], path: Path, title: str = "") ->
             ax.set_xscale("log")
         else:
             ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4 and 0.1 read better than 2^0 and 10^-1
+        # 1, 2, 4 and 0.1 read better than 2^0 and 10^-1, and shots are whole
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.set_xlabel(label)
         ax.grid(True, alpha=0.3)
         if probes:

@@ -436,6 +436,8 @@ def _resume(
         module.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(optim_state)
     _set_rng_state(checkpoint["rng"], device, dist_info)
+    if dist_info.is_main:
+        print(f"resuming {run_dir} at step {checkpoint['step']}", file=sys.stderr)
     return int(checkpoint["step"]), float(checkpoint.get("wall_time", 0.0))
 
 

@@ -93,6 +93,7 @@ def test_a_paused_run_resumes_from_its_encoder_wherever_it_is_and_refuses_anothe
     same_set = os.path.relpath(amibr_small, os.getcwd()) + "/"
     assert run_cli(classify.main, ["--ckpt", str(moved), "--train", same_set, *base, "--max-steps", "3"]) == 0
     assert read_training_checkpoint(out / "checkpoints" / "last.pt")["step"] == 3
+    assert f"resuming {out} at step 2" in capsys.readouterr().err  # a rerun says it resumed
 
     torch.manual_seed(1)
     tiny_checkpoint(encoder)  # other weights at the path the run started from
