@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from finetune.config import EncoderTuning, SelectionConfig
 from finetune.data import SKIPPED
 from ssl_path import encoder as encoder_lib
-from ssl_path.core.distributed import DistInfo, barrier
+from ssl_path.core.distributed import DistInfo, barrier, from_rank_0
 from ssl_path.core.errors import UserError
 from ssl_path.core.io import atomic_path
 from ssl_path.encoder.checkpoint import CHECKPOINT_DIR, checkpoint_path, read_training_checkpoint, save_checkpoint
@@ -232,10 +232,7 @@ def fit(
             return None  # paused (--max-steps) within a round
         task.eval()
         record = {"step": target, **validate(task)}
-        if dist_info.world_size > 1:  # rank 0's scores decide for every rank, so that all stop alike
-            shared = [record]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            record = shared[0]
+        record = from_rank_0(record)  # rank 0's scores decide for every rank, so that all stop alike
         score = record.get(score_key)
         if score is None or not math.isfinite(score):
             raise UserError(f"validation gave no {score_key} at step {target}; is the validation split empty?")
