@@ -182,7 +182,7 @@ def evaluate(
 
 
 def predict_files(
-    cfg: ClassifyConfig, task: nn.Module, paths: Sequence[Path], selection: dict[str, Any], out: Path
+    cfg: ClassifyConfig, task: nn.Module, paths: Sequence[Path], selection: dict[str, Any], out: Path, bar: Any
 ) -> int:
     """``out/predictions.csv``: path, predicted class, and the probability of every class."""
     classes = selection["classes"]
@@ -204,6 +204,7 @@ def predict_files(
                 else:
                     writer.writerow([path, classes[int(p.argmax())], *(f"{v:.6f}" for v in p), ""])
                     written += 1
+            bar.update(len(batch["path"]))
     return written
 
 

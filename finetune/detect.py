@@ -668,7 +668,7 @@ def draw_overlays(
 
 
 def predict_files(
-    cfg: DetectConfig, task: nn.Module, paths: Sequence[Path], selection: dict[str, Any], out: Path
+    cfg: DetectConfig, task: nn.Module, paths: Sequence[Path], selection: dict[str, Any], out: Path, bar: Any
 ) -> int:
     """``coco_results.json`` + ``coco_images.json`` and ``points.csv`` (at the chosen threshold) for images of any size."""
     threshold = chosen_threshold(selection)
@@ -678,9 +678,11 @@ def predict_files(
             image = read_scaled(str(path), cfg.scale)
         except UserError as err:
             print(f"warning: skipped {path}: {err}", file=sys.stderr)
+            bar.update()
             continue
         kept.append(str(path))
         predicted.append(detect_image(task, image, cfg, masks=cfg.head == "maskrcnn"))
+        bar.update()
     if kept:
         write_predictions(out, "", kept, predicted, list(task.head.classes), threshold)
     return len(kept)

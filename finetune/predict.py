@@ -1,6 +1,6 @@
 """``python -m finetune.predict``: a trained head's predictions for a folder of images of any size.
 
-    python -m finetune.predict --run RUN_DIR --data IMAGES --out DIR [--device cpu]
+    python -m finetune.predict --run RUN_DIR --data IMAGES --out DIR [--device cpu] [--no-progress]
 
 A segmentation run writes ``DIR/<image stem>.png``, a mask in the label values of its training set
 (sliding windows over images of any size, the post-processing chosen on validation); a classifier
@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from tqdm import tqdm
+
 from finetune import classify, detect, segment, stage
-from ssl_path.core.cli import add_device, add_out, add_overwrite, make_parser, resolve_device
+from ssl_path.core.cli import add_device, add_out, add_overwrite, add_progress, make_parser, resolve_device
 from ssl_path.core.config import read_yaml
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_dir
@@ -36,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_out(parser, help="output folder")
     add_overwrite(parser)
     add_device(parser, default="cpu")
+    add_progress(parser)
     args = parser.parse_args(argv)
     config = args.run / CONFIG_FILE
     if not config.is_file():
@@ -58,8 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     cfg, task, selection = stage.load_trained(HEADS[name], args.run)
     task.to(device)
-    with atomic_dir(args.out, args.overwrite, inputs=[args.run, args.data]) as tmp:
-        written = HEADS[name].predict(cfg.head, task, paths, selection, tmp)
+    with (
+        atomic_dir(args.out, args.overwrite, inputs=[args.run, args.data]) as tmp,
+        tqdm(total=len(paths), desc="predict", unit="img", disable=args.no_progress, dynamic_ncols=True) as bar,
+    ):
+        written = HEADS[name].predict(cfg.head, task, paths, selection, tmp, bar)
         if not written:
             raise UserError(f"--data {args.data}: none of the {len(paths)} images could be read")
     print(f"wrote {written} predictions of {len(paths)} images to {args.out}")

@@ -441,7 +441,7 @@ def mask_values(masks: np.ndarray, cfg: SegmentConfig) -> np.ndarray:
 
 
 def predict_files(
-    cfg: SegmentConfig, task: nn.Module, paths: Sequence[Path], selection: dict[str, Any], out: Path
+    cfg: SegmentConfig, task: nn.Module, paths: Sequence[Path], selection: dict[str, Any], out: Path, bar: Any
 ) -> int:
     """A mask PNG per image (its stem, in ``out``), in the label values of the training set."""
     from PIL import Image
@@ -454,12 +454,14 @@ def predict_files(
             image = as_rgb_tensor(path)
         except UserError as err:
             print(f"warning: skipped {path}: {err}", file=sys.stderr)
+            bar.update()
             continue
         masks = probs_to_masks(predict_probs(task, (image.float() / 255.0 - mean) / std, cfg), cfg)
         masks = np.stack([post[i](masks[i]) for i in range(len(post))])
         with atomic_path(out / f"{Path(path).stem}.png") as tmp:
             Image.fromarray(mask_values(masks, cfg)).save(tmp, format="PNG")
         written += 1
+        bar.update()
     return written
 
 

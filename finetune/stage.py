@@ -74,7 +74,8 @@ class Head:
     choose: Callable[[Any, HeadTask, LabelledSet], dict[str, Any]]  # choices on validation (post-processing)
     # (rows of scores, (path, reason) of each image skipped)
     evaluate: Callable[[Any, HeadTask, LabelledSet, dict[str, Any], Path | None, str], tuple[dict, list]]
-    predict: Callable[[Any, HeadTask, Sequence[Path], dict[str, Any], Path], int]  # -> images written
+    # (config, task, images, selection, out folder, a bar it advances by one per image) -> images written
+    predict: Callable[[Any, HeadTask, Sequence[Path], dict[str, Any], Path, Any], int]
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex.add_argument("--results", nargs="*", default=[], type=Path, help="results.json files of this encoder's probes")
     ex.add_argument("--name", help="org/name on the Hub (the card's title and loading code)")
     ex.add_argument("--license", default=DEFAULT_LICENSE, help=f"Hub license id (default {DEFAULT_LICENSE})")
+    ex.add_argument(
+        "--datasets",
+        nargs="*",
+        default=[],
+        help="Hub ids of the datasets it was trained or measured on (the card's datasets:, which the Hub links)",
+    )
     ex.add_argument("--shards", nargs="*", help="the training shards, where run.json's data path no longer holds them")
     ex.add_argument("--template", type=Path, help="a card template instead of model_cards/encoder.md")
     add_overwrite(ex)
@@ -46,7 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "export":
         out = export(
-            args.ckpt, args.out, args.results, args.name, args.license, args.shards, args.template, args.overwrite
+            args.ckpt,
+            args.out,
+            args.results,
+            name=args.name,
+            license=args.license,
+            datasets=args.datasets,
+            shards=args.shards,
+            template=args.template,
+            overwrite=args.overwrite,
         )
         for file in exported_files(out):
             print(out / file)

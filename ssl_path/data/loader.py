@@ -155,6 +155,8 @@ def shard_loader(
 ) -> DataLoader:
     """A DataLoader over :func:`shard_dataset`; in eval mode the last short batch is kept.
 
+    Without ``collate_fn``, batches are made by :func:`collate_samples`.
+
     ``start_batch`` (train mode) resumes after that many batches of an identical loader. A batch
     holds the samples of its ``batch_size`` places that were read, through ``collate_fn``, with the
     Skips of the others under :data:`SKIPPED` when the batch is a dict; a batch none of whose
@@ -168,7 +170,7 @@ def shard_loader(
     return _ShardLoader(
         wds.DataPipeline(dataset, _carry_worker_errors),
         batch_size=batch_size,
-        collate_fn=_Collate(collate_fn or default_collate),
+        collate_fn=_Collate(collate_fn or collate_samples),
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=mode == "train",
@@ -176,6 +178,18 @@ def shard_loader(
         # Its own generator: creating an iterator must not draw from the global RNG a resumed run restores.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def collate_samples(samples: list[Any]) -> Any:
+    """``default_collate``, except that each sample's ``meta`` stays its own dict, in a list.
+
+    A tile's meta has fields that may be None (``mpp`` of an image without a pixel size) or absent,
+    which ``default_collate`` cannot stack.
+    """
+    if samples and all(isinstance(s, dict) and "meta" in s for s in samples):
+        rest = default_collate([{k: v for k, v in s.items() if k != "meta"} for s in samples])
+        return {**rest, "meta": [s["meta"] for s in samples]}
+    return default_collate(samples)
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:

@@ -209,6 +209,7 @@ def build_card(
     name: str,
     license: str,
     folder: Path,
+    datasets: Sequence[str] = (),
     template: Path | None = None,
 ) -> ModelCard:
     """The model card of an encoder, its front matter holding a model-index of every given score.
@@ -218,16 +219,13 @@ def build_card(
     """
     method = methods().get(record.method or "")
     facts = method.method if method else None
-    datasets = sorted(
-        {f["name"] for f in (record.data or {}).get("folders", [])} | {_tested_on(r) for r in all_results}
-    )
     card_data = ModelCardData(
         model_name=name,
         library_name="timm",
         license=license,
         pipeline_tag=PIPELINE_TAG,
         tags=[*BASE_TAGS, *([record.method] if record.method else [])],
-        datasets=datasets or None,
+        datasets=list(datasets) or None,
         metrics=[
             s
             for s in dict.fromkeys(s for scores in TASK_SCORES.values() for s in scores)
@@ -252,7 +250,7 @@ def build_card(
         "hours": record.wall_time_s / 3600 if record.wall_time_s is not None else None,
         "config_yaml": dump_yaml(record.config).rstrip() if record.config else None,
         "tables": evaluation_tables(all_results),
-        "datasets": datasets,
+        "datasets": list(datasets),
         "slug": _slug(name),
         "year": datetime.now(timezone.utc).year,
         "ssl_path_version": ssl_path.__version__,

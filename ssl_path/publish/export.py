@@ -61,13 +61,20 @@ def export(
     results: Sequence[str | Path] = (),
     name: str | None = None,
     license: str = DEFAULT_LICENSE,
+    datasets: Sequence[str] = (),
     shards: Sequence[str] | None = None,
     template: Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the timm-format folder of the checkpoint ``ckpt`` (a ``.pt`` file or a run directory) to ``out``."""
+    """Write the timm-format folder of the checkpoint ``ckpt`` (a ``.pt`` file or a run directory) to ``out``.
+
+    ``datasets`` are Hub dataset ids: local folder names would have the Hub link to whatever dataset
+    bears that name.
+    """
     if name is not None:
         check_repo_id(name, "--name", with_org=False)
+    for dataset in datasets:
+        check_repo_id(dataset, "--datasets", with_org=False)
     path = checkpoint_file(ckpt)
     # The run dir or checkpoint, and every file the card is made of, must outlive a replaced --out.
     inputs = [Path(ckpt), path, *results, *(shards or ()), *([template] if template is not None else [])]
@@ -89,6 +96,17 @@ def export(
                     f"{file} was measured on encoder {res['encoder'].get('ref')!r} (hash {res['encoder'].get('hash')}), "
                     f"not on {path} (hash {own_hash}); a card only reports its own encoder's results"
                 )
+    record = training_record(checkpoint, path, shards)
+    if shards and record.data_missing:
+        raise UserError(
+            f"--shards {record.data_missing[0]}: no shard manifest there (a folder written by ssl_path.shards, "
+            "its manifest.json, or a shard in that folder)"
+        )
+    for location in record.data_missing:
+        print(
+            f"warning: no shard manifest found for {location}; the card will not describe the training data",
+            file=sys.stderr,
+        )
     with atomic_dir(out, overwrite, inputs) as tmp:
         entry = encoder_entry(checkpoint, path)
         model = model_from_entry(entry, str(path)).eval()
@@ -100,12 +118,6 @@ def export(
             "license": license,
         }
         info = encoder_info(model, str(path))
-        record = training_record(checkpoint, path, shards)
-        for location in record.data_missing:
-            print(
-                f"warning: no shard manifest found for {location}; the card will not describe the training data",
-                file=sys.stderr,
-            )
         card = build_card(
             model,
             info,
@@ -114,6 +126,7 @@ def export(
             all_results,
             name=name or out.name,
             license=license,
+            datasets=datasets,
             folder=out,
             template=template,
         )

@@ -51,6 +51,17 @@ def test_eval_pass_is_exact_across_workers(shard_dir):
     assert sorted(keys) == sorted(_keys(shard_dataset(shard_dir, "eval")))
 
 
+def test_default_batches_stack_images_and_keep_each_meta(shard_dir):
+    """Without a collate_fn, a batch of tiles whose meta has None fields (PNGs: no mpp) still forms."""
+    samples = list(shard_dataset(shard_dir, "eval"))
+    assert all(s["meta"]["mpp"] is None for s in samples)
+    batches = list(shard_loader(shard_dir, "eval", batch_size=16))
+    assert [b["image"].shape for b in batches][0] == (16, 3, 128, 128)
+    assert sum(len(b["key"]) for b in batches) == len(samples)
+    by_key = {s["key"]: s["meta"] for s in samples}
+    assert all(meta == by_key[key] for b in batches for key, meta in zip(b["key"], b["meta"]))
+
+
 def test_eval_pass_splits_shards_between_ranks(shard_dir, monkeypatch):
     everything = _keys(shard_dataset(shard_dir, "eval"))
     per_rank = []

@@ -149,6 +149,7 @@ def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tin
     assert run_cli(predict.main, ["--run", str(run), "--data", str(images), "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "wrote 48 predictions of 49 images" in captured.out and "warning: skipped" in captured.err
+    assert "predict: 100%" in captured.err and "49/49" in captured.err  # the bar counts every image asked for
     with (out / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     scored_rows = [r for r in rows if not r["error"]]
@@ -156,6 +157,9 @@ def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tin
     assert {r["prediction"] for r in scored_rows} <= {"normal", "atypical"}
     assert all(abs(float(r["p_normal"]) + float(r["p_atypical"]) - 1) < 1e-5 for r in scored_rows)
     assert json.loads((run / "selection.json").read_text())["mode"] == "frozen"
+    assert run_cli(predict.main, ["--run", str(run), "--data", str(images), "--out", str(tmp_path / "quiet"),
+                                  "--no-progress"]) == 0  # fmt: skip
+    assert "predict:" not in capsys.readouterr().err
     # its encoder was not pretrained by this head: the card would say so
     capsys.readouterr()
     assert run_cli(hub.main, ["export", "--ckpt", str(run), "--out", str(tmp_path / "export")]) == 2

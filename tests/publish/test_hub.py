@@ -31,6 +31,7 @@ from ssl_path.tiling import TilingParams, make_shards
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_ID = "path-lab/tiny-dinov2"
+HUB_DATASET = "path-lab/amibr-midog21-patches"
 TOKEN = "hf_sslpathTestTokenThatMustNeverBeShown"
 SECTIONS = (
     "## Intended use and limits",
@@ -105,6 +106,8 @@ def exported(trained) -> Path:
         REPO_ID,
         "--license",
         "cc-by-4.0",
+        "--datasets",
+        HUB_DATASET,
         "--results",
         *map(str, trained["results"]),
     ]
@@ -183,7 +186,10 @@ def test_card_front_matter_parses_and_holds_every_score(exported, trained):
     assert data.library_name == "timm" and data.license == "cc-by-4.0"
     assert data.pipeline_tag == "image-feature-extraction" and data.model_name == REPO_ID
     assert {"pathology", "histology", "self-supervised", "dinov2"} <= set(data.tags)
-    assert {"amibr", "slide"} <= set(data.datasets)  # the folders of data/sample the tiles came from
+    # Hub ids alone: the Hub links each, so a local folder name would point at a stranger's dataset
+    assert data.datasets == [HUB_DATASET]
+    assert f"(https://huggingface.co/datasets/{HUB_DATASET})" in card.text
+    assert "| amibr |" in card.text  # the source folders are in the card's own table
     index = {(r.metric_config, r.metric_type): r.metric_value for r in data.eval_results}
     expected = {}
     for path in trained["results"]:
@@ -231,6 +237,7 @@ def test_card_takes_each_evaluation_task_title_and_scores_from_its_results_file(
         ("cell", "dice"): 0.9,
     }
     assert f"### {title} on amibr" in card.text and knn.TITLE not in card.text
+    assert card.data.datasets is None and "Datasets on the Hub" not in card.text  # no --datasets: none claimed
     assert "0.810" in card.text and "n/a" in card.text  # the cell row has no IoU
 
 
@@ -293,6 +300,8 @@ def test_bad_results_checkpoint_or_out_fail_in_one_line(trained, exported, tmp_p
     _one_line_error(capsys, "nowhere")
     assert run_cli(hub.main, [*base, "--name", "not a repo!"]) == 2
     _one_line_error(capsys, "--name")
+    assert run_cli(hub.main, [*base, "--datasets", HUB_DATASET, "../shared/data/amibr"]) == 2
+    _one_line_error(capsys, "--datasets", "../shared/data/amibr")
     before = {p.name: p.stat().st_mtime_ns for p in exported.iterdir()}
     assert run_cli(hub.main, ["export", "--ckpt", str(trained["run"]), "--out", str(exported)]) == 2
     _one_line_error(capsys, "--overwrite")
@@ -363,6 +372,11 @@ def test_moved_shards_are_named_by_shards_or_reported_missing(trained, sample_da
     text = (tmp_path / "b" / "README.md").read_text()
     assert "13 images" in text and "| amibr | 12 | 48 |" in text  # 12 patches cut into 4 tiles each
     assert str(trained["root"]) not in text and str(sample_data) not in text  # no local path is published
+    # --shards is the user's word for where the shards are: a wrong one is refused, not warned of
+    argv = ["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "c"), "--shards", str(tmp_path / "typo")]
+    assert run_cli(hub.main, argv) == 2
+    _one_line_error(capsys, "--shards", "typo", "no shard manifest")
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_relative_data_path_is_recorded_whole_so_that_export_finds_it_from_anywhere(trained, tmp_path, monkeypatch):
