@@ -47,7 +47,13 @@ def split_sets(
     else:
         train_idx, test_idx = _carve(data, test_fraction, seed, "test")
         trainable, tests = data.select(train_idx), {"test": data.select(test_idx)}
-        split = {"method": "group", "test_fraction": test_fraction, "seed": seed}
+        # whole groups hold out about the share asked for: both are recorded, as the probes do
+        split = {
+            "method": "group",
+            "requested_test_fraction": test_fraction,
+            "test_fraction": len(test_idx) / len(data),
+            "seed": seed,
+        }
     if split["method"] == "named" and VAL in data.splits():  # a published validation split (VOC's val) as published
         fit, val = trainable, data.filter(split=VAL)
         split.update(validation="named")

@@ -23,8 +23,8 @@ windows over whole images of any size and merge them (:func:`finetune.windows.me
 points and masks are scored in the images' own pixels, whatever ``scale`` the network saw.
 
 Selection: mAP@0.5 on the validation split (the set's ``val`` split where it has one); then the score
-threshold with the best point F1 on it (MIDOG's rule, radius ``detect.radius`` = 30 px = 7.5 um at 0.25
-um/px). Scores (:func:`finetune.detection_metrics.detection_report`): COCO mAP@[.5:.95], @.5 and @.75 by
+threshold with the best point F1 on it (MIDOG's rule, radius ``detect.radius``: by default MIDOG's 30 px =
+7.5 um at 0.25 um/px, for mitoses; 12 px in ``detect_monuseg``, HoVer-Net's for nuclei, which lie closer). Scores (:func:`finetune.detection_metrics.detection_report`): COCO mAP@[.5:.95], @.5 and @.75 by
 pycocotools, point precision / recall / F1 at the chosen threshold, per class and per domain; for
 ``maskrcnn`` also mask mAP and, from the masks pasted into each image, AJI and object F1 / Dice as the
 segmentation head reports them. ``overlays/`` draws truth and predictions on a few test images and

@@ -163,16 +163,34 @@ def format_table(
         return lines
 
     lines = block("", signed=False)
-    described = next((row["bootstrap"] for row in rows.values() if row.get("bootstrap")), None)
-    if described:
-        lines.append(
-            f"[95 % CI: bootstrap, {described['resamples']} redraws of the {described['n_units']} test "
-            f"{'groups (slides/patients)' if described['unit'] == 'group' else 'images'}]"
-        )
+    note = _bootstrap_note(rows)
+    if note:
+        lines.append(note)
     if reference is not None and any(f"{s}_diff" in row for row in rows.values() for s in SCORES):
         lines += ["", difference_header(reference)]
         lines += block("_diff", signed=True)
     return "\n".join(lines)
+
+
+def _bootstrap_note(rows: dict[str, dict[str, Any]]) -> str | None:
+    """The table's footnote on its CIs: how many redraws of how many test units. Rows of several test
+    sets (``"<split>/<row>"``, e.g. a left-out domain each) may differ in units: then each set's count."""
+    per_split: dict[str, dict[str, Any]] = {}
+    for name, row in rows.items():
+        if row.get("bootstrap"):
+            per_split.setdefault(name.rpartition("/")[0], row["bootstrap"])
+    if not per_split:
+        return None
+
+    def units(described: dict[str, Any]) -> str:
+        kind = "groups (slides/patients)" if described["unit"] == "group" else "images"
+        return f"the {described['n_units']} test {kind}"
+
+    first = next(iter(per_split.values()))
+    if len({units(d) for d in per_split.values()}) == 1:
+        return f"[95 % CI: bootstrap, {first['resamples']} redraws of {units(first)}]"
+    each = "; ".join(f"{split}: {units(d)}" for split, d in per_split.items())
+    return f"[95 % CI: bootstrap, {first['resamples']} redraws of each test set's units, {each}]"
 
 
 @dataclass(frozen=True)
@@ -535,7 +553,9 @@ def probe_splits(
     train, test, pair = _split(features, reference, train_idx, test_idx)
     split = {
         "method": "group",
-        "test_fraction": request.test_fraction,
+        "requested_test_fraction": request.test_fraction,
+        # Whole groups hold out only about the share asked for (splits.held_out_folds): this is the share got.
+        "test_fraction": len(test) / (len(train) + len(test)),
         "seed": request.seed,
         "train_groups": len(set(train.groups)),
         "test_groups": len(set(test.groups)),
@@ -572,7 +592,9 @@ def report(
     seeds: Sequence[int] | None = None,
 ) -> None:
     """Print the table and, with ``--out``, write the probe's results.json, stating its task and title
-    (see :mod:`ssl_path.evaluation.results`); ``seeds`` default to ``[--seed]``."""
+    (see :mod:`ssl_path.evaluation.results`); ``seeds`` default to ``[--seed]``. Under leave-one-domain-out
+    ``inputs`` is any one fold (for what all folds share: classes, skips, hashes); the counts of each
+    fold are in ``split["folds"]``, and ``dataset`` holds the set's total (``n_images``) instead."""
     train, test = inputs.train, inputs.test
     # Carved splits share their set's skips; a given pair has a list each.
     skipped = list(dict.fromkeys([*train.skipped, *test.skipped]))
@@ -581,6 +603,12 @@ def report(
         " | ".join(f"{f['domain']} left out: train {f['n_train']}, test {f['n_test']}" for f in folds)
         if folds
         else f"train {len(train)} | test {len(test)}"
+    )
+    # Each fold trains and tests on its own part (split.folds); the one fold passed here stands for none.
+    counts = (
+        {"n_train": None, "n_test": None, "n_images": len(train) + len(test)}
+        if folds
+        else {"n_train": len(train), "n_test": len(test)}
     )
     versus = f" vs {request.compare}" if request.compare is not None else ""
     print(f"{request.features.ckpt}{versus} | {sizes} | classes {', '.join(train.classes)}")
@@ -595,8 +623,7 @@ def report(
         dataset={
             "train": inputs.train_data.source,
             "test": inputs.test_data.source,
-            "n_train": len(train),
-            "n_test": len(test),
+            **counts,
             "classes": list(train.classes),
             "train_data_hash": train.data_hash,
             "test_data_hash": test.data_hash,

@@ -39,7 +39,9 @@ bootstrap alone, where the seeds do vary it is never narrower than their t-inter
 5 seeds would understate their spread). A prototype row's mean over episodes is a more precise figure
 than one draw, so its interval may still be narrower than a single-draw row's, by the draws' spread
 that the episodes average away; the test slides' part, which no averaging removes, is in it.
-``--bootstrap 0`` keeps the t-interval over seeds only. A probe that predicts one class for every
+``--bootstrap 0`` keeps the t-interval over seeds only. With one seed (``--seeds 1``) there is no
+t-interval: the CI is the test bootstrap alone, and ``config.ci`` in results.json says so
+(:func:`interval_label`). A probe that predicts one class for every
 test image in some draws says so in one warning line per row (``n_one_class`` counts those draws).
 
 With ``--compare REF2`` a second encoder's features of the same images go through the very same
@@ -109,7 +111,7 @@ from ssl_path.evaluation.bootstrap import (
 )
 from ssl_path.evaluation.features import l2_normalize
 from ssl_path.evaluation.metrics import CLASSIFICATION_SCORES, SCORES
-from ssl_path.evaluation.splits import group_ids, n_folds, sample_subset
+from ssl_path.evaluation.splits import group_ids, held_out_folds, sample_subset
 from ssl_path.evaluation.stats import aggregate, summarize
 
 __all__ = [
@@ -126,6 +128,7 @@ __all__ = [
     "prototype_predict",
     "can_validate",
     "subset_prediction",
+    "interval_label",
     "run_fewshot",
     "format_curves",
     "plot_curves",
@@ -144,6 +147,7 @@ KNN_K = 20
 FIXED_C = 1.0
 CURVES_NAME = "fewshot_curves.png"
 CI_BOOTSTRAP = "95%: t over seeds (subset draws) and percentile bootstrap over test groups, sides added in quadrature"
+CI_TEST = "95%: percentile bootstrap over test groups alone (one seed: the spread over subset draws is not in it)"
 CI_SEEDS = "95% t-distribution over seeds"
 
 
@@ -197,7 +201,8 @@ def can_validate(labels: np.ndarray, groups: Sequence[str | None], val_fraction:
     for c in np.unique(labels):
         if len({groups[i] for i in np.flatnonzero(labels == c)}) < 2:
             return False
-    return bool(counts.min() >= n_folds(val_fraction, len(np.unique(group_ids(groups)))))
+    n_splits, _ = held_out_folds(val_fraction, len(np.unique(group_ids(groups))))
+    return bool(counts.min() >= n_splits)
 
 
 def _linear_subset(
@@ -237,6 +242,14 @@ def subset_prediction(
     if probe == "linear":
         return _linear_subset(train, test, c_grid, val_fraction, seed)
     raise UserError(f"unknown probe {probe!r}; choose from {', '.join(PROBES)}")
+
+
+def interval_label(n_seeds: int, n_resamples: int) -> str | None:
+    """What the rows' 95 % CIs are, as results.json's ``config.ci`` (and so the card) states it: one
+    seed has no t-interval, so its CI is the test bootstrap alone; None when there is no CI at all."""
+    if n_resamples:
+        return CI_BOOTSTRAP if n_seeds > 1 else CI_TEST
+    return CI_SEEDS if n_seeds > 1 else None
 
 
 # ----------------------------------------------------------------------------- the curves
@@ -661,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "selection": PROTOCOLS["ssl-path"].selection,
         },
         "prototype": {"features": "CL2N", "distance": "euclidean", "probs": "softmax(-distance)"},
-        "ci": CI_BOOTSTRAP if request.bootstrap else CI_SEEDS,
+        "ci": interval_label(len(seeds), request.bootstrap),
     }
     split = {**split_info, "subsets": "stratified draws from train only", "n_seeds": len(seeds)}
     report(

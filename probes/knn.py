@@ -4,8 +4,9 @@
   similarity, each voting for its class with weight ``exp(sim / T)`` (T = 0.07); the per-class sums,
   normalised, are the class probabilities. Reported for several k (default 10, 20, 50).
 - UNI (Chen et al. 2024): features centred on the training mean, then L2-normalised; a plain
-  majority vote of the 20 nearest; ties go to the tied class whose neighbours are most similar
-  in sum; probabilities are the vote fractions.
+  majority vote of the 20 nearest, as UNI's scikit-learn ``KNeighborsClassifier(n_neighbors=20)``
+  (uniform weights) votes: a tie goes to the tied class listed first (the lowest class id), however
+  similar its voters; probabilities are the vote fractions.
 
 Search is exact inner product with faiss (``IndexFlatIP``), on every GPU faiss sees, else on the CPU;
 ``--index hnsw`` or ``ivf`` trade exactness for speed on memories of millions of tiles (recall in
@@ -164,22 +165,18 @@ def uni_knn_predict(
     n_classes: int | None = None,
     index: str = "flat",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """UNI majority-vote kNN: (predicted class [M], vote fractions [M, n_classes])."""
+    """UNI majority-vote kNN: (predicted class [M], vote fractions [M, n_classes]); a tied vote goes to
+    the lowest class id, as in scikit-learn's ``KNeighborsClassifier``."""
     train_feats = np.asarray(train_feats, dtype=np.float64)
     train_labels = np.asarray(train_labels, dtype=np.int64)
     n_classes = int(train_labels.max()) + 1 if n_classes is None else n_classes
     _check_inputs(train_feats, train_labels, np.asarray(test_feats), n_classes)
     centre = train_feats.mean(axis=0, keepdims=True)
-    sims, idx = search(l2_normalize(train_feats - centre), l2_normalize(np.asarray(test_feats) - centre), k, index)
-    rows = np.arange(len(idx))[:, None]
+    _, idx = search(l2_normalize(train_feats - centre), l2_normalize(np.asarray(test_feats) - centre), k, index)
     counts = np.zeros((len(idx), n_classes))
-    np.add.at(counts, (rows, train_labels[idx]), 1.0)
-    sim_sums = np.zeros((len(idx), n_classes))
-    np.add.at(sim_sums, (rows, train_labels[idx]), sims)
-    # Among the classes with the most votes, the one whose voters are most similar in sum wins.
-    tied = counts == counts.max(axis=1, keepdims=True)
-    pred = np.where(tied, sim_sums, -np.inf).argmax(axis=1)
-    return pred, counts / k
+    np.add.at(counts, (np.arange(len(idx))[:, None], train_labels[idx]), 1.0)
+    # argmax takes the first of tied maxima: the lowest class id, scikit-learn's (hence UNI's) rule.
+    return counts.argmax(axis=1), counts / k
 
 
 def clamp_ks(ks: Sequence[int], n_train: int, what: str = "kNN") -> list[int]:

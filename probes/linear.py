@@ -8,10 +8,11 @@ evaluated once on TEST. ``--protocol`` says how features are prepared and how C 
   classifier, so it only sees the rows it is fitted on); class-balanced weights
   (``class_weight="balanced"``); C from ``--c-grid`` (default 21 half-decades, 1e-6 ... 1e4), the one
   with the lowest class-balanced log-loss on a validation part of TRAIN: whole groups (slides,
-  patients) held out where the training set has them (``StratifiedGroupKFold``, first fold, about
-  ``--val-fraction`` = 20 % of the images, classes kept in proportion where the groups allow), else a
-  stratified random split. A chosen C at either end of the grid prints a warning: the best C may lie
-  beyond it.
+  patients) held out where the training set has them (m of the k folds of one ``StratifiedGroupKFold``,
+  m/k nearest ``--val-fraction``, 20 % by default: :func:`ssl_path.evaluation.splits.held_out_folds`;
+  classes kept in proportion where the groups allow), else a stratified random split. Each row
+  records the validation share it got (``val_fraction``, beside ``n_fit`` and ``n_val``). A chosen C
+  at either end of the grid prints a warning: the best C may lie beyond it.
   Why not balanced accuracy on an unweighted fit, as before: with a majority class (78 % normal
   mitoses in AMi-Br) every strongly regularised C predicts the majority for every image, all those
   C tie at 0.5, and the choice drifts to the grid's top (C = 100 in 3 of 4 folds; on hand-crafted
@@ -54,7 +55,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_sample_weight
@@ -76,7 +77,7 @@ from probes.features import FeatureSet
 from ssl_path.core.cli import Parser, make_parser
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.evaluation.bootstrap import DEFAULT_RESAMPLES
-from ssl_path.evaluation.splits import group_ids, n_folds
+from ssl_path.evaluation.splits import group_ids, grouped_holdout
 
 __all__ = [
     "TITLE",
@@ -137,7 +138,7 @@ def validation_split(
     """(fit indices, validation indices, grouped) partitioning ``labels``' rows (the ``ssl-path`` split).
 
     Grouped when any row has a group and there are at least two groups: no group then appears on both
-    sides. Otherwise a stratified random split (plain random if a class is too small to stratify).
+    sides (:func:`ssl_path.evaluation.splits.grouped_holdout`, as the test split). Otherwise a stratified random split (plain random if a class is too small to stratify).
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
@@ -146,12 +147,7 @@ def validation_split(
     ids = group_ids(groups)
     n_groups = len(np.unique(ids))
     if any(g is not None for g in groups) and n_groups >= 2:
-        # The first fold is the validation part.
-        splitter = StratifiedGroupKFold(n_splits=n_folds(val_fraction, n_groups), shuffle=True, random_state=seed)
-        with warnings.catch_warnings():
-            # "The least populated class has only N members": expected on small sets, the split stays grouped.
-            warnings.simplefilter("ignore", UserWarning)
-            fit, val = next(splitter.split(rows, labels, ids))
+        fit, val = grouped_holdout(labels, ids, val_fraction, seed)
         return fit, val, True
     counts = np.bincount(labels)[np.unique(labels)]
     stratify = labels if len(counts) > 1 and counts.min() >= 2 else None
@@ -270,6 +266,7 @@ def _select_c(
         "val_grouped": grouped,
         "n_fit": len(fit),
         "n_val": len(val),
+        "val_fraction": len(val) / len(train),  # the share obtained, whole groups being what they are
     }
 
 
@@ -400,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     request = probe_request(args)
     splits, split = probe_splits(request, probe="linear probe")
     rows: dict[str, dict[str, Any]] = {}
+    shares: list[float | None] = []  # each training set's validation share, as obtained
     for inputs in splits:
         where = f" ({inputs.name})" if inputs.name else ""
         row = run_linear(
@@ -415,10 +413,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             where,
         )
         rows.update(prefixed(inputs.name, {"linear": row}))
+        shares.append(row.get("val_fraction"))
     protocol = PROTOCOLS[args.protocol]
     if protocol.selection != "fixed":
         validation = "random 10 %" if args.protocol == "dinov2" else "grouped" if row["val_grouped"] else "stratified"
-        split = {**split, "validation": validation, "val_fraction": val_fraction}
+        split = {**split, "validation": validation, "requested_val_fraction": val_fraction}
+        # The share obtained differs per training set: under leave-one-domain-out it goes with its fold.
+        if "folds" in split:
+            split["folds"] = [{**fold, "val_fraction": share} for fold, share in zip(split["folds"], shares)]
+        else:
+            split["val_fraction"] = shares[0]
     config = {
         "protocol": args.protocol,
         "c_grid": list(grid),

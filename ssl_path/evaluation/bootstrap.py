@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from scipy import sparse
 
-from ssl_path.evaluation.metrics import CLASSIFICATION_SCORES, POSITIVE_CLASS
+from ssl_path.evaluation.metrics import CLASSIFICATION_SCORES, positive_class
 from ssl_path.evaluation.splits import group_ids
 from ssl_path.evaluation.stats import CONFIDENCE
 
@@ -138,7 +138,13 @@ def _auroc(weights: np.ndarray, positive: np.ndarray, scores: np.ndarray) -> np.
 
 
 def _chunk_scores(
-    weights: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray | None, k: int, ordinal: bool
+    weights: np.ndarray,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    probs: np.ndarray | None,
+    k: int,
+    ordinal: bool,
+    positive: int | None,
 ) -> dict[str, np.ndarray]:
     cm = _sum_by(weights, _indicator(y_true * k + y_pred, k * k)).reshape(-1, k, k)  # [b, true, predicted]
     total = cm.sum(axis=(1, 2))
@@ -146,16 +152,17 @@ def _chunk_scores(
     support, predicted = cm.sum(axis=2), cm.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = hits / support  # NaN for a class not drawn: balanced accuracy averages the drawn ones
-        f1 = np.where(support + predicted > 0, 2 * hits / (support + predicted), 0.0)  # zero_division=0
+        # NaN for a class neither drawn nor predicted: macro F1 averages the others, as sklearn does
+        f1 = np.where(support + predicted > 0, 2 * hits / (support + predicted), np.nan)
     ids = np.arange(k)
     plain, quadratic = (ids[:, None] != ids[None, :]).astype(np.float64), (ids[:, None] - ids[None, :]) ** 2.0
     out = {
         "accuracy": hits.sum(axis=1) / total,
         "balanced_accuracy": _nanmean_rows(recall),
-        "macro_f1": f1.mean(axis=1),
+        "macro_f1": _nanmean_rows(f1),
         "cohen_kappa": _kappa(cm, quadratic if ordinal else plain),
-        "positive_f1": f1[:, POSITIVE_CLASS] if k == 2 else np.full(len(cm), np.nan),
-        "weighted_f1": (f1 * support).sum(axis=1) / total,
+        "positive_f1": f1[:, positive] if positive is not None else np.full(len(cm), np.nan),
+        "weighted_f1": (np.nan_to_num(f1) * support).sum(axis=1) / total,
         "quadratic_kappa": _kappa(cm, quadratic),
         "auroc": np.full(len(cm), np.nan),
     }
@@ -215,10 +222,11 @@ def resampled_scores_of(
     """:func:`resampled_scores` of several (predictions, probabilities) of the same tiles, in one pass
     over the redraws (drawing them is shared: many few-label episodes cost little more than one)."""
     y_true, checked = _checked(len(redraws.unit_ids), y_true, predictions, n_classes)
+    positive = positive_class(y_true, n_classes)  # of the test set itself: one class on every redraw
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in checked]
     for weights in redraws.weights():
         for part, (y_pred, probs) in zip(parts, checked):
-            part.append(_chunk_scores(weights, y_true, y_pred, probs, n_classes, ordinal))
+            part.append(_chunk_scores(weights, y_true, y_pred, probs, n_classes, ordinal, positive))
     return [{score: np.concatenate([c[score] for c in part]) for score in CLASSIFICATION_SCORES} for part in parts]
 
 
@@ -234,7 +242,8 @@ def plain_scores(
     take minutes. Equal to it score by score (tests/evaluation/test_bootstrap.py)."""
     y_true, checked = _checked(len(y_true), y_true, predictions, n_classes)
     ones = np.ones((1, len(y_true)))
-    scored = [_chunk_scores(ones, y_true, y_pred, probs, n_classes, ordinal) for y_pred, probs in checked]
+    positive = positive_class(y_true, n_classes)
+    scored = [_chunk_scores(ones, y_true, y_pred, probs, n_classes, ordinal, positive) for y_pred, probs in checked]
     return [{s: float(v[0]) if np.isfinite(v[0]) else None for s, v in one.items()} for one in scored]
 
 

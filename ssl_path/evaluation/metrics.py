@@ -4,14 +4,19 @@ One function, one dict: accuracy, balanced accuracy, macro F1, AUROC, Cohen's ka
 matrix and n (:data:`SCORES`, what tables show), and beside them the variants the anchors report
 (:data:`VARIANT_SCORES`), so a figure can be set against a paper's:
 
-- ``positive_f1``: F1 of class id 1, the second class of ``classes`` (binary sets only, else None).
-  It is a fixed id, not the rarer class of each test set, so that two runs score the same class; the
-  readers list the abnormal class second (AMi-Br: normal, atypical), which is the minority there;
+- ``positive_f1``: F1 of the rarer class of the test set (binary sets only, else None; a tie goes to
+  the second class), the abnormal one where the anchors report it (AMi-Br: atypical). It is chosen
+  from the labels, not from the class order, which differs between readers (``amibr:`` lists normal
+  first, ``csv:`` and ``folder:`` sort by name); the row names it (``positive_class``), and a
+  bootstrap scores that class on every redraw;
 - ``weighted_f1``: per-class F1 averaged with the classes' test counts as weights (UNI);
 - ``quadratic_kappa``: Cohen's kappa with quadratic weights (UNI reports it for every task), whatever
   ``ordinal`` makes of ``cohen_kappa``.
- Class ids are fixed by ``classes`` (index = id), so a class missing from a small test
-split still has its row and column, and two probes of the same set give comparable matrices.
+
+Class ids are fixed by ``classes`` (index = id), so a class missing from a small test split still
+has its row and column, and two probes of the same set give comparable matrices. Macro F1 averages
+the classes that are in the test set or predicted (scikit-learn's default): a class with neither
+has no F1, and counting it as 0 would understate the score.
 Undefined values (AUROC with a class absent from ``y_true``, kappa of a constant labelling) are None,
 never NaN, so that the dict is valid JSON.
 """
@@ -32,8 +37,10 @@ __all__ = [
     "SCORES",
     "VARIANT_SCORES",
     "CLASSIFICATION_SCORES",
-    "POSITIVE_CLASS",
+    "positive_class",
     "SEGMENTATION_SCORES",
+    "DETECTION_SCORES",
+    "LOWER_IS_BETTER",
     "TASK_SCORES",
 ]
 
@@ -42,17 +49,28 @@ SCORES = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "cohen_kappa")
 # The anchors' variants of these, kept in results beside ours (see the module docstring).
 VARIANT_SCORES = ("positive_f1", "weighted_f1", "quadratic_kappa")
 CLASSIFICATION_SCORES = SCORES + VARIANT_SCORES
-POSITIVE_CLASS = 1  # the class id whose F1 is ``positive_f1``: the second class
 # A segmentation row's scores (finetune.metrics computes them): per label pixel Dice / IoU, and per
 # object (GlaS, AJI) where objects are scored; the object Hausdorff distance is lower-better, in pixels.
 SEGMENTATION_SCORES = ("dice", "iou", "dice_pooled", "aji", "object_f1", "object_dice", "object_hausdorff")
+# A detection row's (finetune.detection_metrics): COCO mAP over all classes, AP of one class, and the
+# point matching's precision, recall and F1 at the threshold chosen on validation.
+DETECTION_SCORES = ("map", "map_50", "map_75", "ap", "ap_50", "precision", "recall", "f1")
+LOWER_IS_BETTER = ("object_hausdorff",)
 # What a model card shows of a results file, by the task it states.
-TASK_SCORES = {"image-classification": SCORES, "segmentation": SEGMENTATION_SCORES, "detection": ()}
+TASK_SCORES = {"image-classification": SCORES, "segmentation": SEGMENTATION_SCORES, "detection": DETECTION_SCORES}
 
 
 def _finite(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def positive_class(y_true: np.ndarray, n_classes: int) -> int | None:
+    """The class id whose F1 is ``positive_f1``: the rarer of two in ``y_true`` (1 on a tie); None unless binary."""
+    if n_classes != 2:
+        return None
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=2)
+    return 0 if counts[0] < counts[1] else 1
 
 
 def auroc(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> float | None:
@@ -107,7 +125,7 @@ def classification_metrics(
             "n": int(len(y_true)),
             "accuracy": _finite(skm.accuracy_score(y_true, y_pred)),
             "balanced_accuracy": _finite(skm.balanced_accuracy_score(y_true, y_pred)),
-            "macro_f1": _finite(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+            "macro_f1": _finite(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)),
             "auroc": None,
             "cohen_kappa": _finite(
                 skm.cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic" if ordinal else None)
@@ -117,10 +135,13 @@ def classification_metrics(
             "quadratic_kappa": _finite(skm.cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic")),
             "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         }
-        if n_classes == 2:
-            result["positive_f1"] = _finite(
-                skm.f1_score(y_true, y_pred, labels=labels, pos_label=POSITIVE_CLASS, average="binary", zero_division=0)
-            )
+        positive = positive_class(y_true, n_classes)
+        if positive is not None:
+            result["positive_class"] = classes[positive] if classes is not None else positive
+            if np.isin(positive, np.concatenate([y_true, y_pred])):  # else no F1: none true, none predicted
+                result["positive_f1"] = _finite(
+                    skm.f1_score(y_true, y_pred, labels=labels, pos_label=positive, average="binary", zero_division=0)
+                )
         if probs is not None:
             probs = np.asarray(probs, dtype=np.float64)
             if probs.shape != (len(y_true), n_classes):

@@ -20,7 +20,10 @@ A results file is a JSON object::
 
 ``n_train`` and ``n_test`` count the images evaluated; an image that could not be read is left out
 and listed under ``skipped`` with its reason (``n_skipped`` of them, train and test together). Both
-are optional: files written before they existed have neither, and mean none was skipped.
+are optional: files written before they existed have neither, and mean none was skipped. Where each
+fold of a split trains and tests on other images (leave-one-domain-out), no one pair of counts holds:
+``n_train`` and ``n_test`` are None, ``n_images`` counts the whole set, and ``split["folds"]`` holds
+each fold's ``n_train`` and ``n_test``. (Files written before said the first fold's counts here.)
 
 The evaluation that writes a file states its task and title, so a reader never keeps a table of
 evaluation names. A v1 file (no task, no title: only frozen-feature classification probes wrote

@@ -32,7 +32,7 @@ from ssl_path.core.config import dump_yaml
 from ssl_path.core.errors import UserError, first_line
 from ssl_path.data.readers.spec import parse_spec
 from ssl_path.encoder import EncoderInfo
-from ssl_path.evaluation.metrics import TASK_SCORES
+from ssl_path.evaluation.metrics import LOWER_IS_BETTER, TASK_SCORES
 from ssl_path.methods import methods
 from ssl_path.publish.records import TrainingRecord
 
@@ -132,10 +132,11 @@ def evaluation_tables(all_results: Sequence[dict[str, Any]]) -> list[dict[str, A
             {
                 "title": f"{results['title']} on {_tested_on(results)}, {_split_label(results)}",
                 "probe": results["probe"],
-                "columns": ["row", *scores],
+                "columns": ["row", *(f"{s} (lower is better)" if s in LOWER_IS_BETTER else s for s in scores)],
                 "rows": body,
                 "n_train": dataset.get("n_train"),
                 "n_test": dataset.get("n_test"),
+                "images": _image_counts(results),
                 "classes": dataset.get("classes") or [],
                 "folds": [f.get("domain") for f in split.get("folds", []) if isinstance(f, dict)],
                 "seeds": results.get("seeds") or [],
@@ -144,6 +145,19 @@ def evaluation_tables(all_results: Sequence[dict[str, Any]]) -> list[dict[str, A
             }
         )
     return tables
+
+
+def _image_counts(results: dict[str, Any]) -> str:
+    """How many images a results file trained and tested on, as the card says it. Under
+    leave-one-domain-out every fold has its own counts (``split.folds``), so each fold's are given;
+    the file's ``dataset`` counts (None now, the first fold's in older files) would stand for all."""
+    dataset = results["dataset"]
+    folds = [f for f in results["split"].get("folds", []) if isinstance(f, dict)]
+    if not folds:
+        return f"{dataset.get('n_train')} training and {dataset.get('n_test')} test images"
+    total = dataset.get("n_images") or (folds[0].get("n_train") or 0) + (folds[0].get("n_test") or 0)
+    each = "; ".join(f"{f.get('domain')}: {f.get('n_train')} training and {f.get('n_test')} test images" for f in folds)
+    return f"{total} images; each fold holds out one domain and trains on the others (per fold, {each})"
 
 
 def _ci_method(results: dict[str, Any]) -> str:

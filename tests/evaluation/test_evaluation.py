@@ -1,5 +1,5 @@
 """ssl_path.evaluation: the results schema (v2 with task and title, v1 upgraded on read), seed statistics,
-row L2 normalisation and the fold count of a grouped split."""
+and row L2 normalisation."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from ssl_path.core.errors import UserError
 from ssl_path.evaluation.features import l2_normalize
 from ssl_path.evaluation.metrics import SCORES
 from ssl_path.evaluation.results import SCHEMA, TASKS, make_results, read_results, write_results
-from ssl_path.evaluation.splits import n_folds
 from ssl_path.evaluation.stats import aggregate, summarize
 
 # ----------------------------------------------------------------------------- results schema
@@ -116,8 +115,3 @@ def test_l2_normalize_gives_unit_rows_in_the_input_float_dtype():
     np.testing.assert_allclose(unit, [[0.8, 0.6], [0.0, 0.0], [-1.0, 0.0]], rtol=1e-6)
     assert l2_normalize(x.astype(np.float64)).dtype == np.float64
     assert l2_normalize(np.array([[2, 0]])).tolist() == [[1.0, 0.0]]  # integers become float64
-
-
-def test_n_folds_holds_out_about_the_fraction_in_whole_groups():
-    assert n_folds(0.2, 40) == 5 and n_folds(0.5, 40) == 2 and n_folds(0.9, 40) == 2
-    assert n_folds(0.2, 3) == 3  # never more folds than groups

@@ -34,3 +34,31 @@ def test_multiclass_variants_and_positive_f1_only_for_two_classes():
     # quadratic whatever ``ordinal`` does to cohen_kappa
     assert m["quadratic_kappa"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
     assert m["cohen_kappa"] == pytest.approx(cohen_kappa_score(y, pred)) != m["quadratic_kappa"]
+
+
+def test_positive_f1_scores_the_rarer_class_whatever_the_readers_order():
+    """amibr: lists (normal, atypical); csv: and folder: sort by name, (atypical, normal): the same F1."""
+    rng = np.random.default_rng(1)
+    atypical = rng.random(90) < 0.25
+    called = np.where(rng.random(90) < 0.8, atypical, ~atypical)
+    truth_f1 = f1_score(atypical, called)
+    by_amibr = classification_metrics(atypical.astype(int), called.astype(int), classes=("normal", "atypical"))
+    by_csv = classification_metrics((~atypical).astype(int), (~called).astype(int), classes=("atypical", "normal"))
+    for m in (by_amibr, by_csv):
+        assert m["positive_class"] == "atypical" and m["positive_f1"] == pytest.approx(truth_f1)
+    # neither true nor predicted: no F1, not 0
+    none = classification_metrics(np.zeros(5, int), np.zeros(5, int), classes=("normal", "atypical"))
+    assert none["positive_class"] == "atypical" and none["positive_f1"] is None
+
+
+def test_macro_f1_averages_the_classes_tested_or_predicted():
+    """A trained class absent from the test set and never predicted has no F1; counted as 0 it would
+    pull a perfect score down to 2/3."""
+    y = np.array([0, 0, 1, 1, 1, 0])
+    pred = np.array([0, 1, 1, 1, 0, 0])
+    m = classification_metrics(y, pred, classes=("a", "b", "c"))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    perfect = classification_metrics(y, y, classes=("a", "b", "c"))
+    assert perfect["macro_f1"] == 1.0
+    predicted_only = classification_metrics(y, np.where(pred == 1, 2, pred), classes=("a", "b", "c"))
+    assert predicted_only["macro_f1"] == pytest.approx(f1_score(y, np.where(pred == 1, 2, pred), average="macro"))

@@ -8,8 +8,10 @@ import pytest
 
 from probes import fewshot, knn, linear
 from ssl_path.core.errors import UserError, run_cli
+from ssl_path.data.readers import read_spec
 from ssl_path.evaluation.results import read_results
-from ssl_path.evaluation.splits import domain_folds, group_ids, group_split
+from ssl_path.evaluation.splits import domain_folds, group_ids, group_split, held_out_folds
+from ssl_path.publish.card import evaluation_tables
 
 
 def test_group_split_holds_out_whole_groups_stratified_and_seeded():
@@ -24,6 +26,36 @@ def test_group_split_holds_out_whole_groups_stratified_and_seeded():
     again, _ = group_split(labels, groups, 0.2, seed=1)
     other, _ = group_split(labels, groups, 0.2, seed=2)
     assert np.array_equal(train, again) and not np.array_equal(train, other)
+
+
+def test_held_out_folds_come_as_near_the_share_asked_for_as_whole_folds_allow():
+    # (k folds, m held out): m/k, not 1/round(1/fraction), which gave 0.5 for 0.4, 0.6, 0.8 and 0.9
+    assert held_out_folds(0.2, 40) == (5, 1) and held_out_folds(0.5, 40) == (2, 1)
+    assert held_out_folds(0.3, 40) == (10, 3) and held_out_folds(0.4, 40) == (5, 2)
+    assert held_out_folds(0.8, 40) == (5, 4) and held_out_folds(0.9, 40) == (10, 9)
+    assert held_out_folds(0.33, 88) == (3, 1)  # within a point: 29 of 88 one-slide folds would be worse
+    assert held_out_folds(0.2, 3) == (3, 1) and held_out_folds(0.8, 3) == (3, 2)  # never more folds than groups
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.4, 0.6, 0.8])
+def test_group_split_holds_out_the_share_asked_for_in_stratified_whole_groups(fraction):
+    groups = [f"slide{g}" for g in range(60) for _ in range(10)]  # 60 slides of 10 images
+    labels = [int(g[5:]) % 3 for g in groups]  # 20 slides per class
+    train, test = group_split(labels, groups, fraction, seed=0)
+    assert len(test) / 600 == pytest.approx(fraction, abs=0.02)
+    assert not {groups[i] for i in train} & {groups[i] for i in test}
+    assert sorted([*train, *test]) == list(range(600))
+    assert np.bincount(np.asarray(labels)[test]) / len(test) == pytest.approx([1 / 3] * 3, abs=0.05)
+
+
+def test_group_split_of_real_amibr_slides_follows_the_request(shared_data):
+    data = read_spec(f"amibr:{shared_data / 'amibr_midog21'}")  # 1033 patches of 88 slides, 22.5 % atypical
+    labels, groups = np.asarray(data.targets()), np.asarray([r.group for r in data.records])
+    for fraction in (0.3, 0.8):  # they held out 33 % and 50 %
+        train, test = group_split(labels, groups, fraction, seed=0)
+        assert len(test) / len(labels) == pytest.approx(fraction, abs=0.015)
+        assert labels[test].mean() == pytest.approx(labels.mean(), abs=0.01)
+        assert not set(groups[train]) & set(groups[test])
 
 
 def test_records_without_a_group_are_groups_of_their_own():
@@ -71,7 +103,7 @@ def _args(spec: str, tmp_path, *extra: str) -> list[str]:
     ]
 
 
-def test_knn_leave_one_scanner_out(both_scanners, tmp_path):
+def test_knn_leave_one_scanner_out(both_scanners, tmp_path, capsys):
     out = tmp_path / "lodo.json"
     assert (
         run_cli(knn.main, _args(both_scanners, tmp_path, "--leave-one-domain-out", "--k", "5", "--out", str(out))) == 0
@@ -83,6 +115,19 @@ def test_knn_leave_one_scanner_out(both_scanners, tmp_path):
     assert folds["hamamatsu_xr"]["n_test"] == 15 and all(f["shared_groups"] == 0 for f in folds.values())
     assert {"hamamatsu_s360/k5", "hamamatsu_xr/uni_k20", "hamamatsu_xr/k5"} <= set(results["metrics"])
     assert results["metrics"]["hamamatsu_s360/k5"]["n"] == 7
+    # no fold's counts stand for all: the set's total, and each fold's in the card
+    dataset = results["dataset"]
+    assert dataset["n_train"] is None and dataset["n_test"] is None and dataset["n_images"] == 22
+    assert evaluation_tables([results])[0]["images"] == (
+        "22 images; each fold holds out one domain and trains on the others (per fold, "
+        "hamamatsu_s360: 15 training and 7 test images; hamamatsu_xr: 7 training and 15 test images)"
+    )
+    # the CI footnote counts each left-out scanner's own test slides (2 and 3), not the first fold's
+    footer = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[95 % CI")]
+    assert footer == [
+        "[95 % CI: bootstrap, 1000 redraws of each test set's units, hamamatsu_s360: the 2 test groups "
+        "(slides/patients); hamamatsu_xr: the 3 test groups (slides/patients)]"
+    ]
 
 
 def test_linear_split_by_group_never_shares_a_slide(both_scanners, tmp_path):
@@ -92,9 +137,15 @@ def test_linear_split_by_group_never_shares_a_slide(both_scanners, tmp_path):
     )
     assert run_cli(linear.main, argv) == 0
     results = read_results(out)
-    assert results["split"]["method"] == "group" and results["split"]["shared_groups"] == 0
-    assert results["split"]["train_groups"] >= 1 and results["split"]["test_groups"] >= 1
-    assert results["metrics"]["linear"]["n"] < 22
+    split, row = results["split"], results["metrics"]["linear"]
+    assert split["method"] == "group" and split["shared_groups"] == 0
+    assert split["train_groups"] >= 1 and split["test_groups"] >= 1
+    assert row["n"] < 22
+    # the share asked for and the one whole slides gave (1 of 3 folds of the 5 slides), both named
+    assert split["requested_test_fraction"] == 0.3 and split["test_fraction"] == pytest.approx(row["n"] / 22)
+    assert split["requested_val_fraction"] == 0.2
+    assert evaluation_tables([results])[0]["images"] == f"{22 - row['n']} training and {row['n']} test images"
+    assert split["val_fraction"] == row["val_fraction"] == pytest.approx(row["n_val"] / (row["n_fit"] + row["n_val"]))
 
 
 def test_fewshot_leave_one_scanner_out_draws_curves_per_scanner(both_scanners, tmp_path):

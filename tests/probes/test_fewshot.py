@@ -13,6 +13,7 @@ from ssl_path import encoder
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.evaluation.metrics import CLASSIFICATION_SCORES
 from ssl_path.evaluation.results import read_results
+from ssl_path.publish.card import evaluation_tables
 
 CLASSES = ("a", "b", "c")
 
@@ -270,6 +271,20 @@ def test_cli_writes_results_and_curves(specs, tmp_path, capsys):
     png = fewshot.curves_path(out)
     assert png.name == "results_curves.png"
     assert png.is_file() and png.stat().st_size > 1024
+
+
+def test_one_seed_labels_its_interval_the_test_bootstrap_alone(specs, tmp_path):
+    out = tmp_path / "one_seed.json"
+    few = ["--seeds", "1", "--fractions", "0.5", "--shots", "1", "--probes", "knn", "prototype", "--episodes", "2"]
+    assert cli([*common(*specs, tmp_path), *few, "--bootstrap", "100", "--out", str(out)]) == 0
+    results = read_results(out)
+    for row in results["metrics"].values():
+        assert row["balanced_accuracy_ci95_seeds"] is None  # one seed: no spread over draws to add
+        assert row["balanced_accuracy_ci95"] == row["balanced_accuracy_ci95_test"]
+    stated = [results["config"]["ci"], evaluation_tables([results])[0]["ci"]]  # results.json and the card
+    assert all("bootstrap over test groups alone" in label and "t over seeds" not in label for label in stated)
+    assert fewshot.interval_label(5, 100) == fewshot.CI_BOOTSTRAP and fewshot.interval_label(5, 0) == fewshot.CI_SEEDS
+    assert fewshot.interval_label(1, 0) is None  # one seed and no redraws: no interval at all
 
 
 def test_cli_compare_adds_the_reference_and_paired_differences(specs, tmp_path, capsys):

@@ -12,6 +12,7 @@ import pytest
 from probe_helpers import assert_one_line_error, blobs, feature_set
 from probe_helpers import probe_args as common
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
+from sklearn.neighbors import KNeighborsClassifier
 
 from probes import knn
 from ssl_path import encoder
@@ -97,15 +98,41 @@ def test_dino_votes_are_weighted_by_exp_similarity_over_temperature():
     assert pred[0] == 0
 
 
-def test_uni_is_a_majority_vote_with_ties_to_the_more_similar_class():
+def test_uni_is_a_majority_vote_with_ties_to_the_lowest_class_id():
     pred, probs = knn.uni_knn_predict(HAND_TRAIN, HAND_LABELS, HAND_QUERY, k=3)
     assert pred[0] == 1 and probs[0].tolist() == pytest.approx([1 / 3, 2 / 3])
-    pred, probs = knn.uni_knn_predict(HAND_TRAIN, HAND_LABELS, HAND_QUERY, k=2)  # A vs B or C: 1 vote each
+    # A (1.0) against B or C (0.8), one vote each: class 0, however similar the voters
+    pred, probs = knn.uni_knn_predict(HAND_TRAIN, 1 - HAND_LABELS, HAND_QUERY, k=2)
     assert pred[0] == 0 and probs[0].tolist() == pytest.approx([0.5, 0.5])
     # centring on the train mean makes a shared offset irrelevant (without it, all would point along it)
     offset = np.array([[50.0, 50.0]], dtype=np.float32)
     pred, _ = knn.uni_knn_predict(HAND_TRAIN + offset, HAND_LABELS, HAND_QUERY + offset, k=3)
     assert pred[0] == 1
+
+
+@pytest.mark.parametrize("n_classes, k", [(2, 20), (3, 6)])
+def test_uni_matches_scikit_learns_kneighbors_classifier_on_tied_votes(n_classes, k):
+    """UNI's eval_knn: centre on the train mean, L2-normalise, KNeighborsClassifier(n_neighbors=20)."""
+    rng = np.random.default_rng(0)
+    train_x, test_x = rng.normal(size=(200, 8)), rng.normal(size=(300, 8))  # no two distances alike
+    train_y = rng.integers(0, n_classes, 200)  # labels unrelated to features: many tied votes
+    centre = train_x.mean(axis=0)
+    train_unit, test_unit = l2_normalize(train_x - centre), l2_normalize(test_x - centre)
+    reference = KNeighborsClassifier(n_neighbors=k).fit(train_unit, train_y)
+    theirs = reference.predict(test_unit)
+    pred, probs = knn.uni_knn_predict(train_x, train_y, test_x, k=k, n_classes=n_classes)
+    np.testing.assert_array_equal(pred, theirs)
+    np.testing.assert_allclose(probs, reference.predict_proba(test_unit))
+    # The features do test the tie rule: many votes tie, and in some the voters' summed similarity
+    # favours another class than the lowest id.
+    sims = test_unit @ train_unit.T
+    nearest = np.argsort(-sims, axis=1)[:, :k]
+    sim_sums = np.zeros((len(test_x), n_classes))
+    np.add.at(sim_sums, (np.arange(len(test_x))[:, None], train_y[nearest]), np.take_along_axis(sims, nearest, 1))
+    tied_classes = probs == probs.max(axis=1, keepdims=True)
+    tied = tied_classes.sum(axis=1) > 1
+    most_similar = np.where(tied_classes, sim_sums, -np.inf).argmax(axis=1)
+    assert tied.sum() > 20 and (most_similar[tied] != theirs[tied]).any()
 
 
 def test_run_knn_rows_and_clamped_k(capsys):
@@ -117,10 +144,13 @@ def test_run_knn_rows_and_clamped_k(capsys):
     rows = knn.run_knn(feature_set(train_x, train_y, classes), test, ks=[3, 50], temperature=0.07)
     assert list(rows) == ["k3", "k50", "uni_k20"]
     assert rows["k50"]["k_used"] == 10 and rows["uni_k20"]["k_used"] == 10 and rows["k3"]["k_used"] == 3
-    assert all(row["accuracy"] == 1.0 and row["n"] == 20 for row in rows.values())
+    assert all(row["n"] == 20 for row in rows.values())
+    assert rows["k3"]["accuracy"] == rows["k50"]["accuracy"] == 1.0
+    # UNI's k clamped to all 10 training images: every vote is 5 to 5, a tie to the lowest class id
+    assert rows["uni_k20"]["predicts_one_class"] == "a" and rows["uni_k20"]["accuracy"] == 0.5
     assert rows["k3"]["protocol"] == "dino" and rows["uni_k20"]["protocol"] == "uni"
     warnings = capsys.readouterr().err.strip().splitlines()
-    assert len(warnings) == 2 and all(w.startswith("warning: ") for w in warnings)
+    assert len(warnings) == 3 and all(w.startswith("warning: ") for w in warnings)  # 2 clamped k, 1 one-class row
     with pytest.raises(UserError, match="not among the training classes"):
         knn.run_knn(feature_set(train_x, train_y, classes), feature_set(test_x, test_y, ("a", "c")), ks=[3])
 

@@ -241,6 +241,35 @@ def test_card_takes_each_evaluation_task_title_and_scores_from_its_results_file(
     assert "0.810" in card.text and "n/a" in card.text  # the cell row has no IoU
 
 
+def test_card_shows_detection_scores_and_marks_a_lower_is_better_column(trained, tmp_path):
+    results = read_results(trained["results"][0])
+    detection = {
+        "all": {"map": 0.235, "map_50": 0.478, "map_75": 0.211, "precision": 0.446, "recall": 0.514, "f1": 0.478},
+        "class/WBC": {"ap": 0.531, "ap_50": 1.0, "precision": 0.455, "recall": 0.833, "f1": 0.588, "n_truth": 6},
+    }
+    detected = write_results(
+        tmp_path / "detect.json",
+        {**results, "task": "detection", "title": "ViTDet-style detector", "probe": "finetune.detect",
+         "metrics": detection},
+    )  # fmt: skip
+    segmented = write_results(
+        tmp_path / "segment.json",
+        {**results, "task": "segmentation", "title": "U-Net", "probe": "finetune.segment",
+         "metrics": {"gland": {"dice": 0.8, "object_hausdorff": 41.5}}},
+    )  # fmt: skip
+    out = tmp_path / "export"
+    argv = ["export", "--ckpt", str(trained["run"]), "--out", str(out), "--results", str(detected), str(segmented)]
+    assert run_cli(hub.main, argv) == 0
+    card = ModelCard.load(out / "README.md")
+    index = {(r.metric_config, r.metric_type): r.metric_value for r in card.data.eval_results}
+    expected = {(f"finetune.detect/{row}", s): v for row, scores in detection.items() for s, v in scores.items()}
+    del expected[("finetune.detect/class/WBC", "n_truth")]  # a count, not a score
+    assert {k: v for k, v in index.items() if k[0].startswith("finetune.detect")} == expected
+    assert "| row | map | map_50 | map_75 | ap | ap_50 | precision | recall | f1 |" in card.text
+    assert "| all | 0.235 | 0.478 | 0.211 | n/a | n/a | 0.446 | 0.514 | 0.478 |" in card.text
+    assert "| row | dice | object_hausdorff (lower is better) |" in card.text
+
+
 def test_export_is_method_agnostic(sample_data, tmp_path):
     """Any method's checkpoint carries the same encoder entry; a patch-14 ViT with 4 registers made outside DINOv2."""
     arch, kwargs = (
