@@ -26,7 +26,7 @@ import csv
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -182,7 +182,12 @@ def evaluate(
 
 
 def predict_files(
-    cfg: ClassifyConfig, task: nn.Module, paths: Sequence[Path], selection: dict[str, Any], out: Path, bar: Any
+    cfg: ClassifyConfig,
+    task: nn.Module,
+    paths: Sequence[Path],
+    selection: dict[str, Any],
+    out: Path,
+    advance: Callable[[int], object],
 ) -> int:
     """``out/predictions.csv``: path, predicted class, and the probability of every class."""
     classes = selection["classes"]
@@ -204,7 +209,7 @@ def predict_files(
                 else:
                     writer.writerow([path, classes[int(p.argmax())], *(f"{v:.6f}" for v in p), ""])
                     written += 1
-            bar.update(len(batch["path"]))
+            advance(len(batch["path"]))
     return written
 
 
@@ -280,7 +285,13 @@ def run_fractions(request: stage.Request, fractions: Sequence[float], seeds: Seq
         task="image-classification",
         title=f"fine-tuned classifier ({mode} encoder), label fractions",
         encoder=last["encoder"],
-        dataset=last["dataset"],
+        # Each fraction trained on its own share of the training set: the counts are per run.
+        dataset={
+            **last["dataset"],
+            "n_train": None,
+            "n_val": None,
+            "runs": {name: r["dataset"] for name, r in done.items()},
+        },
         split=last["split"],
         seeds=list(seeds),
         metrics=table,

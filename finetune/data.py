@@ -50,8 +50,8 @@ def split_sets(
         # whole groups hold out about the share asked for: both are recorded, as the probes do
         split = {
             "method": "group",
-            "requested_test_fraction": test_fraction,
-            "test_fraction": len(test_idx) / len(data),
+            "test_fraction": test_fraction,
+            "test_share": len(test_idx) / len(data),
             "seed": seed,
         }
     if split["method"] == "named" and VAL in data.splits():  # a published validation split (VOC's val) as published

@@ -44,7 +44,7 @@ import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -668,7 +668,12 @@ def draw_overlays(
 
 
 def predict_files(
-    cfg: DetectConfig, task: nn.Module, paths: Sequence[Path], selection: dict[str, Any], out: Path, bar: Any
+    cfg: DetectConfig,
+    task: nn.Module,
+    paths: Sequence[Path],
+    selection: dict[str, Any],
+    out: Path,
+    advance: Callable[[int], object],
 ) -> int:
     """``coco_results.json`` + ``coco_images.json`` and ``points.csv`` (at the chosen threshold) for images of any size."""
     threshold = chosen_threshold(selection)
@@ -678,11 +683,11 @@ def predict_files(
             image = read_scaled(str(path), cfg.scale)
         except UserError as err:
             print(f"warning: skipped {path}: {err}", file=sys.stderr)
-            bar.update()
+            advance(1)
             continue
         kept.append(str(path))
         predicted.append(detect_image(task, image, cfg, masks=cfg.head == "maskrcnn"))
-        bar.update()
+        advance(1)
     if kept:
         write_predictions(out, "", kept, predicted, list(task.head.classes), threshold)
     return len(kept)
@@ -756,7 +761,14 @@ def write_series(request: stage.Request, done: dict[str, dict[str, Any]], method
         task="detection",
         title=f"{last['title']}, {method}",
         encoder=last["encoder"],
-        dataset={**last["dataset"], "runs": {name: r["dataset"] for name, r in done.items()}},
+        # Each run trained (and, leaving a domain out, tested) on its own images: no one count holds.
+        dataset={
+            **last["dataset"],
+            "n_train": None,
+            "n_val": None,
+            "n_test": None,
+            "runs": {name: r["dataset"] for name, r in done.items()},
+        },
         split={"method": method, "runs": {name: r["split"] for name, r in done.items()}},
         seeds=last["seeds"],
         metrics=rows,

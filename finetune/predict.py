@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_dir(args.out, args.overwrite, inputs=[args.run, args.data]) as tmp,
         tqdm(total=len(paths), desc="predict", unit="img", disable=args.no_progress, dynamic_ncols=True) as bar,
     ):
-        written = HEADS[name].predict(cfg.head, task, paths, selection, tmp, bar)
+        written = HEADS[name].predict(cfg.head, task, paths, selection, tmp, bar.update)
         if not written:
             raise UserError(f"--data {args.data}: none of the {len(paths)} images could be read")
     print(f"wrote {written} predictions of {len(paths)} images to {args.out}")

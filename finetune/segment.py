@@ -36,7 +36,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -441,7 +441,12 @@ def mask_values(masks: np.ndarray, cfg: SegmentConfig) -> np.ndarray:
 
 
 def predict_files(
-    cfg: SegmentConfig, task: nn.Module, paths: Sequence[Path], selection: dict[str, Any], out: Path, bar: Any
+    cfg: SegmentConfig,
+    task: nn.Module,
+    paths: Sequence[Path],
+    selection: dict[str, Any],
+    out: Path,
+    advance: Callable[[int], object],
 ) -> int:
     """A mask PNG per image (its stem, in ``out``), in the label values of the training set."""
     from PIL import Image
@@ -454,14 +459,14 @@ def predict_files(
             image = as_rgb_tensor(path)
         except UserError as err:
             print(f"warning: skipped {path}: {err}", file=sys.stderr)
-            bar.update()
+            advance(1)
             continue
         masks = probs_to_masks(predict_probs(task, (image.float() / 255.0 - mean) / std, cfg), cfg)
         masks = np.stack([post[i](masks[i]) for i in range(len(post))])
         with atomic_path(out / f"{Path(path).stem}.png") as tmp:
             Image.fromarray(mask_values(masks, cfg)).save(tmp, format="PNG")
         written += 1
-        bar.update()
+        advance(1)
     return written
 
 

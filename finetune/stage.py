@@ -74,8 +74,8 @@ class Head:
     choose: Callable[[Any, HeadTask, LabelledSet], dict[str, Any]]  # choices on validation (post-processing)
     # (rows of scores, (path, reason) of each image skipped)
     evaluate: Callable[[Any, HeadTask, LabelledSet, dict[str, Any], Path | None, str], tuple[dict, list]]
-    # (config, task, images, selection, out folder, a bar it advances by one per image) -> images written
-    predict: Callable[[Any, HeadTask, Sequence[Path], dict[str, Any], Path, Any], int]
+    # (config, task, images, selection, out folder, advance(n): n more images done) -> images written
+    predict: Callable[[Any, HeadTask, Sequence[Path], dict[str, Any], Path, Callable[[int], object]], int]
 
 
 @dataclass(frozen=True)

@@ -553,9 +553,9 @@ def probe_splits(
     train, test, pair = _split(features, reference, train_idx, test_idx)
     split = {
         "method": "group",
-        "requested_test_fraction": request.test_fraction,
-        # Whole groups hold out only about the share asked for (splits.held_out_folds): this is the share got.
-        "test_fraction": len(test) / (len(train) + len(test)),
+        "test_fraction": request.test_fraction,
+        # Whole groups hold out only about the share asked for (splits.held_out_folds): the share got.
+        "test_share": len(test) / (len(train) + len(test)),
         "seed": request.seed,
         "train_groups": len(set(train.groups)),
         "test_groups": len(set(test.groups)),

@@ -110,7 +110,7 @@ from ssl_path.evaluation.bootstrap import (
     resamples,
 )
 from ssl_path.evaluation.features import l2_normalize
-from ssl_path.evaluation.metrics import CLASSIFICATION_SCORES, SCORES
+from ssl_path.evaluation.metrics import CLASSIFICATION_SCORES, SCORES, positive_class
 from ssl_path.evaluation.splits import group_ids, held_out_folds, sample_subset
 from ssl_path.evaluation.stats import aggregate, summarize
 
@@ -146,8 +146,9 @@ PROBES = ("knn", "linear", "prototype")
 KNN_K = 20
 FIXED_C = 1.0
 CURVES_NAME = "fewshot_curves.png"
-CI_BOOTSTRAP = "95%: t over seeds (subset draws) and percentile bootstrap over test groups, sides added in quadrature"
-CI_TEST = "95%: percentile bootstrap over test groups alone (one seed: the spread over subset draws is not in it)"
+# {units}: what the test redraws drew, "groups" (slides, patients) or "images" (a set without groups).
+CI_BOOTSTRAP = "95%: t over seeds (subset draws) and percentile bootstrap over test {units}, sides added in quadrature"
+CI_TEST = "95%: percentile bootstrap over test {units} alone (one seed: the spread over subset draws is not in it)"
 CI_SEEDS = "95% t-distribution over seeds"
 
 
@@ -244,12 +245,18 @@ def subset_prediction(
     raise UserError(f"unknown probe {probe!r}; choose from {', '.join(PROBES)}")
 
 
-def interval_label(n_seeds: int, n_resamples: int) -> str | None:
+def interval_label(n_seeds: int, n_resamples: int, units: str = "groups") -> str | None:
     """What the rows' 95 % CIs are, as results.json's ``config.ci`` (and so the card) states it: one
-    seed has no t-interval, so its CI is the test bootstrap alone; None when there is no CI at all."""
+    seed has no t-interval, so its CI is the test bootstrap alone; None when there is no CI at all.
+    ``units``: what the redraws drew ("groups", "images")."""
     if n_resamples:
-        return CI_BOOTSTRAP if n_seeds > 1 else CI_TEST
+        return (CI_BOOTSTRAP if n_seeds > 1 else CI_TEST).format(units=units)
     return CI_SEEDS if n_seeds > 1 else None
+
+
+def _redrawn_units(rows: dict[str, dict[str, Any]]) -> str:
+    kinds = {r["bootstrap"]["unit"] for r in rows.values() if r.get("bootstrap")}
+    return {frozenset({"group"}): "groups", frozenset({"tile"}): "images"}.get(frozenset(kinds), "groups or images")
 
 
 # ----------------------------------------------------------------------------- the curves
@@ -402,6 +409,7 @@ def run_fewshot(
     y_true = align_labels(test, classes, probe="few-shot probe")
     # One set of test redraws for every row (and both encoders), so that intervals are comparable.
     redraws = resamples(len(test), test.groups, n_resamples, seeds[0]) if n_resamples else None
+    positive = positive_class(y_true, len(classes))  # the class every row's positive_f1 scores
     rows: dict[str, dict[str, Any]] = {}
     for regime, value in _regimes(fractions, shots):
         draw = {"fraction": value} if regime == "fraction" else {"shots": value}
@@ -425,6 +433,7 @@ def run_fewshot(
                 "seeds": list(seeds),
                 "n_train": [len(d[0]) for d in draws],
                 "n_test": len(test),
+                **({"positive_class": classes[positive]} if positive is not None else {}),
             }
             if regime == "shots":
                 row["episodes"] = n_draws
@@ -674,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "selection": PROTOCOLS["ssl-path"].selection,
         },
         "prototype": {"features": "CL2N", "distance": "euclidean", "probs": "softmax(-distance)"},
-        "ci": interval_label(len(seeds), request.bootstrap),
+        "ci": interval_label(len(seeds), request.bootstrap, _redrawn_units(rows)),
     }
     split = {**split_info, "subsets": "stratified draws from train only", "n_seeds": len(seeds)}
     report(

@@ -9,9 +9,9 @@ evaluated once on TEST. ``--protocol`` says how features are prepared and how C 
   (``class_weight="balanced"``); C from ``--c-grid`` (default 21 half-decades, 1e-6 ... 1e4), the one
   with the lowest class-balanced log-loss on a validation part of TRAIN: whole groups (slides,
   patients) held out where the training set has them (m of the k folds of one ``StratifiedGroupKFold``,
-  m/k nearest ``--val-fraction``, 20 % by default: :func:`ssl_path.evaluation.splits.held_out_folds`;
+  m/k about ``--val-fraction``, 20 % by default: :func:`ssl_path.evaluation.splits.held_out_folds`;
   classes kept in proportion where the groups allow), else a stratified random split. Each row
-  records the validation share it got (``val_fraction``, beside ``n_fit`` and ``n_val``). A chosen C
+  records the validation share it got (``val_share``, beside ``n_fit`` and ``n_val``). A chosen C
   at either end of the grid prints a warning: the best C may lie beyond it.
   Why not balanced accuracy on an unweighted fit, as before: with a majority class (78 % normal
   mitoses in AMi-Br) every strongly regularised C predicts the majority for every image, all those
@@ -266,7 +266,7 @@ def _select_c(
         "val_grouped": grouped,
         "n_fit": len(fit),
         "n_val": len(val),
-        "val_fraction": len(val) / len(train),  # the share obtained, whole groups being what they are
+        "val_share": len(val) / len(train),  # of the val_fraction asked for, whole groups being what they are
     }
 
 
@@ -413,16 +413,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             where,
         )
         rows.update(prefixed(inputs.name, {"linear": row}))
-        shares.append(row.get("val_fraction"))
+        shares.append(row.get("val_share"))
     protocol = PROTOCOLS[args.protocol]
     if protocol.selection != "fixed":
         validation = "random 10 %" if args.protocol == "dinov2" else "grouped" if row["val_grouped"] else "stratified"
-        split = {**split, "validation": validation, "requested_val_fraction": val_fraction}
-        # The share obtained differs per training set: under leave-one-domain-out it goes with its fold.
+        split = {**split, "validation": validation}
+        # The share obtained (of config.val_fraction) differs per training set: under
+        # leave-one-domain-out it goes with its fold.
         if "folds" in split:
-            split["folds"] = [{**fold, "val_fraction": share} for fold, share in zip(split["folds"], shares)]
+            split["folds"] = [{**fold, "val_share": share} for fold, share in zip(split["folds"], shares)]
         else:
-            split["val_fraction"] = shares[0]
+            split["val_share"] = shares[0]
     config = {
         "protocol": args.protocol,
         "c_grid": list(grid),

@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--datasets",
         nargs="*",
         default=[],
-        help="Hub ids of the datasets it was trained or measured on (the card's datasets:, which the Hub links)",
+        help="Hub ids (org/name) of the datasets it was trained or measured on, for the card's datasets: "
+        "(the Hub links them); SET=org/name also names the set SET a results file was measured on by it",
     )
     ex.add_argument("--shards", nargs="*", help="the training shards, where run.json's data path no longer holds them")
     ex.add_argument("--template", type=Path, help="a card template instead of model_cards/encoder.md")

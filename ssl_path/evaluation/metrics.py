@@ -52,9 +52,27 @@ CLASSIFICATION_SCORES = SCORES + VARIANT_SCORES
 # A segmentation row's scores (finetune.metrics computes them): per label pixel Dice / IoU, and per
 # object (GlaS, AJI) where objects are scored; the object Hausdorff distance is lower-better, in pixels.
 SEGMENTATION_SCORES = ("dice", "iou", "dice_pooled", "aji", "object_f1", "object_dice", "object_hausdorff")
-# A detection row's (finetune.detection_metrics): COCO mAP over all classes, AP of one class, and the
-# point matching's precision, recall and F1 at the threshold chosen on validation.
-DETECTION_SCORES = ("map", "map_50", "map_75", "ap", "ap_50", "precision", "recall", "f1")
+# A detection row's (finetune.detection_metrics): COCO box mAP over all classes, AP of one class, the
+# point matching's precision, recall and F1 at the threshold chosen on validation; for Mask R-CNN also
+# mask mAP / AP and, from the masks pasted into each image, AJI and object F1 / Dice.
+DETECTION_SCORES = (
+    "map",
+    "map_50",
+    "map_75",
+    "ap",
+    "ap_50",
+    "precision",
+    "recall",
+    "f1",
+    "mask_map",
+    "mask_map_50",
+    "mask_map_75",
+    "mask_ap",
+    "mask_ap_50",
+    "aji",
+    "object_f1",
+    "object_dice",
+)
 LOWER_IS_BETTER = ("object_hausdorff",)
 # What a model card shows of a results file, by the task it states.
 TASK_SCORES = {"image-classification": SCORES, "segmentation": SEGMENTATION_SCORES, "detection": DETECTION_SCORES}
@@ -66,11 +84,12 @@ def _finite(value: float) -> float | None:
 
 
 def positive_class(y_true: np.ndarray, n_classes: int) -> int | None:
-    """The class id whose F1 is ``positive_f1``: the rarer of two in ``y_true`` (1 on a tie); None unless binary."""
+    """The class id whose F1 is ``positive_f1``: the rarer of two in ``y_true`` (1 on a tie), the one
+    present where the other is absent (an all-atypical test set scores atypical); None unless binary."""
     if n_classes != 2:
         return None
     counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=2)
-    return 0 if counts[0] < counts[1] else 1
+    return 0 if 0 < counts[0] < counts[1] or counts[1] == 0 else 1
 
 
 def auroc(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> float | None:
@@ -138,10 +157,9 @@ def classification_metrics(
         positive = positive_class(y_true, n_classes)
         if positive is not None:
             result["positive_class"] = classes[positive] if classes is not None else positive
-            if np.isin(positive, np.concatenate([y_true, y_pred])):  # else no F1: none true, none predicted
-                result["positive_f1"] = _finite(
-                    skm.f1_score(y_true, y_pred, labels=labels, pos_label=positive, average="binary", zero_division=0)
-                )
+            result["positive_f1"] = _finite(
+                skm.f1_score(y_true, y_pred, labels=labels, pos_label=positive, average="binary", zero_division=0)
+            )
         if probs is not None:
             probs = np.asarray(probs, dtype=np.float64)
             if probs.shape != (len(y_true), n_classes):

@@ -10,8 +10,8 @@ A results file is a JSON object::
       "created": "2025-01-01T12:00:00+00:00",  # UTC, ISO 8601
       "ssl_path_version": "0.1.0",
       "encoder": {"ref": ..., "hash": ...},    # hash: the feature cache's encoder hash
-      "dataset": {"train": SPEC, "test": SPEC, "n_train": int, "n_test": int, "classes": [...],
-                  "n_skipped": int, "skipped": [{"path": ..., "reason": ...}, ...]},
+      "dataset": {"train": SPEC, "test": SPEC, "n_train": int | None, "n_test": int | None,
+                  "classes": [...], "n_skipped": int, "skipped": [{"path": ..., "reason": ...}, ...]},
       "split": {...},                          # how train and test were chosen
       "seeds": [int, ...],
       "metrics": {...} or [{...}, ...],        # named rows or a list of rows
@@ -19,11 +19,15 @@ A results file is a JSON object::
     }
 
 ``n_train`` and ``n_test`` count the images evaluated; an image that could not be read is left out
-and listed under ``skipped`` with its reason (``n_skipped`` of them, train and test together). Both
-are optional: files written before they existed have neither, and mean none was skipped. Where each
-fold of a split trains and tests on other images (leave-one-domain-out), no one pair of counts holds:
-``n_train`` and ``n_test`` are None, ``n_images`` counts the whole set, and ``split["folds"]`` holds
-each fold's ``n_train`` and ``n_test``. (Files written before said the first fold's counts here.)
+and listed under ``skipped`` with its reason (``n_skipped`` and ``skipped`` are optional: files
+written before they existed have neither, and mean none was skipped). Where the rows come from
+several training sets, no one count holds and the count that differs is None: a probe's
+leave-one-domain-out (``n_images`` counts the whole set, ``split["folds"]`` holds each fold's
+``n_train`` and ``n_test``), a fine-tuning series (``dataset["runs"]`` holds each run's ``dataset``).
+Files written before 2026-12-03 said one fold's or run's counts there.
+
+A carved split (``split["method"] == "group"``) states the held-out share asked for
+(``test_fraction``) and the one whole groups gave (``test_share``, from 2026-12-03 on).
 
 The evaluation that writes a file states its task and title, so a reader never keeps a table of
 evaluation names. A v1 file (no task, no title: only frozen-feature classification probes wrote

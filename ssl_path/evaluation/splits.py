@@ -1,8 +1,11 @@
 """Train/test splits a probe can carve from one labelled set, with no leakage between slides.
 
 - :func:`group_split`: a held-out share of whole groups (patients, slides), stratified by label as
-  far as whole groups allow: m of the k folds of one scikit-learn ``StratifiedGroupKFold``, m/k the
-  fraction nearest the one asked for (:func:`held_out_folds`; 0.3 is 3 of 10 folds, 0.8 is 4 of 5).
+  far as whole groups allow: m of the k folds of one scikit-learn ``StratifiedGroupKFold``, with the
+  fewest folds whose m/k comes within about a point of the share asked for, folds of at least
+  :data:`MIN_GROUPS_PER_FOLD` groups (:func:`held_out_folds`; 0.3 is 3 of 10 folds, 0.8 is 4 of 5).
+  Callers record the share obtained (``test_share`` beside ``test_fraction``): whole groups make it
+  differ by up to a few points, more on a small set.
 - :func:`domain_folds`: leave one domain out, for every domain (e.g. each MIDOG scanner): train on
   all the others, test on it.
 
@@ -25,6 +28,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 from ssl_path.core.errors import UserError
 
 DEFAULT_TEST_FRACTION = 0.2  # the share of a set held out as its test split when none is given
+# Folds of fewer groups are filled unevenly by StratifiedGroupKFold's greedy assignment (the first
+# folds most: 12 AMi-Br slides in 10 folds held out 50 % for 0.3), which a finer m/k cannot repay.
+MIN_GROUPS_PER_FOLD = 4
 
 
 def group_ids(groups: Sequence[str | None]) -> np.ndarray:
@@ -38,12 +44,15 @@ def group_ids(groups: Sequence[str | None]) -> np.ndarray:
 
 
 def held_out_folds(held_out_fraction: float, n_groups: int) -> tuple[int, int]:
-    """(k, m): hold out m of k group folds, 2 <= k <= ``n_groups`` (``StratifiedGroupKFold`` refuses
-    more folds than groups), 1 <= m < k: the smallest k whose nearest m/k lies within
-    :func:`share_tolerance` of ``held_out_fraction``, else the nearest m/k of all (smallest k among ties).
+    """(k, m): hold out m of k group folds, 1 <= m < k: the smallest k whose nearest m/k lies within
+    :func:`share_tolerance` of ``held_out_fraction``, else the nearest m/k of all (smallest k among
+    ties). k is at most ``n_groups`` // :data:`MIN_GROUPS_PER_FOLD`, or the k of one fold of about
+    the share (1/k nearest it, as many as there are groups at most) where that is more.
 
     One fold alone could only hold out 1/2, 1/3, 1/4, ... (0.4, 0.6 and 0.8 would all be 0.5)."""
-    candidates = [(k, min(k - 1, max(1, round(held_out_fraction * k)))) for k in range(2, max(2, n_groups) + 1)]
+    one_fold = min(n_groups, max(2, round(1 / held_out_fraction)))
+    most = max(one_fold, n_groups // MIN_GROUPS_PER_FOLD)
+    candidates = [(k, min(k - 1, max(1, round(held_out_fraction * k)))) for k in range(2, most + 1)]
 
     def error(km: tuple[int, int]) -> float:
         return abs(km[1] / km[0] - held_out_fraction)
@@ -54,13 +63,12 @@ def held_out_folds(held_out_fraction: float, n_groups: int) -> tuple[int, int]:
 
 
 def share_tolerance(held_out_fraction: float) -> float:
-    """How near m/k must come to a held-out share: one percentage point, a tenth of the smaller side
-    for small shares (0.05 is 1/20, not 1/17).
+    """How near m/k must come to a held-out share: one percentage point, or a tenth of the smaller
+    side for small shares (0.05 may be 1/19 or 1/20, not 1/17).
 
-    Why not the nearest m/k outright: a finer ratio needs more, smaller folds, and once folds hold
-    fewer than about four groups ``StratifiedGroupKFold``'s greedy assignment fills the first folds
-    most (AMi-Br, 88 slides: 9 of 30 folds held out 36 % for 0.3, 29 of 88 held out 63-69 % for 0.33).
-    Whole groups make the share obtained uncertain by about a point anyway; callers record it."""
+    Why not the nearest m/k outright: a finer ratio needs more, smaller folds, which whole groups fill
+    less evenly (AMi-Br, 88 slides: 9 of 30 folds held out 36 % for 0.3, 29 of 88 held out 63-69 % for
+    0.33). Whole groups make the share obtained uncertain by about a point anyway; callers record it."""
     return min(0.01, min(held_out_fraction, 1 - held_out_fraction) / 10)
 
 

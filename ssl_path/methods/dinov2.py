@@ -273,6 +273,11 @@ class DINOv2(PretrainingMethod):
                 group["lr_multiplier"] *= head_lr
         return groups
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Each student part (backbone, DINO head, iBOT head) on its own norm, as DINOv2 clips: the
+        backbone's, hundreds of times the heads' early on, would otherwise scale the heads down with it."""
+        return [list(part.parameters()) for part in self.student.values()]
+
     def train(self, mode: bool = True) -> DINOv2:
         super().train(mode)
         self.teacher.eval()  # the teacher never drops paths

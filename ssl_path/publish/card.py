@@ -20,7 +20,7 @@ import re
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jinja2
 import yaml
@@ -58,7 +58,7 @@ def dataset_name(spec: str | None) -> str:
     return Path(path.rstrip("/")).stem or path
 
 
-def _tested_on(results: dict[str, Any]) -> str:
+def tested_on(results: dict[str, Any]) -> str:
     """The name of the set a results file's scores were measured on (its train set under leave-one-out)."""
     return dataset_name(results["dataset"].get("test") or results["dataset"].get("train"))
 
@@ -80,12 +80,13 @@ def _split_label(results: dict[str, Any]) -> str:
     return str(method) if method else "test"
 
 
-def eval_results(all_results: Sequence[dict[str, Any]]) -> list[EvalResult]:
-    """One model-index entry per score of every row of every results file."""
+def eval_results(all_results: Sequence[dict[str, Any]], set_ids: Mapping[str, str] = {}) -> list[EvalResult]:
+    """One model-index entry per score of every row of every results file; its dataset is named by
+    the Hub id ``set_ids`` gives the set's name, else by that name."""
     entries = []
     for results in all_results:
         probe = results["probe"]
-        name = _tested_on(results)
+        name = tested_on(results)
         for row_name, row in _rows(results):
             for score in TASK_SCORES.get(results["task"], ()):
                 value = _score(row, score)
@@ -95,7 +96,7 @@ def eval_results(all_results: Sequence[dict[str, Any]]) -> list[EvalResult]:
                     EvalResult(
                         task_type=results["task"],
                         task_name=results["title"],
-                        dataset_type=name,
+                        dataset_type=set_ids.get(name, name),
                         dataset_name=name,
                         dataset_split=_split_label(results),
                         metric_type=score,
@@ -127,18 +128,14 @@ def evaluation_tables(all_results: Sequence[dict[str, Any]]) -> list[dict[str, A
                     cells.append(f"{value:.3f}")
             body.append([row_name, *cells])
         dataset = results["dataset"]
-        split = results["split"]
         tables.append(
             {
-                "title": f"{results['title']} on {_tested_on(results)}, {_split_label(results)}",
+                "title": f"{results['title']} on {tested_on(results)}, {_split_label(results)}",
                 "probe": results["probe"],
                 "columns": ["row", *(f"{s} (lower is better)" if s in LOWER_IS_BETTER else s for s in scores)],
                 "rows": body,
-                "n_train": dataset.get("n_train"),
-                "n_test": dataset.get("n_test"),
                 "images": _image_counts(results),
                 "classes": dataset.get("classes") or [],
-                "folds": [f.get("domain") for f in split.get("folds", []) if isinstance(f, dict)],
                 "seeds": results.get("seeds") or [],
                 "ci": _ci_method(results) if any("[" in c for r in body for c in r[1:]) else None,
                 "created": results.get("created"),
@@ -148,16 +145,33 @@ def evaluation_tables(all_results: Sequence[dict[str, Any]]) -> list[dict[str, A
 
 
 def _image_counts(results: dict[str, Any]) -> str:
-    """How many images a results file trained and tested on, as the card says it. Under
-    leave-one-domain-out every fold has its own counts (``split.folds``), so each fold's are given;
-    the file's ``dataset`` counts (None now, the first fold's in older files) would stand for all."""
+    """How many images a results file trained and tested on, as the card says it.
+
+    Where its rows come from several training sets, each set's counts are given: the folds of a
+    probe's leave-one-domain-out (``split.folds``), the runs of a fine-tuning series (``dataset.runs``:
+    label fractions, left-out domains); runs of equal counts (seeds) are named together. The file's
+    own ``dataset`` counts (None then; one fold's or run's in older files) would stand for all.
+    """
     dataset = results["dataset"]
     folds = [f for f in results["split"].get("folds", []) if isinstance(f, dict)]
-    if not folds:
-        return f"{dataset.get('n_train')} training and {dataset.get('n_test')} test images"
-    total = dataset.get("n_images") or (folds[0].get("n_train") or 0) + (folds[0].get("n_test") or 0)
-    each = "; ".join(f"{f.get('domain')}: {f.get('n_train')} training and {f.get('n_test')} test images" for f in folds)
-    return f"{total} images; each fold holds out one domain and trains on the others (per fold, {each})"
+    if folds:
+        total = dataset.get("n_images") or (folds[0].get("n_train") or 0) + (folds[0].get("n_test") or 0)
+        each = "; ".join(f"{f.get('domain')}: {_counts(f)}" for f in folds)
+        return f"{total} images; each fold holds out one domain and trains on the others (per fold, {each})"
+    runs = dataset.get("runs")
+    if isinstance(runs, dict) and runs:
+        by_counts: dict[str, list[str]] = {}
+        for name, run in runs.items():
+            by_counts.setdefault(_counts(run), []).append(name)
+        each = "; ".join(
+            f"{', '.join(names)}: {counts}{' each' if len(names) > 1 else ''}" for counts, names in by_counts.items()
+        )
+        return f"the rows of each run (their name's first part) trained and tested on its own images ({each})"
+    return _counts(dataset)
+
+
+def _counts(part: dict[str, Any]) -> str:
+    return f"{part.get('n_train')} training and {part.get('n_test')} test images"
 
 
 def _ci_method(results: dict[str, Any]) -> str:
@@ -220,16 +234,19 @@ def build_card(
     model_args: dict[str, Any],
     record: TrainingRecord,
     all_results: Sequence[dict[str, Any]],
+    *,
     name: str,
     license: str,
     folder: Path,
     datasets: Sequence[str] = (),
+    set_ids: Mapping[str, str] = {},
     template: Path | None = None,
 ) -> ModelCard:
     """The model card of an encoder, its front matter holding a model-index of every given score.
 
     ``name`` is ``org/name`` for a card that will go to the Hub; any other name keeps the card local,
-    and its loading examples then name ``folder``.
+    and its loading examples then name ``folder``. ``datasets``: Hub dataset ids for the front matter;
+    ``set_ids``: the Hub id of a set results were measured on, by the set's name, for the model-index.
     """
     method = methods().get(record.method or "")
     facts = method.method if method else None
@@ -239,14 +256,14 @@ def build_card(
         license=license,
         pipeline_tag=PIPELINE_TAG,
         tags=[*BASE_TAGS, *([record.method] if record.method else [])],
-        datasets=list(datasets) or None,
+        datasets=list(dict.fromkeys(datasets)) or None,
         metrics=[
             s
             for s in dict.fromkeys(s for scores in TASK_SCORES.values() for s in scores)
             if any(_score(row, s) is not None for r in all_results for _, row in _rows(r))
         ]
         or None,
-        eval_results=eval_results(all_results) or None,
+        eval_results=eval_results(all_results, set_ids) or None,
     )
     repo = name if "/" in name else None
     context = {
@@ -264,7 +281,7 @@ def build_card(
         "hours": record.wall_time_s / 3600 if record.wall_time_s is not None else None,
         "config_yaml": dump_yaml(record.config).rstrip() if record.config else None,
         "tables": evaluation_tables(all_results),
-        "datasets": list(datasets),
+        "datasets": list(dict.fromkeys(datasets)),
         "slug": _slug(name),
         "year": datetime.now(timezone.utc).year,
         "ssl_path_version": ssl_path.__version__,

@@ -26,7 +26,7 @@ from ssl_path.encoder.info import encoder_info
 from ssl_path.encoder.refs import checkpoint_file
 from ssl_path.encoder.state import model_from_entry, published_kwargs
 from ssl_path.evaluation.results import read_results
-from ssl_path.publish.card import build_card
+from ssl_path.publish.card import build_card, tested_on
 from ssl_path.publish.records import training_record
 
 CONFIG = "config.json"
@@ -59,6 +59,7 @@ def export(
     ckpt: str | Path,
     out: str | Path,
     results: Sequence[str | Path] = (),
+    *,
     name: str | None = None,
     license: str = DEFAULT_LICENSE,
     datasets: Sequence[str] = (),
@@ -68,18 +69,26 @@ def export(
 ) -> Path:
     """Write the timm-format folder of the checkpoint ``ckpt`` (a ``.pt`` file or a run directory) to ``out``.
 
-    ``datasets`` are Hub dataset ids: local folder names would have the Hub link to whatever dataset
-    bears that name.
+    ``datasets`` are Hub dataset ids (``org/name``), or ``SET=org/name`` for the set a results file
+    was measured on as the card names it (``amibr=org/amibr-midog21``), whose model-index entries then
+    name that id: the Hub links both, and local folder names would link whatever dataset bears them.
     """
     if name is not None:
         check_repo_id(name, "--name", with_org=False)
-    for dataset in datasets:
-        check_repo_id(dataset, "--datasets", with_org=False)
+    named = [dataset.rpartition("=")[::2] for dataset in datasets]  # (the set's name or "", hub id)
+    for _, hub_id in named:
+        check_repo_id(hub_id, "--datasets")  # org/name: a bare name is more likely a local folder
+    set_ids = {set_name: hub_id for set_name, hub_id in named if set_name}
     path = checkpoint_file(ckpt)
     # The run dir or checkpoint, and every file the card is made of, must outlive a replaced --out.
     inputs = [Path(ckpt), path, *results, *(shards or ()), *([template] if template is not None else [])]
     out = check_out_dir(out, overwrite, inputs)
     all_results = [read_results(r) for r in results]  # a missing or foreign file fails before any work
+    measured_on = {tested_on(r) for r in all_results}
+    unknown = sorted(s for s in set_ids if s and s not in measured_on)
+    if unknown:
+        sets = ", ".join(sorted(measured_on)) or "none: no --results"
+        raise UserError(f"--datasets {unknown[0]}=...: no results file was measured on {unknown[0]!r} (sets: {sets})")
     checkpoint = read_checkpoint(path)
     trained = checkpoint.get("config") or {}
     if "task" in trained and "method" not in trained:
@@ -126,7 +135,8 @@ def export(
             all_results,
             name=name or out.name,
             license=license,
-            datasets=datasets,
+            datasets=[hub_id for _, hub_id in named],
+            set_ids=set_ids,
             folder=out,
             template=template,
         )

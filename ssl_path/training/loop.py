@@ -159,8 +159,7 @@ def train(
                 _stop_if_not_finite(out, step)
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
-                if optim_cfg.clip_grad > 0:
-                    nn.utils.clip_grad_norm_([p for p in task.parameters() if p.grad is not None], optim_cfg.clip_grad)
+                clip_gradients(task, optim_cfg.clip_grad)
                 optimizer.step()
                 task.after_optimizer_step()
             window_steps += 1
@@ -314,6 +313,16 @@ class _Skips:
         if (shard, key) not in self.seen:
             self.seen[(shard, key)] = reason
             self.unlisted.append((shard, key, reason))
+
+
+def clip_gradients(task: TrainingTask, max_norm: float) -> None:
+    """Clip the gradients of each of the task's :meth:`~TrainingTask.clip_groups` to ``max_norm`` (0: off)."""
+    if max_norm <= 0:
+        return
+    for params in task.clip_groups():
+        grads = [p for p in params if p.grad is not None]
+        if grads:
+            nn.utils.clip_grad_norm_(grads, max_norm)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -5,7 +5,8 @@ A task is an ``nn.Module``; the loop calls, in this order, every step:
 1. ``set_step(step) -> logs``: the task's own schedules (teacher momentum and temperature, say),
    pure functions of the step so that a resumed run recomputes them; the logs go to metrics.jsonl;
 2. ``forward(batch) -> {"loss": Tensor, **terms}``: every scalar term is logged and checked finite;
-3. backward, clipping, the optimiser step over :meth:`param_groups`;
+3. backward, clipping (each of :meth:`clip_groups` to its own norm), the optimiser step over
+   :meth:`param_groups`;
 4. ``after_optimizer_step()``: e.g. the EMA teacher update.
 
 Checkpoints store ``encoder_state(model_state)`` (:func:`ssl_path.encoder.state.encoder_state`),
@@ -43,6 +44,11 @@ class TrainingTask(nn.Module):
         """Optimiser groups: layer-wise lr decay over the trunk by default. A group may carry
         ``frozen_until`` (a step): its lr is 0 before it."""
         return param_groups(self, optim.layerwise_decay, optim.patch_embed_lr_mult)
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """The parameter sets whose gradients are clipped to ``optim.clip_grad``, each on its own norm;
+        all parameters as one set by default."""
+        return [list(self.parameters())]
 
     def after_optimizer_step(self) -> None:
         """Runs after every optimiser step (e.g. an EMA teacher update)."""

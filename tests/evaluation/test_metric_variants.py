@@ -46,9 +46,11 @@ def test_positive_f1_scores_the_rarer_class_whatever_the_readers_order():
     by_csv = classification_metrics((~atypical).astype(int), (~called).astype(int), classes=("atypical", "normal"))
     for m in (by_amibr, by_csv):
         assert m["positive_class"] == "atypical" and m["positive_f1"] == pytest.approx(truth_f1)
-    # neither true nor predicted: no F1, not 0
-    none = classification_metrics(np.zeros(5, int), np.zeros(5, int), classes=("normal", "atypical"))
-    assert none["positive_class"] == "atypical" and none["positive_f1"] is None
+    # a test set of one class: that class is scored (an absent one would have no F1)
+    only = classification_metrics(np.ones(5, int), np.ones(5, int), classes=("normal", "atypical"))
+    assert only["positive_class"] == "atypical" and only["positive_f1"] == 1.0
+    only = classification_metrics(np.zeros(5, int), np.zeros(5, int), classes=("atypical", "normal"))
+    assert only["positive_class"] == "atypical" and only["positive_f1"] == 1.0
 
 
 def test_macro_f1_averages_the_classes_tested_or_predicted():

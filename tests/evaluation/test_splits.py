@@ -34,7 +34,10 @@ def test_held_out_folds_come_as_near_the_share_asked_for_as_whole_folds_allow():
     assert held_out_folds(0.3, 40) == (10, 3) and held_out_folds(0.4, 40) == (5, 2)
     assert held_out_folds(0.8, 40) == (5, 4) and held_out_folds(0.9, 40) == (10, 9)
     assert held_out_folds(0.33, 88) == (3, 1)  # within a point: 29 of 88 one-slide folds would be worse
-    assert held_out_folds(0.2, 3) == (3, 1) and held_out_folds(0.8, 3) == (3, 2)  # never more folds than groups
+    assert held_out_folds(0.2, 3) == (3, 1) and held_out_folds(0.8, 3) == (2, 1)  # never more folds than groups
+    # small sets: no folds of fewer than 4 groups, beyond one fold of about the share (3 of 10 folds
+    # of 12 slides held out 50 % for 0.3, sklearn filling the first folds most)
+    assert held_out_folds(0.3, 12) == (3, 1) and held_out_folds(0.35, 20) == (3, 1)
 
 
 @pytest.mark.parametrize("fraction", [0.3, 0.4, 0.6, 0.8])
@@ -46,6 +49,15 @@ def test_group_split_holds_out_the_share_asked_for_in_stratified_whole_groups(fr
     assert not {groups[i] for i in train} & {groups[i] for i in test}
     assert sorted([*train, *test]) == list(range(600))
     assert np.bincount(np.asarray(labels)[test]) / len(test) == pytest.approx([1 / 3] * 3, abs=0.05)
+
+
+def test_group_split_of_a_small_real_cohort_stays_near_the_request(shared_data):
+    """12 AMi-Br slides of 2 to 22 patches: folds of 1-2 slides (10 for 0.3) held out about 50 %."""
+    data = read_spec(f"amibr:{shared_data / 'amibr_midog21'}")
+    labels, groups = np.asarray(data.targets()), np.asarray([r.group for r in data.records])
+    keep = np.isin(groups, sorted(set(groups))[:12])
+    shares = [len(group_split(labels[keep], groups[keep], 0.3, seed)[1]) / keep.sum() for seed in range(10)]
+    assert np.mean(shares) == pytest.approx(0.3, abs=0.05) and max(shares) < 0.4
 
 
 def test_group_split_of_real_amibr_slides_follows_the_request(shared_data):
@@ -142,10 +154,10 @@ def test_linear_split_by_group_never_shares_a_slide(both_scanners, tmp_path):
     assert split["train_groups"] >= 1 and split["test_groups"] >= 1
     assert row["n"] < 22
     # the share asked for and the one whole slides gave (1 of 3 folds of the 5 slides), both named
-    assert split["requested_test_fraction"] == 0.3 and split["test_fraction"] == pytest.approx(row["n"] / 22)
-    assert split["requested_val_fraction"] == 0.2
+    assert split["test_fraction"] == 0.3 and split["test_share"] == pytest.approx(row["n"] / 22)
+    assert results["config"]["val_fraction"] == 0.2
     assert evaluation_tables([results])[0]["images"] == f"{22 - row['n']} training and {row['n']} test images"
-    assert split["val_fraction"] == row["val_fraction"] == pytest.approx(row["n_val"] / (row["n_fit"] + row["n_val"]))
+    assert split["val_share"] == row["val_share"] == pytest.approx(row["n_val"] / (row["n_fit"] + row["n_val"]))
 
 
 def test_fewshot_leave_one_scanner_out_draws_curves_per_scanner(both_scanners, tmp_path):

@@ -19,6 +19,7 @@ from ssl_path.core.errors import run_cli
 from ssl_path.encoder.checkpoint import read_training_checkpoint
 from ssl_path.encoder.identity import encoder_hash
 from ssl_path.evaluation.results import read_results
+from ssl_path.publish.card import evaluation_tables
 
 SMALL = ["classify.input_size=32", "train.batch_size=16", "train.num_workers=0", "--no-progress"]
 
@@ -57,6 +58,12 @@ def test_fractions_and_seeds_give_one_row_per_fraction_with_its_spread(amibr_sma
     assert one["split"]["n_train"] < full["split"]["n_train"]
     # Every run of the command is scored on the same test images, carved once.
     assert one["dataset"]["n_test"] == full["dataset"]["n_test"] == results["dataset"]["n_test"]
+    # but each fraction trained on its own share: no one training count, the card gives each run's
+    assert results["dataset"]["n_train"] is None
+    images = evaluation_tables([results])[0]["images"]
+    for run in (one, full):
+        assert f"{run['dataset']['n_train']} training and {run['dataset']['n_test']} test images" in images
+    assert "fraction_0.25/seed_0, fraction_0.25/seed_1:" in images
     assert run_cli(classify.main, argv) == 2  # finished: never trained again over itself
 
 

@@ -22,6 +22,7 @@ from finetune.detectors import build_detector
 from ssl_path.core.errors import run_cli
 from ssl_path.data.readers import Box, LabelledSet, Point, Record, read_spec
 from ssl_path.evaluation.results import read_results
+from ssl_path.publish.card import evaluation_tables
 
 
 def small_bccd(sample_data: Path, out: Path, n: dict[str, int]) -> Path:
@@ -201,9 +202,9 @@ def test_a_carved_test_split_records_the_share_it_holds_out(sample_data):
     """Whole slides hold out about the share asked for: results name both (0.4 was 0.5 before)."""
     data = read_spec(f"amibr:{sample_data / 'amibr'}")
     _, _, tests, split = split_sets(data, None, 0.2, seed=0, test_fraction=0.4)
-    assert split["requested_test_fraction"] == 0.4
-    assert split["test_fraction"] == len(tests["test"]) / len(data)
-    assert abs(split["test_fraction"] - 0.4) < 0.02
+    assert split["test_fraction"] == 0.4
+    assert split["test_share"] == len(tests["test"]) / len(data)
+    assert abs(split["test_share"] - 0.4) < 0.02
     assert not {r.group for r in tests["test"]} & {r.group for r in data.records if r not in tests["test"].records}
 
 
@@ -348,4 +349,6 @@ def test_leave_one_domain_out_tests_each_organ_on_a_detector_trained_without_it(
         assert results["dataset"]["runs"][run]["test"].endswith(f"domain={organ}")  # tested on that organ alone
         assert read_results(out / run / "results.json")["dataset"]["n_test"] == 2
         assert 0 <= results["metrics"][f"{run}/all"]["f1"] <= 1
+        assert run in evaluation_tables([results])[0]["images"]  # the card: each run's own counts
+    assert results["dataset"]["n_train"] is None and results["dataset"]["n_test"] is None
     assert run_cli(detect.main, argv) == 2  # a finished series is never trained again

@@ -112,6 +112,33 @@ def test_head_lr_multiplier_scales_the_heads_alone_and_the_reference_keeps_its_g
     assert frozen and all(g["tag"] == "last_layer" for g in frozen)
 
 
+def test_each_student_part_is_clipped_on_its_own_norm(tiles):
+    """DINOv2 clips the backbone, the DINO head and the iBOT head each to clip_grad: one global norm,
+    dominated by the backbone's, would scale the heads' gradients down with it."""
+    from ssl_path.methods import methods
+    from ssl_path.training.loop import clip_gradients
+
+    cfg = resolve_config("dinov2_tiny_cpu", [*TINY, "dinov2.ibot_separate_head=true"])
+    method = methods()["dinov2"].build(cfg.method_cfg, cfg.model, cfg.train, 0, torch.device("cpu"))
+    batch = next(iter(shard_loader(tiles, "train", 4, method.data_transform(), method.collate_fn(), seed=0)))
+    method.set_step(0)
+    method(batch)["loss"].backward()
+    parts = method.student
+    assert set(parts) == {"backbone", "dino_head", "ibot_head"}
+
+    def norm(part: str) -> float:
+        return torch.cat([p.grad.flatten() for p in parts[part].parameters() if p.grad is not None]).norm().item()
+
+    before = {part: norm(part) for part in parts}
+    limit = before["dino_head"] * 1.5  # above one head's norm, below the backbone's and the whole's
+    assert before["backbone"] > limit
+    clip_gradients(method, limit)
+    after = {part: norm(part) for part in parts}
+    assert after["backbone"] == pytest.approx(limit, rel=1e-4)
+    assert after["dino_head"] == pytest.approx(before["dino_head"], rel=1e-6)  # under the limit: untouched
+    assert after["ibot_head"] == pytest.approx(min(before["ibot_head"], limit), rel=1e-4)
+
+
 def test_same_seed_same_weights_other_seed_other_weights(tiles, tmp_path):
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):

@@ -265,8 +265,11 @@ def test_cli_writes_results_and_curves(specs, tmp_path, capsys):
     assert set(results["metrics"]) == names
     row = results["metrics"]["shots_2/prototype"]
     assert row["n_train"] == [4, 4] and row["episodes"] == 3 and len(row["per_seed"]["balanced_accuracy"]) == 2
+    assert row["positive_class"] == "atypical"  # 2 of the 5 test patches: what positive_f1 scores
     assert all(len(row["per_seed"][score]) == 2 and f"{score}_ci95" in row for score in CLASSIFICATION_SCORES)
-    assert results["config"]["ci"] == fewshot.CI_BOOTSTRAP and row["bootstrap"]["unit"] == "group"
+    assert (
+        results["config"]["ci"] == fewshot.CI_BOOTSTRAP.format(units="groups") and row["bootstrap"]["unit"] == "group"
+    )
     assert results["metrics"]["shots_1/linear"]["c_selection"] == ["fixed", "fixed"]
     png = fewshot.curves_path(out)
     assert png.name == "results_curves.png"
@@ -283,7 +286,9 @@ def test_one_seed_labels_its_interval_the_test_bootstrap_alone(specs, tmp_path):
         assert row["balanced_accuracy_ci95"] == row["balanced_accuracy_ci95_test"]
     stated = [results["config"]["ci"], evaluation_tables([results])[0]["ci"]]  # results.json and the card
     assert all("bootstrap over test groups alone" in label and "t over seeds" not in label for label in stated)
-    assert fewshot.interval_label(5, 100) == fewshot.CI_BOOTSTRAP and fewshot.interval_label(5, 0) == fewshot.CI_SEEDS
+    assert fewshot.interval_label(5, 100) == fewshot.CI_BOOTSTRAP.format(units="groups")
+    assert fewshot.interval_label(5, 0) == fewshot.CI_SEEDS
+    assert "over test images" in fewshot.interval_label(5, 100, "images")  # a set without groups
     assert fewshot.interval_label(1, 0) is None  # one seed and no redraws: no interval at all
 
 

@@ -32,6 +32,7 @@ from ssl_path.tiling import TilingParams, make_shards
 REPO = Path(__file__).resolve().parents[2]
 REPO_ID = "path-lab/tiny-dinov2"
 HUB_DATASET = "path-lab/amibr-midog21-patches"
+EVAL_DATASET = "path-lab/amibr-test-slides"  # the Hub id of the set the probes were measured on
 TOKEN = "hf_sslpathTestTokenThatMustNeverBeShown"
 SECTIONS = (
     "## Intended use and limits",
@@ -108,6 +109,7 @@ def exported(trained) -> Path:
         "cc-by-4.0",
         "--datasets",
         HUB_DATASET,
+        f"amibr={EVAL_DATASET}",
         "--results",
         *map(str, trained["results"]),
     ]
@@ -187,9 +189,11 @@ def test_card_front_matter_parses_and_holds_every_score(exported, trained):
     assert data.pipeline_tag == "image-feature-extraction" and data.model_name == REPO_ID
     assert {"pathology", "histology", "self-supervised", "dinov2"} <= set(data.tags)
     # Hub ids alone: the Hub links each, so a local folder name would point at a stranger's dataset
-    assert data.datasets == [HUB_DATASET]
+    assert data.datasets == [HUB_DATASET, EVAL_DATASET]
     assert f"(https://huggingface.co/datasets/{HUB_DATASET})" in card.text
     assert "| amibr |" in card.text  # the source folders are in the card's own table
+    # the model-index names the set by the Hub id given for it, and by its own name as the pretty name
+    assert {(r.dataset_type, r.dataset_name) for r in data.eval_results} == {(EVAL_DATASET, "amibr")}
     index = {(r.metric_config, r.metric_type): r.metric_value for r in data.eval_results}
     expected = {}
     for path in trained["results"]:
@@ -238,6 +242,7 @@ def test_card_takes_each_evaluation_task_title_and_scores_from_its_results_file(
     }
     assert f"### {title} on amibr" in card.text and knn.TITLE not in card.text
     assert card.data.datasets is None and "Datasets on the Hub" not in card.text  # no --datasets: none claimed
+    assert {r.dataset_type for r in card.data.eval_results} == {"amibr"}  # unnamed: the set's own name
     assert "0.810" in card.text and "n/a" in card.text  # the cell row has no IoU
 
 
@@ -247,6 +252,7 @@ def test_card_shows_detection_scores_and_marks_a_lower_is_better_column(trained,
         "all": {"map": 0.235, "map_50": 0.478, "map_75": 0.211, "precision": 0.446, "recall": 0.514, "f1": 0.478},
         "class/WBC": {"ap": 0.531, "ap_50": 1.0, "precision": 0.455, "recall": 0.833, "f1": 0.588, "n_truth": 6},
     }
+    masks = {"all": {"map": 0.3, "f1": 0.6, "mask_map": 0.25, "mask_map_50": 0.5, "aji": 0.41, "object_f1": 0.7}}
     detected = write_results(
         tmp_path / "detect.json",
         {**results, "task": "detection", "title": "ViTDet-style detector", "probe": "finetune.detect",
@@ -257,8 +263,13 @@ def test_card_shows_detection_scores_and_marks_a_lower_is_better_column(trained,
         {**results, "task": "segmentation", "title": "U-Net", "probe": "finetune.segment",
          "metrics": {"gland": {"dice": 0.8, "object_hausdorff": 41.5}}},
     )  # fmt: skip
+    masked = write_results(
+        tmp_path / "maskrcnn.json",
+        {**results, "task": "detection", "title": "Mask R-CNN", "probe": "finetune.maskrcnn", "metrics": masks},
+    )
     out = tmp_path / "export"
-    argv = ["export", "--ckpt", str(trained["run"]), "--out", str(out), "--results", str(detected), str(segmented)]
+    argv = ["export", "--ckpt", str(trained["run"]), "--out", str(out), "--results", str(detected), str(segmented),
+            str(masked)]  # fmt: skip
     assert run_cli(hub.main, argv) == 0
     card = ModelCard.load(out / "README.md")
     index = {(r.metric_config, r.metric_type): r.metric_value for r in card.data.eval_results}
@@ -268,6 +279,8 @@ def test_card_shows_detection_scores_and_marks_a_lower_is_better_column(trained,
     assert "| row | map | map_50 | map_75 | ap | ap_50 | precision | recall | f1 |" in card.text
     assert "| all | 0.235 | 0.478 | 0.211 | n/a | n/a | 0.446 | 0.514 | 0.478 |" in card.text
     assert "| row | dice | object_hausdorff (lower is better) |" in card.text
+    assert "| row | map | f1 | mask_map | mask_map_50 | aji | object_f1 |" in card.text  # Mask R-CNN's too
+    assert index[("finetune.maskrcnn/all", "aji")] == 0.41
 
 
 def test_export_is_method_agnostic(sample_data, tmp_path):
@@ -329,8 +342,11 @@ def test_bad_results_checkpoint_or_out_fail_in_one_line(trained, exported, tmp_p
     _one_line_error(capsys, "nowhere")
     assert run_cli(hub.main, [*base, "--name", "not a repo!"]) == 2
     _one_line_error(capsys, "--name")
-    assert run_cli(hub.main, [*base, "--datasets", HUB_DATASET, "../shared/data/amibr"]) == 2
-    _one_line_error(capsys, "--datasets", "../shared/data/amibr")
+    for local in ("../shared/data/amibr", "amibr"):  # a path, or a folder's bare name, is no Hub dataset
+        assert run_cli(hub.main, [*base, "--datasets", HUB_DATASET, local]) == 2
+        _one_line_error(capsys, "--datasets", repr(local))
+    assert run_cli(hub.main, [*base, "--datasets", "midog=path-lab/midog"]) == 2  # no results of that set
+    _one_line_error(capsys, "--datasets midog=", "no results file was measured on 'midog'")
     before = {p.name: p.stat().st_mtime_ns for p in exported.iterdir()}
     assert run_cli(hub.main, ["export", "--ckpt", str(trained["run"]), "--out", str(exported)]) == 2
     _one_line_error(capsys, "--overwrite")
