@@ -102,6 +102,7 @@ from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path
 from ssl_path.evaluation.bootstrap import (
     DEFAULT_RESAMPLES,
+    UNIT_WORDS,
     Resamples,
     combined_interval,
     percentile_interval,
@@ -255,8 +256,8 @@ def interval_label(n_seeds: int, n_resamples: int, units: str = "groups") -> str
 
 
 def _redrawn_units(rows: dict[str, dict[str, Any]]) -> str:
-    kinds = {r["bootstrap"]["unit"] for r in rows.values() if r.get("bootstrap")}
-    return {frozenset({"group"}): "groups", frozenset({"tile"}): "images"}.get(frozenset(kinds), "groups or images")
+    words = {UNIT_WORDS[r["bootstrap"]["unit"]] for r in rows.values() if r.get("bootstrap")}
+    return " or ".join(sorted(words)) or UNIT_WORDS["group"]
 
 
 # ----------------------------------------------------------------------------- the curves

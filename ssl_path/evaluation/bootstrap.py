@@ -41,6 +41,7 @@ from ssl_path.evaluation.stats import CONFIDENCE
 
 __all__ = [
     "DEFAULT_RESAMPLES",
+    "UNIT_WORDS",
     "Resamples",
     "resamples",
     "resampled_scores",
@@ -53,6 +54,8 @@ __all__ = [
 ]
 
 DEFAULT_RESAMPLES = 1000
+# What a redraw draws (:meth:`Resamples.describe`'s unit), as prose names it.
+UNIT_WORDS = {"group": "groups", "tile": "images"}
 # Redraw-by-tile weights held in memory at once (float64): 32 MB, whatever the test set's size.
 _CHUNK_CELLS = 4_000_000
 

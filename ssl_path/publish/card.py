@@ -32,6 +32,7 @@ from ssl_path.core.config import dump_yaml
 from ssl_path.core.errors import UserError, first_line
 from ssl_path.data.readers.spec import parse_spec
 from ssl_path.encoder import EncoderInfo
+from ssl_path.evaluation.bootstrap import UNIT_WORDS
 from ssl_path.evaluation.metrics import LOWER_IS_BETTER, TASK_SCORES
 from ssl_path.methods import methods
 from ssl_path.publish.records import TrainingRecord
@@ -181,7 +182,8 @@ def _ci_method(results: dict[str, Any]) -> str:
         return re.sub(r"^95 ?%:? *", "", stated)  # the template says 95 % already
     boot = next((r["bootstrap"] for _, r in _rows(results) if isinstance(r.get("bootstrap"), dict)), None)
     if boot:
-        return f"percentile bootstrap over the {boot.get('n_units')} test {boot.get('unit')}s, {boot.get('resamples')} resamples"
+        units = UNIT_WORDS.get(boot.get("unit"), boot.get("unit"))
+        return f"percentile bootstrap over the {boot.get('n_units')} test {units}, {boot.get('resamples')} resamples"
     return "over seeds"
 
 
@@ -250,13 +252,14 @@ def build_card(
     """
     method = methods().get(record.method or "")
     facts = method.method if method else None
+    datasets = list(dict.fromkeys(datasets))
     card_data = ModelCardData(
         model_name=name,
         library_name="timm",
         license=license,
         pipeline_tag=PIPELINE_TAG,
         tags=[*BASE_TAGS, *([record.method] if record.method else [])],
-        datasets=list(dict.fromkeys(datasets)) or None,
+        datasets=datasets or None,
         metrics=[
             s
             for s in dict.fromkeys(s for scores in TASK_SCORES.values() for s in scores)
@@ -281,7 +284,7 @@ def build_card(
         "hours": record.wall_time_s / 3600 if record.wall_time_s is not None else None,
         "config_yaml": dump_yaml(record.config).rstrip() if record.config else None,
         "tables": evaluation_tables(all_results),
-        "datasets": list(dict.fromkeys(datasets)),
+        "datasets": datasets,
         "slug": _slug(name),
         "year": datetime.now(timezone.utc).year,
         "ssl_path_version": ssl_path.__version__,

@@ -85,7 +85,7 @@ def export(
     out = check_out_dir(out, overwrite, inputs)
     all_results = [read_results(r) for r in results]  # a missing or foreign file fails before any work
     measured_on = {tested_on(r) for r in all_results}
-    unknown = sorted(s for s in set_ids if s and s not in measured_on)
+    unknown = sorted(s for s in set_ids if s not in measured_on)
     if unknown:
         sets = ", ".join(sorted(measured_on)) or "none: no --results"
         raise UserError(f"--datasets {unknown[0]}=...: no results file was measured on {unknown[0]!r} (sets: {sets})")
