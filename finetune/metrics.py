@@ -89,8 +89,9 @@ def pixel_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     pred, truth = _as_mask(pred, "pred"), _as_mask(truth, "truth")
     if pred.shape != truth.shape or pred.ndim != 2:
         raise ValueError(f"pred and truth must be [H, W] masks of one shape: {pred.shape}, {truth.shape}")
-    p = torch.from_numpy(pred[None, None].astype(np.float32))  # [B=1, C=1, H, W]
-    t = torch.from_numpy(truth[None, None].astype(np.float32))
+    # float64: float32 would write 0.6000000238418579 for 12 / 20 into results.json
+    p = torch.from_numpy(pred[None, None].astype(np.float64))  # [B=1, C=1, H, W]
+    t = torch.from_numpy(truth[None, None].astype(np.float64))
     dice = compute_dice(p, t, include_background=True, ignore_empty=False)
     iou = compute_iou(p, t, include_background=True, ignore_empty=False)
     return {"dice": float(dice.item()), "iou": float(iou.item())}

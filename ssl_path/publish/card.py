@@ -76,9 +76,30 @@ def _score(row: dict[str, Any], name: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _split_label(results: dict[str, Any]) -> str:
+# How a file's train and test parts were chosen (its ``split.method``), as the card's table titles say it.
+SPLIT_WORDS = {
+    "group": "held-out groups",
+    "given": "a separate test set",
+    "named": "its published test splits",
+    "leave-one-domain-out": "each domain held out in turn",
+    "fractions": "each label fraction on the same test set",
+}
+
+
+def _split_words(results: dict[str, Any]) -> str:
     method = results["split"].get("method")
-    return str(method) if method else "test"
+    return SPLIT_WORDS.get(method, str(method)) if method else "test"
+
+
+def _split_name(results: dict[str, Any], row_name: str) -> str:
+    """The split a row was scored on, as the model-index names one: a published split's own name
+    (rows of several are keyed ``"<split>/<row>"``), else ``"test"``: every evaluation scores held-out data."""
+    split = results["split"]
+    if split.get("method") != "named":
+        return "test"
+    tests = [t for t in split.get("tests", []) if isinstance(t, str)]
+    prefix = row_name.split("/", 1)[0]
+    return prefix if prefix in tests else tests[0] if len(tests) == 1 else "test"
 
 
 def eval_results(all_results: Sequence[dict[str, Any]], set_ids: Mapping[str, str] = {}) -> list[EvalResult]:
@@ -99,7 +120,7 @@ def eval_results(all_results: Sequence[dict[str, Any]], set_ids: Mapping[str, st
                         task_name=results["title"],
                         dataset_type=set_ids.get(name, name),
                         dataset_name=name,
-                        dataset_split=_split_label(results),
+                        dataset_split=_split_name(results, row_name),
                         metric_type=score,
                         metric_name=f"{probe} {row_name} {score}",
                         metric_config=f"{probe}/{row_name}",
@@ -131,7 +152,7 @@ def evaluation_tables(all_results: Sequence[dict[str, Any]]) -> list[dict[str, A
         dataset = results["dataset"]
         tables.append(
             {
-                "title": f"{results['title']} on {tested_on(results)}, {_split_label(results)}",
+                "title": f"{results['title']} on {tested_on(results)}, {_split_words(results)}",
                 "probe": results["probe"],
                 "columns": ["row", *(f"{s} (lower is better)" if s in LOWER_IS_BETTER else s for s in scores)],
                 "rows": body,

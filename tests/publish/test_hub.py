@@ -217,7 +217,8 @@ def test_card_front_matter_parses_and_holds_every_score(exported, trained):
     assert re.search(r"shots_2/prototype \| [0-9.]+ \[[0-9.]+, [0-9.]+\]", text) and "t over seeds" in text
     assert "[95 % confidence interval: percentile bootstrap over the 2 test groups, 1000 resamples]" in text  # kNN's
     assert "95 % confidence interval: 95" not in text
-    assert f"### {knn.TITLE} on amibr, given" in text and f"### {fewshot.TITLE} on amibr" in text
+    assert f"### {knn.TITLE} on amibr, a separate test set" in text and f"### {fewshot.TITLE} on amibr" in text
+    assert {r.dataset_split for r in data.eval_results} == {"test"}  # a split's name, not how it was chosen
     assert "Oquab" in text  # the method's paper
 
 
@@ -244,6 +245,24 @@ def test_card_takes_each_evaluation_task_title_and_scores_from_its_results_file(
     assert card.data.datasets is None and "Datasets on the Hub" not in card.text  # no --datasets: none claimed
     assert {r.dataset_type for r in card.data.eval_results} == {"amibr"}  # unnamed: the set's own name
     assert "0.810" in card.text and "n/a" in card.text  # the cell row has no IoU
+
+
+def test_card_names_the_published_split_each_row_was_scored_on(trained, tmp_path):
+    results = read_results(trained["results"][0])
+    rows = {"testA/gland": {"dice": 0.81}, "testB/gland": {"dice": 0.77}}
+    named = write_results(
+        tmp_path / "glas.json",
+        {**results, "task": "segmentation", "title": "U-Net", "metrics": rows,
+         "split": {"method": "named", "source": "glas:/data/glas", "tests": ["testA", "testB"]}},
+    )  # fmt: skip
+    out = tmp_path / "export"
+    assert run_cli(hub.main, ["export", "--ckpt", str(trained["run"]), "--out", str(out), "--results", str(named)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert {(r.metric_config, r.dataset_split) for r in card.data.eval_results} == {
+        (f"{results['probe']}/testA/gland", "testA"),
+        (f"{results['probe']}/testB/gland", "testB"),
+    }
+    assert "### U-Net on amibr, its published test splits" in card.text
 
 
 def test_card_shows_detection_scores_and_marks_a_lower_is_better_column(trained, tmp_path):
