@@ -35,6 +35,7 @@ from torch import nn
 from finetune import stage
 from finetune.config import resolve_config
 from finetune.data import class_balanced_weights
+from ssl_path.core.cli import Parser
 from ssl_path.core.errors import ConfigError, UserError, run_cli
 from ssl_path.core.io import atomic_path
 from ssl_path.data.labelled import LabelledImages
@@ -349,13 +350,21 @@ def plot_curve(rows: dict[str, dict[str, Any]], path: Path, title: str = "") -> 
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> Parser:
     parser = stage.build_parser(HEAD)
     parser.add_argument(
         "--fractions", type=float, nargs="+", help="label fractions of the training part, e.g. 0.01 0.1 1"
     )
     parser.add_argument("--seeds", type=int, help="seeds per fraction, from the config's seed on (default 1)")
-    args = stage.parse_arguments(parser, argv)
+    return parser
+
+
+def check_command(argv: Sequence[str] | None = None) -> None:
+    stage.check_command(HEAD, build_parser(), argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = stage.parse_arguments(build_parser(), argv)
     request = stage.request_from(HEAD, args)
     if args.fractions is None and args.seeds is None:
         return stage.run(HEAD, request)

@@ -65,6 +65,7 @@ from finetune.detectors import HEADS, anchor_sizes, build_detector
 from finetune.metrics import instance_metrics, instances
 from finetune.segment import mask_value_list
 from finetune.windows import guided_crop, merge_windows, windows
+from ssl_path.core.cli import Parser
 from ssl_path.core.errors import ConfigError, UserError, run_cli
 from ssl_path.core.io import atomic_path, write_json
 from ssl_path.data.images import as_rgb_tensor
@@ -712,7 +713,7 @@ HEAD = stage.Head(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> Parser:
     parser = stage.build_parser(HEAD)
     parser.add_argument("--head", choices=HEADS, help="detector (= detect.head=...; default: the config's)")
     parser.add_argument("--fractions", type=float, nargs="+", help="shares of the training images, a run each")
@@ -721,7 +722,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="a run per domain of --train (scanner, site): trained on the others, tested on it",
     )
-    args = stage.parse_arguments(parser, argv)
+    return parser
+
+
+def check_command(argv: Sequence[str] | None = None) -> None:
+    stage.check_command(HEAD, build_parser(), argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = stage.parse_arguments(build_parser(), argv)
     series = args.fractions is not None or args.leave_one_domain_out
     if args.eval is not None and (args.head or series):
         raise UserError("--eval scores one trained run as it is: drop --head, --fractions and --leave-one-domain-out")

@@ -493,6 +493,10 @@ HEAD = stage.Head(
 )
 
 
+def check_command(argv: Sequence[str] | None = None) -> None:
+    stage.check_command(HEAD, stage.build_parser(HEAD), argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return stage.main(HEAD, argv)
 

@@ -35,7 +35,7 @@ from torch import nn
 from finetune.config import INPUTS, FinetuneConfig, resolve_config
 from finetune.data import batch_layout, epoch_stream, split_sets
 from finetune.task import VALIDATION_LOG, VALIDATION_PNG, HeadTask, best_path, fit, load_best, load_encoder
-from ssl_path.core.cli import add_out, add_overwrite, add_progress, make_parser, resolve_device
+from ssl_path.core.cli import Parser, add_out, add_overwrite, add_progress, make_parser, resolve_device
 from ssl_path.core.config import dump_yaml, read_yaml
 from ssl_path.core.distributed import barrier, from_rank_0, init_distributed
 from ssl_path.core.errors import UserError, run_cli
@@ -94,7 +94,7 @@ class Request:
     split_seed: int | None = None  # the seed of the test and validation splits (default: the config's)
 
 
-def build_parser(head: Head):
+def build_parser(head: Head) -> Parser:
     parser = make_parser(
         f"python -m finetune.{head.name}",
         f"{head.title}: train a head on an encoder, or score a trained one (--eval) on another labelled set.",
@@ -130,6 +130,14 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
         raise UserError(f"{parser.prog}: unrecognized arguments: {' '.join(flags)} (see --help)")
     args.overrides = [*args.overrides, *extra]
     return args
+
+
+def check_command(head: Head, parser: Parser, argv: Sequence[str] | None) -> None:
+    """Refuse what a run of ``argv`` would refuse before it reads any data: its flags, and the config
+    with its overrides. ``slurm.launch`` calls it (through each stage's own) before it submits a job."""
+    request = request_from(head, parse_arguments(parser, argv))
+    if request.evaluate is None:
+        resolve_config(request.config, head.name, head.config, request.overrides)
 
 
 def request_from(head: Head, args: argparse.Namespace) -> Request:
@@ -270,6 +278,10 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
     rows, skipped = {}, _training_skips(out) + [(p, r) for p, r in best.get("skipped", [])]
     for name, test_set in tests.items():
         scored, missed = head.evaluate(cfg.head, task, test_set, selection, out, name)
+        # the trained run is kept: once the images are fixed, the same command scores it again
+        check_test_skips(
+            test_set, missed, cfg, "; the trained run is kept: fix or drop them and run the same command again"
+        )
         rows.update({f"{name}/{key}" if len(tests) > 1 else key: row for key, row in scored.items()})
         skipped += missed
     encoder = {"ref": request.ckpt, "hash": trained_from}
@@ -278,6 +290,22 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
     print_scores(rows)
     print(f"wrote {out / RESULTS}")
     return results
+
+
+def check_test_skips(
+    test: LabelledSet, skipped: Sequence[tuple[str, str]], cfg: FinetuneConfig, then: str = ""
+) -> None:
+    """Say which of a test set's images could not be read and were left out of its scores, and refuse
+    the scores where more were than the run allows of its training images (``train.max_skipped_fraction``,
+    1 % unless the run was told otherwise: the probes' bound)."""
+    if not skipped:
+        return
+    count, (path, reason) = len(dict.fromkeys(p for p, _ in skipped)), skipped[0]
+    told = f"{test.name}: {count} of {len(test)} test images cannot be read"
+    bound = cfg.train.max_skipped_fraction
+    if count > bound * len(test):
+        raise UserError(f"{told}, more than train.max_skipped_fraction={bound} of them; first {path}: {reason}{then}")
+    print(f"warning: {told} and are left out of its scores; first {path}: {reason}", file=sys.stderr)
 
 
 def _refuse_another_encoder(out: Path, ckpt: str, trained_from: str) -> None:
@@ -323,6 +351,8 @@ def load_trained(head: Head, run_dir: Path) -> tuple[FinetuneConfig, HeadTask, d
         raise UserError(f"{run_dir}: no such run directory")
     if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"{run_dir} is not a {head.name} run (no {CONFIG_FILE})")
+    if head.name not in read_yaml(run_dir / CONFIG_FILE):  # a pretraining run, or another head's
+        raise UserError(f"{run_dir} is not a finetune.{head.name} run (its {CONFIG_FILE} has no {head.name} section)")
     if not (run_dir / SELECTION).is_file():
         raise UserError(f"{run_dir} has not finished training (no {SELECTION}); its training command resumes it")
     cfg = resolve_config(run_dir / CONFIG_FILE, head.name, head.config, (), saved=True)
@@ -347,6 +377,7 @@ def eval_run(head: Head, request: Request) -> dict[str, Any]:
     test = read_spec(request.test)
     head.check(cfg.head, test, "--test")
     rows, skipped = head.evaluate(cfg.head, task, test, selection, None, "test")
+    check_test_skips(test, skipped, cfg)
     print_scores(rows)
     if request.out is None:
         return {}

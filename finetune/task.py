@@ -222,12 +222,14 @@ def fit(
     every = max(1, int(round(select.val_every * train_cfg.steps_per_epoch)))
     history = _resumed_history(run_dir)
     step = history[-1]["step"] if history else 0
+    started = step
     while step < end and not _patience_spent(history, select.patience, score_key):
         # Rounds end at multiples of ``every`` and at the last step, whatever --max-steps says, so a
         # paused run validates where an uninterrupted one does.
         target = min(total, (step // every + 1) * every)
+        # only the first round may resume a run saved by another command; the others continue this one
         train(task, stream, run_dir, optim, train_cfg, config, dist_info, max_steps=min(target, end),
-              progress=progress, desc=task.name, skipped_key=SKIPPED)  # fmt: skip
+              progress=progress, desc=task.name, skipped_key=SKIPPED, announce_resume=step == started)  # fmt: skip
         if target > end:
             return None  # paused (--max-steps) within a round
         task.eval()

@@ -45,6 +45,7 @@ corrected. Rows carry bootstrap CIs and, with ``--compare``, paired differences 
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -149,6 +150,9 @@ def validation_split(
     if any(g is not None for g in groups) and n_groups >= 2:
         fit, val = grouped_holdout(labels, ids, val_fraction, seed)
         return fit, val, True
+    n_val = math.ceil(val_fraction * len(rows))  # as train_test_split rounds it
+    if not 0 < n_val < len(rows):  # train_test_split would refuse it in a paragraph: the caller says it in a line
+        return (rows[:0], rows, False) if n_val else (rows, rows[:0], False)
     counts = np.bincount(labels)[np.unique(labels)]
     stratify = labels if len(counts) > 1 and counts.min() >= 2 else None
     try:

@@ -145,11 +145,11 @@ def parse_commands(rest: list[str] | None) -> list[Command]:
 
 
 def check_commands(commands: Sequence[Command]) -> None:
-    """Each module is a stage, and its arguments pass the stage's own ``check`` where it has one, or
-    else its parser (``build_parser()``: flags, their types and choices) where it has that."""
+    """Each module is a stage, and its arguments pass the stage's own ``check_command(argv)`` where it
+    has one, or else its parser (``build_parser()``: flags, their types and choices) where it has that."""
     for command in commands:
         module = stage_module(command.module)
-        check = getattr(module, "check", None)
+        check = getattr(module, "check_command", None)
         build_parser = getattr(module, "build_parser", None)
         try:
             if callable(check):
@@ -158,6 +158,24 @@ def check_commands(commands: Sequence[Command]) -> None:
                 build_parser().parse_args(list(command.argv))
         except UserError as err:
             raise UserError(f"{command.module}: {err}") from None
+
+
+def check_outputs(commands: Sequence[Command], logs: Path) -> None:
+    """No two jobs write one place: the commands of an array each have their own ``--out``, and
+    submitit's logs lie in none of them (a run dir that holds them is not a run dir to the stage)."""
+    if logs.exists() and not logs.is_dir():
+        raise UserError(f"--logs {logs} is a file; name a folder")
+    where = logs.expanduser().resolve()
+    seen: dict[Path, Command] = {}
+    for command in commands:
+        if command.out is None:
+            continue
+        out = Path(command.out).expanduser().resolve()
+        if out in seen:
+            raise UserError(f"--out {command.out} is named by two commands; each job of an array needs its own")
+        seen[out] = command
+        if where == out or out in where.parents:
+            raise UserError(f"--logs {logs} lies in {command.module}'s --out {command.out}; put the logs elsewhere")
 
 
 def _parser() -> Parser:
@@ -219,6 +237,7 @@ def parse_request(argv: Sequence[str]) -> tuple[Request, bool]:
     given = {name: getattr(args, name) for name in SLURM_ONLY if getattr(args, name) is not None}
     _check_cluster(cluster, args, len(commands), given)
     check_commands(commands)
+    check_outputs(commands, args.logs)
     if "mem_gb" in given:  # Slurm's --mem=0 is all of a node's memory
         mem = given.pop("mem_gb")
         given["mem"] = f"{mem}GB" if mem else "0"

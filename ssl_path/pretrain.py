@@ -302,7 +302,7 @@ def _arguments(argv: Sequence[str] | None) -> tuple[PretrainConfig, Any, Path, i
     return cfg, data if len(data) > 1 else data[0], args.out, args.max_steps, not args.no_progress
 
 
-def check(argv: Sequence[str] | None = None) -> None:
+def check_command(argv: Sequence[str] | None = None) -> None:
     """Refuse what ``main(argv)`` would refuse before it trains (arguments, config, data, run dir),
     building and writing nothing: ``slurm.launch`` calls it before it submits a job that would fail."""
     cfg, data, out, _, _ = _arguments(argv)

@@ -16,7 +16,7 @@ from ssl_path.core.cli import add_out, add_overwrite, make_parser
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import check_out_file
 from ssl_path.data.stain import METHODS
-from ssl_path.tiling.preview import find_images, render_preview
+from ssl_path.tiling.preview import find_images, read_images, render_preview
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out {args.out} must end in .png")
     check_out_file(args.out, args.overwrite, [args.data, args.reference])
-    images = find_images(args.data, args.rows)
+    images = read_images(find_images(args.data), args.rows, args.max_side)
     render_preview(images, args.reference, args.method, args.strength, args.out, args.max_side)
     print(f"wrote {args.out}")
     return 0

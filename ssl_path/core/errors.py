@@ -1,7 +1,8 @@
 """The one exception type for mistakes a user can make, and the CLI wrapper that reports it.
 
-A user error (missing file, wrong format, bad value) is one line on stderr and exit code 2;
-anything else is a bug and keeps its traceback. Ctrl-C is "interrupted" and exit code 130; a stage
+A user error (missing file, wrong format, bad value) is one line on stderr and exit code 2, and so
+is a path the system refuses (a read-only or foreign folder, a file where a folder must be made:
+:data:`PATH_REFUSED`); anything else is a bug and keeps its traceback. Ctrl-C is "interrupted" and exit code 130; a stage
 that cleans up on the way out runs under :func:`terminate_as_interrupt`, so that SIGTERM (Slurm,
 ``kill``) unwinds the same way and exits with 143.
 
@@ -13,13 +14,18 @@ it does at the next step that every rank agrees on, after saving it, by raising
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 EXIT_USER_ERROR = 2
+# What the system answers for a path the user named but may not use: fixed by another path or its permissions.
+PATH_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
 # sysexits' EX_TEMPFAIL: stopped on request with its state saved; the same command continues it.
 EXIT_STOPPED = 75
 
@@ -112,12 +118,29 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def path_refused(err: OSError, target: str | os.PathLike | None = None) -> str:
+    """The one line for an OSError of :data:`PATH_REFUSED`: the path (``target``, where the error names
+    a temporary file made for it), and what is wrong with it."""
+    path = Path(err.filename)
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):
+        # mkdir(parents=True) names the file it found, or the path below it: name the file either way
+        found = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if found is not None:
+            return f"{found} is a file where a folder is needed; choose another path"
+    return f"{target or path}: {err.strerror}; choose another path or fix its permissions"
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a stage's ``main``; turn a :class:`UserError` into one stderr line and exit code 2."""
     try:
         code = main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:
+        if err.errno not in PATH_REFUSED or not err.filename:
+            raise
+        print(f"error: {path_refused(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except StopRequested as stop:
         print(f"stopped: {stop}", file=sys.stderr)

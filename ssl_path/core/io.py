@@ -10,6 +10,8 @@
 - A full disk (or quota, or file-size limit) while writing is one :class:`DiskFullError` naming the
   file, raised by :func:`atomic_path` and :func:`atomic_dir` whatever did the writing (a tar
   writer, ``json``, PIL, ``torch.save``); the partial file is removed as for any other failure.
+- A place the system refuses (a read-only or foreign folder, a file where a folder is needed) is one
+  :class:`UserError` naming the output, not the temporary beside it (:func:`~ssl_path.core.errors.path_refused`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ssl_path.core.errors import UserError
+from ssl_path.core.errors import PATH_REFUSED, UserError, path_refused
 
 # Errors that mean "no room for this file": free space, quota, or RLIMIT_FSIZE / a file system's size cap.
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -50,7 +53,8 @@ class DiskFullError(UserError, OSError):
 def _no_room(err: BaseException) -> int | None:
     """The errno of a lack-of-room OSError that caused ``err``, if one did.
 
-    Writers wrap it: torch.save raises a RuntimeError whose context is the OSError of the write.
+    Writers wrap it: torch.save raises a RuntimeError whose context is the OSError of the write; a
+    writer in Rust (safetensors) raises its own error, whose message ends in Rust's "(os error 28)".
     """
     seen: set[int] = set()
     cause: BaseException | None = err
@@ -58,6 +62,9 @@ def _no_room(err: BaseException) -> int | None:
         seen.add(id(cause))
         if isinstance(cause, OSError) and cause.errno in NO_ROOM:
             return cause.errno
+        rust = re.search(r"\(os error (\d+)\)", str(cause))
+        if rust and int(rust.group(1)) in NO_ROOM:
+            return int(rust.group(1))
         cause = cause.__cause__ or cause.__context__
     return None
 
@@ -80,8 +87,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp_path: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as err:
+            if err.errno in PATH_REFUSED:
+                raise UserError(path_refused(err, path)) from None
+            raise
         os.close(fd)
         tmp_path = Path(tmp)
         make_public(tmp_path)
@@ -165,6 +177,8 @@ def atomic_dir(
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as err:
+        if err.errno in PATH_REFUSED:
+            raise UserError(path_refused(err, out)) from None
         code = _no_room(err)
         if code is None:
             raise

@@ -10,6 +10,8 @@ leaves the previous checkpoint whole; they are read with ``weights_only=True``.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ FORMAT = "ssl-path/checkpoint/v1"
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 SUFFIXES = (".pt", ".pth")
+# How a file torch.save wrote begins: its zip format (torch >= 1.6), or a pickle's protocol opcode (older)
+ZIP_START, PICKLE_START = b"PK\x03\x04", b"\x80"
 RUN_DIR_CHECKPOINT = Path(CHECKPOINT_DIR) / LAST
 
 
@@ -53,7 +57,23 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint file safely; a corrupt or truncated file is refused, naming it."""
     try:
+        with open(path, "rb") as f:
+            start = f.read(len(ZIP_START))
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror}") from None
+    if not (start == ZIP_START or start[:1] == PICKLE_START):
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a PyTorch file (neither its zip nor its pickle format)"
+        )
+    try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own line would suggest weights_only=False, which runs whatever code the file holds
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"a {unsafe.group(1)} object" if unsafe else "Python objects"
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it holds {what}, which a safe load (weights only) refuses"
+        ) from None
     except Exception as err:  # torch raises several unrelated types for a damaged file
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line(err)}") from None
     if not isinstance(checkpoint, dict):
@@ -74,4 +94,9 @@ def encoder_entry(checkpoint: dict[str, Any], path: str | os.PathLike) -> dict[s
     entry = checkpoint.get("encoder")
     if not isinstance(entry, dict) or not {"architecture", "state_dict"} <= entry.keys():
         raise CheckpointError(f"checkpoint {path} has no 'encoder' entry (was it written by ssl_path.pretrain?)")
+    for key in ("model_kwargs", "pretrained_cfg"):  # optional, but mappings where present
+        if not isinstance(entry.get(key, {}), dict):
+            raise CheckpointError(
+                f"checkpoint {path}: its encoder's {key} is {type(entry[key]).__name__}, not a mapping"
+            )
     return entry

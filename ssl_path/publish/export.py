@@ -74,7 +74,8 @@ def export(
     name that id: the Hub links both, and local folder names would link whatever dataset bears them.
     """
     if name is not None:
-        check_repo_id(name, "--name", with_org=False)
+        # org/name as push takes it: the card's hf-hub:NAME loads for others only with its owner in it
+        check_repo_id(name, "--name")
     named = [dataset.rpartition("=")[::2] for dataset in datasets]  # (the set's name or "", hub id)
     for _, hub_id in named:
         check_repo_id(hub_id, "--datasets")  # org/name: a bare name is more likely a local folder
@@ -159,11 +160,11 @@ def write_file_list(folder: Path) -> list[dict[str, Any]]:
     return files
 
 
-def check_repo_id(repo: str, flag: str, with_org: bool = True) -> None:
-    """``repo`` must be a Hub repo id: ``org/name``, or a bare name where ``with_org`` is False."""
+def check_repo_id(repo: str, flag: str) -> None:
+    """``repo`` must be a Hub repo id with its owner: ``org/name``."""
     try:
         validate_repo_id(repo)
     except HFValidationError as err:
         raise UserError(f"{flag} {repo!r} is not a Hub repo id (org/name): {first_line(err)}") from None
-    if with_org and repo.count("/") != 1:
+    if repo.count("/") != 1:
         raise UserError(f"{flag} {repo!r} must be org/name")

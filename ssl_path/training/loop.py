@@ -87,8 +87,10 @@ def train(
     desc: str = "train",
     skipped_key: str | None = None,
     skipped: Sequence[SkipRecord] = (),
+    announce_resume: bool = True,
 ) -> TrainingTask:
-    """Train ``task`` on ``stream`` into ``run_dir``, resuming from its last checkpoint.
+    """Train ``task`` on ``stream`` into ``run_dir``, resuming from its last checkpoint, which it
+    says unless told not to (``announce_resume``: a caller that trains round by round continues its run).
 
     ``config`` (the resolved run config) is stored in every checkpoint. ``max_steps`` stops early
     without changing the schedules, which always span ``cfg.total_steps``.
@@ -107,7 +109,7 @@ def train(
     optimizer = torch.optim.AdamW(task.param_groups(optim_cfg), lr=0.0, betas=optim_cfg.betas)
     total = cfg.total_steps
     end = min(total, max_steps) if max_steps is not None else total
-    start, wall_before = _resume(task, optimizer, run_dir, cfg, config, dist_info, device)
+    start, wall_before = _resume(task, optimizer, run_dir, cfg, config, dist_info, device, announce_resume)
     if start == 0 and dist_info.world_size > 1:
         # The model was built alike on every rank from the run's seed (FSDP2 broadcasts nothing); from
         # here on each rank draws its own DropPath and dropout, as dinov2 seeds seed + rank.
@@ -410,6 +412,7 @@ def _resume(
     config: dict[str, Any],
     dist_info: DistInfo,
     device: torch.device,
+    announce: bool = True,
 ) -> tuple[int, float]:
     path = checkpoint_path(run_dir)
     if not path.exists():
@@ -445,7 +448,7 @@ def _resume(
         module.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(optim_state)
     _set_rng_state(checkpoint["rng"], device, dist_info)
-    if dist_info.is_main:
+    if dist_info.is_main and announce:
         print(f"resuming {run_dir} at step {checkpoint['step']}", file=sys.stderr)
     return int(checkpoint["step"]), float(checkpoint.get("wall_time", 0.0))
 

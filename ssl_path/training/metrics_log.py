@@ -42,12 +42,16 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log: each line that is a JSON object. A line cut by a kill, or
+    edited into something else, is passed over; the rest stays readable."""
     records = []
     for line in Path(path).read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            continue  # a line cut by a kill; the rest stays readable
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
@@ -62,7 +66,7 @@ def plot_run(run_dir: Path) -> Path:
     metrics = run_dir / METRICS
     if not metrics.is_file():
         raise UserError(f"{run_dir}: no {METRICS} (is it a pretraining run directory?)")
-    records = read_metrics(metrics)
+    records = [r for r in read_metrics(metrics) if isinstance(r.get("step"), int)]
     if not records:
         raise UserError(f"{metrics}: no logged steps yet")
     steps = [r["step"] for r in records]

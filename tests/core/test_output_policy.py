@@ -48,6 +48,40 @@ def user_images(sample_data: Path, data: Path) -> Path:
     return data
 
 
+# ----------------------------------------------------------------------------- an output the system refuses
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only tmpfs (root only; as root, chmod would not stop a write); unmounted afterwards."""
+    where = tmp_path / "read_only"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); the file-below-a-file case runs")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def test_an_output_below_a_file_is_one_line_naming_the_file(sample_data, trained, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    images = ["--data", str(sample_data / AMIBR / "patches" / "normal"), "--tile-size", "64", "--min-tissue", "0"]
+    assert run_cli(shards.main, [*images, "--no-progress", "--out", str(notes / "shards")]) == 2
+    assert_one_line_error(capsys, f"{notes} is a file where a folder is needed")
+    assert run_cli(hub.main, ["export", "--ckpt", str(trained), "--out", str(notes / "export")]) == 2
+    assert_one_line_error(capsys, f"{notes} is a file where a folder is needed")
+    assert notes.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_output_in_a_read_only_folder_is_one_line_naming_it(sample_data, trained, read_only_folder, capsys):
+    images = ["--data", str(sample_data / AMIBR / "patches" / "normal"), "--tile-size", "64", "--min-tissue", "0"]
+    assert run_cli(shards.main, [*images, "--no-progress", "--out", str(read_only_folder / "shards")]) == 2
+    assert_one_line_error(capsys, f"{read_only_folder / 'shards'}: Read-only file system")
+    assert run_cli(hub.main, ["export", "--ckpt", str(trained), "--out", str(read_only_folder / "export")]) == 2
+    assert_one_line_error(capsys, f"{read_only_folder / 'export'}: Read-only file system")
+
+
 # ----------------------------------------------------------------------------- an output over an input
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,34 @@ def test_preview_writes_a_grid(sample_data: Path, reference_png: Path, tmp_path:
     assert grid.shape[1] > 2.5 * grid.shape[0]  # one row of five panels
     assert grid.std() > 20.0  # images, not a blank canvas
     assert run_cli(preview_main, args) == 2  # exists, no --overwrite
+
+
+def test_preview_skips_what_it_cannot_read_and_takes_the_next_image(
+    sample_data: Path, reference_png: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "images"
+    data.mkdir()
+    for i in range(3):
+        shutil.copy(sample_data / BCCD.replace("00000", f"0000{i}"), data / f"{i}.jpg")
+    (data / "0_cut.jpg").write_bytes((data / "0.jpg").read_bytes()[:400])  # sorts among the first
+    (data / "0_folder.png").mkdir()
+    out = tmp_path / "preview.png"
+    base = ["--reference", str(reference_png), "--strength", "1", "--max-side", "96"]
+    assert run_cli(preview_main, ["--data", str(data), "--rows", "2", *base, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: skipped") == 1 and "0_cut.jpg" in err and "0_folder" not in err
+    two_rows = np.asarray(Image.open(out)).shape
+    assert run_cli(preview_main, ["--data", str(data), "--rows", "1", *base, "--out", str(tmp_path / "one.png")]) == 0
+    assert two_rows[0] > 1.8 * np.asarray(Image.open(tmp_path / "one.png")).shape[0]  # two images shown, not one
+    for name in ("0.jpg", "1.jpg", "2.jpg"):
+        (data / name).unlink()
+    capsys.readouterr()
+    assert run_cli(preview_main, ["--data", str(data), *base, "--out", str(tmp_path / "none.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: none of the 1 images can be read; first cannot read image") and err.count("\n") == 1
+    image = str(sample_data / BCCD)
+    assert run_cli(preview_main, ["--data", image, "--reference", str(data), "--out", str(tmp_path / "r.png")]) == 2
+    assert f"--reference {data} is a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

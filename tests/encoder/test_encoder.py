@@ -109,11 +109,32 @@ def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
         encoder.load(path)
 
 
+class _NotWeights:
+    """What a safe (weights-only) load refuses: a Python object of the test's own."""
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_without_advising_an_unsafe_load(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello\n")
+    with pytest.raises(UserError, match="notes.pt: not a PyTorch file"):
+        encoder.load(text)
+    pickled = tmp_path / "objects.pt"
+    torch.save({"encoder": _NotWeights()}, pickled)
+    with pytest.raises(UserError, match=r"objects.pt: it holds a \S+_NotWeights object, which a safe load") as err:
+        encoder.load(pickled)
+    assert "weights_only" not in str(err.value) and "False" not in str(err.value)
+
+
 def test_checkpoint_without_encoder_entry_is_refused(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"model": {}}, path)
     with pytest.raises(UserError, match="no 'encoder' entry"):
         encoder.load(path)
+    entry = encoder.encoder_state(_trained_like(), "vit_small_patch16_224", TINY_VIT)
+    for key in ("pretrained_cfg", "model_kwargs"):
+        torch.save({"encoder": {**entry, key: None}}, path)
+        with pytest.raises(UserError, match=f"its encoder's {key} is NoneType, not a mapping"):
+            encoder.load(path)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from ssl_path.encoder.checkpoint import read_training_checkpoint
 from ssl_path.encoder.identity import encoder_hash
 from ssl_path.evaluation.results import read_results
 from ssl_path.publish.card import evaluation_tables
+from ssl_path.training.metrics_log import read_metrics
 
 SMALL = ["classify.input_size=32", "train.batch_size=16", "train.num_workers=0", "--no-progress"]
 
@@ -93,6 +94,11 @@ def test_a_paused_run_resumes_from_its_encoder_wherever_it_is_and_refuses_anothe
     assert_one_line_error(capsys, "has not finished training (no selection.json); its training command resumes it")
     assert run_cli(classify.main, ["--eval", str(tmp_path / "nope"), "--test", f"folder:{amibr_small}"]) == 2
     assert_one_line_error(capsys, "nope: no such run directory")
+    pretrained = tmp_path / "pretrained"  # a pretraining run's config, as ssl_path.pretrain writes one
+    pretrained.mkdir()
+    (pretrained / "config.yaml").write_text("method: dinov2\nseed: 0\nmodel: {arch: vit_small_patch16_224}\n")
+    assert run_cli(classify.main, ["--eval", str(pretrained), "--test", f"folder:{amibr_small}"]) == 2
+    assert_one_line_error(capsys, "is not a finetune.classify run (its config.yaml has no classify section)")
     moved = tmp_path / "b" / "tiny.pt"
     moved.parent.mkdir()
     shutil.copy(encoder, moved)
@@ -135,6 +141,37 @@ def test_a_series_refuses_to_go_on_from_another_encoder_than_its_finished_runs(a
     assert run_cli(classify.main, argv) == 2
     assert_one_line_error(capsys, "fraction_0.5", "was trained from encoder")
     assert not (out / "fraction_1").exists()
+
+
+def test_unreadable_test_images_are_told_and_too_many_refuse_the_scores(amibr_small, tiny_ref, tmp_path, capsys):
+    run = tmp_path / "run"
+    # the run allows 2 % of its images unreadable: 1 of 96 test images is told and left out, 2 refuse the scores
+    assert run_cli(classify.main, ["--ckpt", str(tiny_ref), "--train", f"folder:{amibr_small}", "--out", str(run),
+                                   "train.epochs=2", "select.val_every=1", "train.max_skipped_fraction=0.02",
+                                   *SMALL]) == 0  # fmt: skip
+    assert len(read_metrics(run / "validation.jsonl")) == 2  # two rounds of training,
+    assert "resuming" not in capsys.readouterr().err  # the second continuing the first, not resuming it
+    test = tmp_path / "test"
+    shutil.copytree(amibr_small, test)
+    broken = sorted((test / "atypical").glob("*.png"))[:2]
+    broken[0].write_bytes(broken[0].read_bytes()[:300])
+    capsys.readouterr()
+    assert (
+        run_cli(classify.main, ["--eval", str(run), "--test", f"folder:{test}", "--out", str(tmp_path / "one.json")])
+        == 0
+    )
+    assert f"warning: test: 1 of 96 test images cannot be read and are left out of its scores; first {broken[0]}" in (
+        capsys.readouterr().err
+    )
+    results = read_results(tmp_path / "one.json")
+    assert results["dataset"]["n_test"] == 95 and results["dataset"]["n_skipped"] == 1
+    broken[1].write_bytes(b"")
+    assert (
+        run_cli(classify.main, ["--eval", str(run), "--test", f"folder:{test}", "--out", str(tmp_path / "two.json")])
+        == 2
+    )
+    assert_one_line_error(capsys, "2 of 96 test images cannot be read, more than train.max_skipped_fraction=0.02")
+    assert not (tmp_path / "two.json").exists()
 
 
 def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tiny_ref, sample_data, tmp_path, capsys):

@@ -57,7 +57,9 @@ def test_a_step_on_real_tiles_is_finite_and_moves_student_and_teacher(tiles, tmp
     kept = tmp_path / "run" / "checkpoints" / "step_0000002.pt"
     assert torch.load(kept, weights_only=True)["step"] == 2  # the retained history
     (tmp_path / "run" / "loss.png").unlink()
-    assert run_cli(run_log.main, [str(tmp_path / "run")]) == 0  # the PNG on demand
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as log:
+        log.write('[1, 2]\n{"note": "edited by hand"}\n{"step": 3, "lo')  # not steps, and a line cut by a kill
+    assert run_cli(run_log.main, [str(tmp_path / "run")]) == 0  # the PNG on demand, of the steps logged
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert run_cli(run_log.main, [str(tmp_path)]) == 2
 

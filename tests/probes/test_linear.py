@@ -116,6 +116,9 @@ def test_bad_grid_and_unknown_test_classes():
         linear.run_linear(train, train, c_grid=(1.0,), protocol="uni")
     with pytest.raises(UserError, match="not among the training classes"):
         linear.run_linear(train, feature_set(train_x, train_y, ("a", "b", "z")), c_grid=(1.0,))
+    # 30 ungrouped images, 0.99 of them held out: all 30 (rounded up), said in one line, not in scikit-learn's words
+    with pytest.raises(UserError, match="left 0 training images .0 classes. to fit on and 30 to validate"):
+        linear.run_linear(train, train, c_grid=(1.0,), val_fraction=0.99)
 
 
 # ----------------------------------------------------------------------------- the protocols' C

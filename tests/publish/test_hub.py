@@ -359,8 +359,9 @@ def test_bad_results_checkpoint_or_out_fail_in_one_line(trained, exported, tmp_p
 
     assert run_cli(hub.main, ["export", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     _one_line_error(capsys, "nowhere")
-    assert run_cli(hub.main, [*base, "--name", "not a repo!"]) == 2
-    _one_line_error(capsys, "--name")
+    for name in ("not a repo!", "path-vit-s"):  # push would refuse a bare name; the card's hf-hub: would not load
+        assert run_cli(hub.main, [*base, "--name", name]) == 2
+        _one_line_error(capsys, "--name", repr(name))
     for local in ("../shared/data/amibr", "amibr"):  # a path, or a folder's bare name, is no Hub dataset
         assert run_cli(hub.main, [*base, "--datasets", HUB_DATASET, local]) == 2
         _one_line_error(capsys, "--datasets", repr(local))

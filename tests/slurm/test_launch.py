@@ -85,6 +85,39 @@ def test_a_stage_without_check_has_its_flags_checked_by_its_parser(stage, tmp_pa
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.parametrize("stage", ["finetune.classify", "finetune.segment", "finetune.detect"])
+def test_a_fine_tuning_command_is_checked_by_its_stage_and_then_submitted(stage, tmp_path, capsys):
+    command = ["--", stage, "--ckpt", "timm:vit_small_patch16_224", "--train", f"folder:{tmp_path}", "--out",
+               str(tmp_path / "ft"), "train.epochs=2"]  # fmt: skip
+    request = ["--dry-run", "--gpus-per-node", "1", "--logs", str(tmp_path / "logs")]
+    assert run_cli(launch.main, [*request, *command]) == 0
+    assert "#SBATCH --gpus-per-node=1" in sbatch_lines(capsys.readouterr().out)
+    for bad, named in ((["optim.lrr=1"], "lrr"), (["--no-such-flag"], "--no-such-flag"), (["--eval"], "--eval")):
+        assert run_cli(launch.main, [*request, *command, *bad]) == 2
+        assert stage in (err := one_line_error(capsys)) and named in err
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "ft").exists()
+
+
+def test_jobs_that_would_write_one_place_fail_before_submission(tiles, tmp_path, capsys):
+    twice = [*pretrain_argv(tiles, tmp_path / "run"), *pretrain_argv(tiles, tmp_path / "run", "seed=1")]
+    assert run_cli(launch.main, ["--cluster", "local", "--logs", str(tmp_path / "logs"), *twice]) == 2
+    assert f"--out {tmp_path / 'run'} is named by two commands" in one_line_error(capsys)
+    logs_in_run = [
+        "--cluster",
+        "local",
+        "--logs",
+        str(tmp_path / "run" / "logs"),
+        *pretrain_argv(tiles, tmp_path / "run"),
+    ]
+    assert run_cli(launch.main, logs_in_run) == 2
+    assert "lies in ssl_path.pretrain's --out" in one_line_error(capsys)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    logs_a_file = ["--cluster", "local", "--logs", str(tmp_path / "notes.txt"), *pretrain_argv(tiles, tmp_path / "run")]
+    assert run_cli(launch.main, logs_a_file) == 2
+    assert "is a file" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_missing_data_and_a_foreign_run_dir_fail_before_submission(tiles, tmp_path, capsys):
     missing = pretrain_argv(tmp_path / "no_shards", tmp_path / "run")
     assert run_cli(launch.main, ["--cluster", "local", "--logs", str(tmp_path / "logs"), *missing]) == 2
@@ -188,4 +221,4 @@ def test_the_plain_sbatch_template_runs_torchrun_on_a_valid_pretrain_command(til
     parsed = get_args_parser().parse_args(argv)  # torchrun's own parser
     assert (parsed.nnodes, parsed.nproc_per_node, parsed.rdzv_backend) == ("4", "8", "c10d")
     assert parsed.module and parsed.training_script == "ssl_path.pretrain"
-    pretrain.check(parsed.training_script_args)  # raises on a flag the stage does not take
+    pretrain.check_command(parsed.training_script_args)  # raises on a flag the stage does not take

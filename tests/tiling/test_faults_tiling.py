@@ -285,16 +285,23 @@ def test_file_size_limit_while_writing_shards_is_one_line_and_keeps_the_previous
 
 
 def test_file_size_limit_on_json_and_a_checkpoint_names_the_file_and_leaves_none(tmp_path: Path) -> None:
-    """Every atomic write reports the same way: JSON directly, torch.save through its own RuntimeError."""
+    """Every atomic write reports the same way: JSON directly, torch.save through its own RuntimeError,
+    safetensors through its Rust error's message."""
     done = _under_file_size_limit(
         f"""
         import json, torch
         from ssl_path.core.io import DiskFullError, write_json
+        from safetensors.torch import save_file
+        from ssl_path.core.io import atomic_path
         from ssl_path.encoder.checkpoint import save_checkpoint
+        def save_weights(path):  # as an export writes them: safetensors' Rust writer, into an atomic path
+            with atomic_path(path) as tmp:
+                save_file({{"w": torch.zeros(100_000)}}, str(tmp))
         seen = []
         for write, path in [
             (lambda p: write_json(p, {{"values": list(range(100_000))}}), {str(tmp_path / "big.json")!r}),
             (lambda p: save_checkpoint({{"w": torch.zeros(100_000)}}, p), {str(tmp_path / "last.pt")!r}),
+            (save_weights, {str(tmp_path / "model.safetensors")!r}),
         ]:
             try:
                 write(path)
@@ -306,7 +313,7 @@ def test_file_size_limit_on_json_and_a_checkpoint_names_the_file_and_leaves_none
     )
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
-    assert [s[0] for s in seen] == [str(tmp_path / "big.json"), str(tmp_path / "last.pt")]
+    assert [s[0] for s in seen] == [str(tmp_path / name) for name in ("big.json", "last.pt", "model.safetensors")]
     for path, errno_, text, is_os_error in seen:
         assert errno_ == 27 and text.startswith(f"cannot write {path}: File too large") and is_os_error
     assert list(tmp_path.iterdir()) == []
