@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stage.run(HEAD, request)
     if request.evaluate is not None:
         raise UserError("--eval scores one trained run: drop --fractions and --seeds")
-    fractions = args.fractions or list(DEFAULT_FRACTIONS)
+    fractions = list(dict.fromkeys(args.fractions or DEFAULT_FRACTIONS))  # a fraction named twice is one run
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise UserError(f"--fractions must lie in (0, 1]; got {bad[0]}")

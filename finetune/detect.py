@@ -116,8 +116,10 @@ class DetectConfig:
             raise ConfigError("detect.head=maskrcnn learns masks: set detect.instances=components or ids")
         if not 0 < self.scale <= 4 or self.window < 32 or not 0 <= self.window_overlap < self.window:
             raise ConfigError("detect: scale in (0, 4], window >= 32 and window_overlap in [0, window) are required")
-        if not 0 <= self.guided <= 1 or self.crops_per_image < 1 or self.window_batch < 1:
-            raise ConfigError("detect: guided in [0, 1], crops_per_image >= 1 and window_batch >= 1 are required")
+        if not 0 <= self.guided <= 1 or self.crops_per_image < 1 or self.window_batch < 1 or self.overlays < 0:
+            raise ConfigError(
+                "detect: guided in [0, 1], crops_per_image >= 1, window_batch >= 1 and overlays >= 0 are required"
+            )
         if self.point_radius <= 0 or self.radius <= 0 or not 0 < self.nms_iou <= 1 or self.channels < 32:
             raise ConfigError("detect: point_radius > 0, radius > 0, nms_iou in (0, 1] and channels >= 32 are required")
         if self.channels % 32:
@@ -735,6 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.eval is not None and (args.head or series):
         raise UserError("--eval scores one trained run as it is: drop --head, --fractions and --leave-one-domain-out")
     if args.head:
+        stage.refuse_flag_and_override(args.head, "--head", "detect.head", args.overrides)
         args.overrides = [*args.overrides, f"detect.head={args.head}"]
     request = stage.request_from(HEAD, args)
     if not series:

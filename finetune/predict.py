@@ -53,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         raise UserError(f"--data {args.data} does not exist")
     if not paths:
-        raise UserError(f"--data {args.data}: no images")
+        inside = args.data.is_dir() and any(p.is_dir() and list_images(p) for p in args.data.iterdir())
+        where = "; its images lie in subfolders: give each, or a folder of images" if inside else ""
+        raise UserError(f"--data {args.data}: no images{where}")
     stems = [p.stem for p in paths]
     twins = sorted({s for s in stems if stems.count(s) > 1})
     if twins:

@@ -96,9 +96,11 @@ class SegmentConfig:
             or self.window_batch < 1
             or not 0 <= self.window_overlap < 1
             or not 0 < self.threshold < 1
+            or self.overlays < 0
         ):
             raise ConfigError(
-                "segment: crop >= 16, crops_per_image >= 1, window_batch >= 1, window_overlap in [0, 1) and threshold in (0, 1) are required"
+                "segment: crop >= 16, crops_per_image >= 1, window_batch >= 1, window_overlap in [0, 1), "
+                "threshold in (0, 1) and overlays >= 0 are required"
             )
         if not self.decoder_channels or min(self.decoder_channels) < 1:
             raise ConfigError("segment.decoder_channels needs one positive width per decoder level")

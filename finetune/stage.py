@@ -140,11 +140,18 @@ def check_command(head: Head, parser: Parser, argv: Sequence[str] | None) -> Non
         resolve_config(request.config, head.name, head.config, request.overrides)
 
 
+def refuse_flag_and_override(value: str | None, flag: str, key: str, overrides: Sequence[str]) -> None:
+    """A flag that is short for an override, given together with that override: one would be dropped."""
+    if value is not None and any(o.split("=", 1)[0] == key for o in overrides):
+        raise UserError(f"{flag} and {key}=... set the same thing; give one")
+
+
 def request_from(head: Head, args: argparse.Namespace) -> Request:
     """The parsed :func:`build_parser` as plain values, each checked."""
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise UserError(f"unexpected argument {bad[0]!r} (overrides are key=value)")
+    refuse_flag_and_override(args.mode, "--mode", "encoder.mode", args.overrides)
     overrides = tuple(args.overrides) + ((f"encoder.mode={args.mode}",) if args.mode else ())
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, not {args.max_steps}")

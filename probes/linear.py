@@ -221,8 +221,8 @@ def linear_settings(
             raise UserError(f"--protocol {protocol} fixes how C is chosen; {' and '.join(given)} apply to ssl-path")
         return (DINOV2_C_GRID, 1 / DINOV2_VAL_SHARE) if protocol == "dinov2" else ((), None)
     grid = tuple(DEFAULT_C_GRID if c_grid is None else c_grid)
-    if not grid or any(not c > 0 for c in grid):  # also catches nan
-        raise UserError(f"--c-grid values must be > 0, got {list(grid)}")
+    if not grid or any(not 0 < c < math.inf for c in grid):  # also catches nan
+        raise UserError(f"--c-grid values must be finite and > 0, got {list(grid)}")
     fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     if not 0 < fraction < 1:
         raise UserError(f"--val-fraction must lie strictly between 0 and 1, got {fraction}")

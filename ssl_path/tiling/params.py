@@ -71,6 +71,10 @@ class TilingParams:
                 self.stain_norm is None or bool(self.stain_reference),
                 f"--stain-norm {self.stain_norm} needs --stain-reference IMAGE",
             ),
+            (
+                self.stain_norm is not None or not self.stain_reference,
+                f"--stain-reference {self.stain_reference} is used only with --stain-norm METHOD; give one",
+            ),
             (0.0 <= self.stain_strength <= 1.0, f"--stain-strength must be in [0, 1], got {self.stain_strength}"),
             (
                 self.shuffle_seed is None or self.shuffle_seed >= 0,

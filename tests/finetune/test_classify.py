@@ -204,6 +204,8 @@ def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tin
     assert run_cli(predict.main, ["--run", str(run), "--data", str(images), "--out", str(tmp_path / "quiet"),
                                   "--no-progress"]) == 0  # fmt: skip
     assert "predict:" not in capsys.readouterr().err
+    assert run_cli(predict.main, ["--run", str(run), "--data", str(amibr_small), "--out", str(tmp_path / "tree")]) == 2
+    assert_one_line_error(capsys, "no images; its images lie in subfolders")  # a folder per class, as it trained on
     # its encoder was not pretrained by this head: the card would say so
     capsys.readouterr()
     assert run_cli(hub.main, ["export", "--ckpt", str(run), "--out", str(tmp_path / "export")]) == 2
@@ -216,6 +218,7 @@ def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tin
     [
         (["--fractions", "0"], "--fractions must lie in (0, 1]"),
         (["--mode", "half"], "encoder.mode must be frozen, last-N"),
+        (["--mode", "frozen", "encoder.mode=full"], "--mode and encoder.mode=... set the same thing"),
         (["classify.balance=oversample"], "classify.balance must be one of"),
         (["train.steps_per_epoch=3"], "set by the training set"),
         (["--mode", "lora", "encoder.lora_targets=[q]"], "names no linear layer"),

@@ -99,6 +99,8 @@ def test_bad_masks_fail_in_one_line(monuseg_like, tmp_path, capsys):
     Image.fromarray(values).save(mask)
     assert run_cli(segment.main, [*base, "segment.labels={nucleus: [255]}"]) == 2
     assert_one_line_error(capsys, "value(s) [7]", mask.name)
+    assert run_cli(segment.main, [*base, "segment.labels={nucleus: [255]}", "segment.overlays=-1"]) == 2
+    assert_one_line_error(capsys, "overlays >= 0")
     Image.fromarray(values[:500]).save(mask)
     assert run_cli(segment.main, [*base, "segment.labels={nucleus: [255]}", "segment.background=[0, 7]"]) == 2
     assert_one_line_error(capsys, "1000x500 px", "1000x1000")

@@ -110,7 +110,7 @@ def test_class_probabilities_keep_a_column_for_a_class_the_fit_never_saw():
 def test_bad_grid_and_unknown_test_classes():
     train_x, train_y = blobs(10, seed=0)
     train = feature_set(train_x, train_y, CLASSES)
-    with pytest.raises(UserError, match="--c-grid values must be > 0"):
+    with pytest.raises(UserError, match="--c-grid values must be finite and > 0"):
         linear.run_linear(train, train, c_grid=(1.0, 0.0))
     with pytest.raises(UserError, match="--protocol uni fixes how C is chosen"):
         linear.run_linear(train, train, c_grid=(1.0,), protocol="uni")
@@ -272,7 +272,7 @@ def test_cli_bad_inputs_are_one_line_errors(specs, tmp_path, capsys, monkeypatch
     train, test = specs
     assert cli(common(f"amibr:{tmp_path / 'nowhere'}", test, tmp_path)) == 2
     assert_one_line_error(capsys, "nowhere", "does not exist")
-    for grid in (["0"], ["1", "-0.5"]):
+    for grid in (["0"], ["1", "-0.5"], ["1", "inf"]):
         assert cli([*common(train, test, tmp_path), "--c-grid", *grid]) == 2
         assert_one_line_error(capsys, "--c-grid")
     assert cli([*common(train, test, tmp_path), "--val-fraction", "1"]) == 2

@@ -246,6 +246,7 @@ def test_cli_user_errors_are_one_line(tmp_path: Path, crops: list[Path], capsys:
         (["--data", str(crops[0]), "--min-tissue", "1.5"], "--min-tissue"),
         (["--data", str(crops[0]), "--domain-regex", "("], "--domain-regex"),
         (["--data", str(crops[0]), "--stain-norm", "macenko"], "--stain-reference"),
+        (["--data", str(crops[0]), "--stain-reference", str(crops[1])], "used only with --stain-norm"),
     ]
     for extra, expected in cases:
         assert run_cli(main, [*extra, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
