@@ -22,6 +22,7 @@ row names of :mod:`probes.fewshot`, so probes and fine-tuning sit in one table a
 
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 from dataclasses import dataclass, replace
@@ -359,24 +360,32 @@ def build_parser() -> Parser:
     return parser
 
 
-def check_command(argv: Sequence[str] | None = None) -> None:
-    stage.check_command(HEAD, build_parser(), argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_request(argv: Sequence[str] | None) -> tuple[argparse.Namespace, stage.Request]:
+    """The checked arguments and request, before any data is read (``main`` and ``check_command``)."""
     args = stage.parse_arguments(build_parser(), argv)
     request = stage.request_from(HEAD, args)
     if args.fractions is None and args.seeds is None:
-        return stage.run(HEAD, request)
+        return args, request
     if request.evaluate is not None:
         raise UserError("--eval scores one trained run: drop --fractions and --seeds")
-    fractions = list(dict.fromkeys(args.fractions or DEFAULT_FRACTIONS))  # a fraction named twice is one run
-    bad = [f for f in fractions if not 0 < f <= 1]
+    bad = [f for f in args.fractions or () if not 0 < f <= 1]
     if bad:
         raise UserError(f"--fractions must lie in (0, 1]; got {bad[0]}")
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, not {args.seeds}")
+    return args, request
+
+
+def check_command(argv: Sequence[str] | None = None) -> None:
+    stage.check_config(HEAD, parse_request(argv)[1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, request = parse_request(argv)
+    if args.fractions is None and args.seeds is None:
+        return stage.run(HEAD, request)
+    fractions = list(stage.fraction_runs(args.fractions or DEFAULT_FRACTIONS).values())
     seeds = 1 if args.seeds is None else args.seeds
-    if seeds < 1:
-        raise UserError(f"--seeds must be >= 1, not {seeds}")
     first = resolve_config(request.config, HEAD.name, HEAD.config, request.overrides).seed
     run_fractions(request, fractions, list(range(first, first + seeds)))
     return 0

@@ -38,6 +38,7 @@ the others and tested on it; ``results.json`` there holds every run's rows under
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -727,11 +728,8 @@ def build_parser() -> Parser:
     return parser
 
 
-def check_command(argv: Sequence[str] | None = None) -> None:
-    stage.check_command(HEAD, build_parser(), argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_request(argv: Sequence[str] | None) -> tuple[argparse.Namespace, stage.Request]:
+    """The checked arguments and request, before any data is read (``main`` and ``check_command``)."""
     args = stage.parse_arguments(build_parser(), argv)
     series = args.fractions is not None or args.leave_one_domain_out
     if args.eval is not None and (args.head or series):
@@ -739,18 +737,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.head:
         stage.refuse_flag_and_override(args.head, "--head", "detect.head", args.overrides)
         args.overrides = [*args.overrides, f"detect.head={args.head}"]
-    request = stage.request_from(HEAD, args)
-    if not series:
-        return stage.run(HEAD, request)
     if args.fractions is not None and args.leave_one_domain_out:
         raise UserError("give --fractions or --leave-one-domain-out, not both")
+    bad = [f for f in args.fractions or () if not 0 < f <= 1]
+    if bad:
+        raise UserError(f"--fractions must lie in (0, 1]; got {bad[0]}")
+    return args, stage.request_from(HEAD, args)
+
+
+def check_command(argv: Sequence[str] | None = None) -> None:
+    stage.check_config(HEAD, parse_request(argv)[1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, request = parse_request(argv)
+    if args.fractions is None and not args.leave_one_domain_out:
+        return stage.run(HEAD, request)
     if args.fractions is not None:
-        bad = [f for f in args.fractions if not 0 < f <= 1]
-        if bad:
-            raise UserError(f"--fractions must lie in (0, 1]; got {bad[0]}")
         assert request.out is not None
-        runs = [(f"fraction_{f:g}", replace(request, out=request.out / f"fraction_{f:g}", fraction=None if f == 1 else f))
-                for f in dict.fromkeys(args.fractions)]  # fmt: skip
+        runs = [(name, replace(request, out=request.out / name, fraction=None if f == 1 else f))
+                for name, f in stage.fraction_runs(args.fractions).items()]  # fmt: skip
     else:
         runs = stage.leave_one_domain_out(request)
     try:

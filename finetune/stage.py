@@ -132,12 +132,20 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
     return args
 
 
-def check_command(head: Head, parser: Parser, argv: Sequence[str] | None) -> None:
-    """Refuse what a run of ``argv`` would refuse before it reads any data: its flags, and the config
-    with its overrides. ``slurm.launch`` calls it (through each stage's own) before it submits a job."""
-    request = request_from(head, parse_arguments(parser, argv))
+def check_config(head: Head, request: Request) -> None:
+    """Refuse the config a checked request would train with, overrides included, reading no data:
+    what each stage's ``check_command(argv)`` adds to its own checks of the arguments, for ``slurm.launch``."""
     if request.evaluate is None:
         resolve_config(request.config, head.name, head.config, request.overrides)
+
+
+def fraction_runs(fractions: Sequence[float]) -> dict[str, float]:
+    """Each label fraction of a series by its run's name; fractions that print alike (0.5, 0.5000001)
+    would share a run directory, so they are one run."""
+    runs: dict[str, float] = {}
+    for fraction in fractions:
+        runs.setdefault(f"fraction_{fraction:g}", fraction)
+    return runs
 
 
 def refuse_flag_and_override(value: str | None, flag: str, key: str, overrides: Sequence[str]) -> None:
@@ -285,10 +293,8 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
     rows, skipped = {}, _training_skips(out) + [(p, r) for p, r in best.get("skipped", [])]
     for name, test_set in tests.items():
         scored, missed = head.evaluate(cfg.head, task, test_set, selection, out, name)
-        # the trained run is kept: once the images are fixed, the same command scores it again
-        check_test_skips(
-            test_set, missed, cfg, "; the trained run is kept: fix or drop them and run the same command again"
-        )
+        # "repair", not "drop": a test split carved from --train would be drawn anew without them
+        check_test_skips(test_set, missed, cfg, "; the trained run is kept: repair them and run the same command again")
         rows.update({f"{name}/{key}" if len(tests) > 1 else key: row for key, row in scored.items()})
         skipped += missed
     encoder = {"ref": request.ckpt, "hash": trained_from}
@@ -303,15 +309,17 @@ def check_test_skips(
     test: LabelledSet, skipped: Sequence[tuple[str, str]], cfg: FinetuneConfig, then: str = ""
 ) -> None:
     """Say which of a test set's images could not be read and were left out of its scores, and refuse
-    the scores where more were than the run allows of its training images (``train.max_skipped_fraction``,
-    1 % unless the run was told otherwise: the probes' bound)."""
+    the scores where more were than the run allows of its training images (``train.max_skipped_fraction``;
+    its default is the probes' bound)."""
     if not skipped:
         return
     count, (path, reason) = len(dict.fromkeys(p for p, _ in skipped)), skipped[0]
     told = f"{test.name}: {count} of {len(test)} test images cannot be read"
     bound = cfg.train.max_skipped_fraction
     if count > bound * len(test):
-        raise UserError(f"{told}, more than train.max_skipped_fraction={bound} of them; first {path}: {reason}{then}")
+        raise UserError(
+            f"{told}, more than the run allows (train.max_skipped_fraction={bound}); first {path}: {reason}{then}"
+        )
     print(f"warning: {told} and are left out of its scores; first {path}: {reason}", file=sys.stderr)
 
 

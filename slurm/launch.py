@@ -17,9 +17,11 @@ saves the step it is on and the job is requeued with the same argv, which resume
 ``--max-timeouts`` time limits. ``--chain N`` also submits N-1 more jobs, each starting once the one
 before has ended, for runs longer than what a partition's limit and requeues allow.
 
-Everything is checked before anything is submitted: the request, that MODULE is a stage, and the
-stage's arguments where the stage can check them without running (``check(argv)``, as
-``ssl_path.pretrain`` has; else its ``build_parser()``'s flags, as the probes and ``ssl_path.shards`` have). A mistake is one line and exit 2. ``--dry-run`` prints the sbatch script
+Everything is checked before anything is submitted: the request, that MODULE is a stage, the
+stage's arguments where the stage can check them without running (``check_command(argv)``, as
+``ssl_path.pretrain`` and the fine-tuning stages have; else its ``build_parser()``'s flags, as the
+probes and ``ssl_path.shards`` have), and that no two jobs, nor the logs, write one place. A mistake
+is one line and exit 2. ``--dry-run`` prints the sbatch script
 submitit would submit and submits nothing. On submission one JSON line a job says its id, the logs
 of rank 0 and the stage's ``--out``.
 """
@@ -163,16 +165,20 @@ def check_commands(commands: Sequence[Command]) -> None:
 def check_outputs(commands: Sequence[Command], logs: Path) -> None:
     """No two jobs write one place: the commands of an array each have their own ``--out``, and
     submitit's logs lie in none of them (a run dir that holds them is not a run dir to the stage)."""
-    if logs.exists() and not logs.is_dir():
-        raise UserError(f"--logs {logs} is a file; name a folder")
     where = logs.expanduser().resolve()
+    if where.exists() and not where.is_dir():
+        raise UserError(f"--logs {logs} is a file; name a folder")
     seen: dict[Path, Command] = {}
     for command in commands:
         if command.out is None:
             continue
         out = Path(command.out).expanduser().resolve()
-        if out in seen:
-            raise UserError(f"--out {command.out} is named by two commands; each job of an array needs its own")
+        for other, before in seen.items():
+            if other == out or other in out.parents or out in other.parents:
+                raise UserError(
+                    f"--out {command.out} of {command.module} and --out {before.out} of {before.module} are one "
+                    "place or one holds the other; each job of an array needs its own"
+                )
         seen[out] = command
         if where == out or out in where.parents:
             raise UserError(f"--logs {logs} lies in {command.module}'s --out {command.out}; put the logs elsewhere")

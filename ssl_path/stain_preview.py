@@ -35,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out {args.out} must end in .png")
     check_out_file(args.out, args.overwrite, [args.data, args.reference])
+    if not args.reference.is_file():  # before the images, whose skips it would follow
+        state = "is a folder; name an image" if args.reference.is_dir() else "does not exist"
+        raise UserError(f"--reference {args.reference} {state}")
     images = read_images(find_images(args.data), args.rows, args.max_side)
     render_preview(images, args.reference, args.method, args.strength, args.out, args.max_side)
     print(f"wrote {args.out}")

@@ -1,8 +1,9 @@
 """The one exception type for mistakes a user can make, and the CLI wrapper that reports it.
 
 A user error (missing file, wrong format, bad value) is one line on stderr and exit code 2, and so
-is a path the system refuses (a read-only or foreign folder, a file where a folder must be made:
-:data:`PATH_REFUSED`); anything else is a bug and keeps its traceback. Ctrl-C is "interrupted" and exit code 130; a stage
+is a path the system refuses: a read-only or foreign folder anywhere (:data:`NOT_PERMITTED`), and
+also a file in the way where an output is made (:data:`PATH_REFUSED`, :mod:`ssl_path.core.io`).
+Anything else is a bug and keeps its traceback. Ctrl-C is "interrupted" and exit code 130; a stage
 that cleans up on the way out runs under :func:`terminate_as_interrupt`, so that SIGTERM (Slurm,
 ``kill``) unwinds the same way and exits with 143.
 
@@ -24,8 +25,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 EXIT_USER_ERROR = 2
-# What the system answers for a path the user named but may not use: fixed by another path or its permissions.
-PATH_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
+# What the system answers for a path the user may not write, anywhere a stage is: no permission, or a
+# read-only file system. Where an output is made, a file in the way (ENOTDIR, EEXIST, EISDIR) is one too;
+# elsewhere those are more often a bug, and keep their traceback.
+NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)
+PATH_REFUSED = (*NOT_PERMITTED, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
 # sysexits' EX_TEMPFAIL: stopped on request with its state saved; the same command continues it.
 EXIT_STOPPED = 75
 
@@ -121,24 +125,31 @@ def first_line(err: BaseException) -> str:
 def path_refused(err: OSError, target: str | os.PathLike | None = None) -> str:
     """The one line for an OSError of :data:`PATH_REFUSED`: the path (``target``, where the error names
     a temporary file made for it), and what is wrong with it."""
-    path = Path(err.filename)
-    if err.errno in (errno.EEXIST, errno.ENOTDIR):
+    named = target or err.filename2 or err.filename or "?"  # filename2: where a rename was going
+    if err.errno in (errno.EEXIST, errno.ENOTDIR) and err.filename:
         # mkdir(parents=True) names the file it found, or the path below it: name the file either way
+        path = Path(err.filename)
         found = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         if found is not None:
             return f"{found} is a file where a folder is needed; choose another path"
-    return f"{target or path}: {err.strerror}; choose another path or fix its permissions"
+    advice = {
+        errno.EACCES: "choose another path or fix its permissions",
+        errno.EROFS: "choose another path",
+        errno.EISDIR: "a folder is in the way; choose another path",
+    }.get(err.errno or 0, "choose another path")
+    return f"{named}: {err.strerror}; {advice}"
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a stage's ``main``; turn a :class:`UserError` into one stderr line and exit code 2."""
+    """Run a stage's ``main``; turn a :class:`UserError`, or a path the system does not permit, into one
+    stderr line and exit code 2."""
     try:
         code = main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as err:
-        if err.errno not in PATH_REFUSED or not err.filename:
+        if err.errno not in NOT_PERMITTED or not err.filename:
             raise
         print(f"error: {path_refused(err)}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -98,7 +98,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path = Path(tmp)
         make_public(tmp_path)
         yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as err:
+            if err.errno in PATH_REFUSED:
+                raise UserError(path_refused(err, path)) from None
+            raise
     except Exception as err:
         code = _no_room(err)
         if code is None or isinstance(err, DiskFullError):
@@ -186,14 +191,19 @@ def atomic_dir(
     make_public(tmp)
     try:
         yield tmp
-        if out.exists():
-            # Renames only: a kill between them leaves the old folder whole beside its place.
-            previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, previous / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(previous)
-        else:
-            os.replace(tmp, out)
+        try:
+            if out.exists():
+                # Renames only: a kill between them leaves the old folder whole beside its place.
+                previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+                os.replace(out, previous / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(previous)
+            else:
+                os.replace(tmp, out)
+        except OSError as err:
+            if err.errno in PATH_REFUSED:
+                raise UserError(path_refused(err, out)) from None
+            raise
     except Exception as err:
         if isinstance(err, DiskFullError):
             where, code = err.path, err.errno

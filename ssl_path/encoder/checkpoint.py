@@ -70,9 +70,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         # torch's own line would suggest weights_only=False, which runs whatever code the file holds
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        what = f"a {unsafe.group(1)} object" if unsafe else "Python objects"
+        if unsafe:
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it holds a {unsafe.group(1)} object, which a safe load "
+                "(weights only) refuses"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(err))
         raise CheckpointError(
-            f"cannot read checkpoint {path}: it holds {what}, which a safe load (weights only) refuses"
+            f"cannot read checkpoint {path}: damaged, or not a PyTorch checkpoint "
+            f"({detail.group(1).strip() if detail else type(err).__name__})"
         ) from None
     except Exception as err:  # torch raises several unrelated types for a damaged file
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line(err)}") from None

@@ -93,13 +93,14 @@ def _split_words(results: dict[str, Any]) -> str:
 
 def _split_name(results: dict[str, Any], row_name: str) -> str:
     """The split a row was scored on, as the model-index names one: a published split's own name
-    (rows of several are keyed ``"<split>/<row>"``), else ``"test"``: every evaluation scores held-out data."""
+    (rows of several are keyed ``"<split>/<row>"``, under a series' run name where there is one), else
+    ``"test"``: every evaluation scores held-out data."""
     split = results["split"]
     if split.get("method") != "named":
         return "test"
     tests = [t for t in split.get("tests", []) if isinstance(t, str)]
-    prefix = row_name.split("/", 1)[0]
-    return prefix if prefix in tests else tests[0] if len(tests) == 1 else "test"
+    named = [part for part in row_name.split("/") if part in tests]  # a series' rows: "fraction_0.1/testA/..."
+    return named[0] if named else tests[0] if len(tests) == 1 else "test"
 
 
 def eval_results(all_results: Sequence[dict[str, Any]], set_ids: Mapping[str, str] = {}) -> list[EvalResult]:

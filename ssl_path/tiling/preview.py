@@ -78,10 +78,6 @@ def render_preview(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not reference.is_file():
-        raise UserError(
-            f"--reference {reference} {'is a folder; name an image' if reference.is_dir() else 'does not exist'}"
-        )
     ref = _read_rgb(reference, max_side)
     normalizers = [make_normalizer(method, ref, s) for s in strengths]
     ncols = len(strengths) + 2

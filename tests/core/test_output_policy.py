@@ -4,7 +4,9 @@ no file (PNG included) is replaced without ``--overwrite``. Every refusal is one
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +23,8 @@ from sample_helpers import SAMPLE_SLIDE
 
 from probes import embed, fewshot, knn
 from ssl_path import hub, shards
-from ssl_path.core.errors import run_cli
+from ssl_path.core.errors import UserError, run_cli
+from ssl_path.core.io import write_json
 from ssl_path.data.manifest import MANIFEST
 from ssl_path.pretrain import main as pretrain_main
 from ssl_path.pretrain import resolve_config, run
@@ -72,6 +75,33 @@ def test_an_output_below_a_file_is_one_line_naming_the_file(sample_data, trained
     assert run_cli(hub.main, ["export", "--ckpt", str(trained), "--out", str(notes / "export")]) == 2
     assert_one_line_error(capsys, f"{notes} is a file where a folder is needed")
     assert notes.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_atomic_file_names_its_output_whatever_is_in_the_way(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    with pytest.raises(UserError, match=f"^{re.escape(str(notes))} is a file where a folder is needed"):
+        write_json(notes / "results.json", {})  # its folder cannot be made
+    (tmp_path / "results.json").mkdir()
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / 'results.json'))}: Is a directory"):
+        write_json(tmp_path / "results.json", {})  # the rename onto it fails: named, not its temporary file
+    assert notes.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results.json"]
+
+
+def test_a_path_not_permitted_is_one_line_anywhere_and_other_os_errors_keep_their_traceback(capsys):
+    def denied(argv):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/theirs/tile.png")
+
+    assert run_cli(denied) == 2
+    assert_one_line_error(
+        capsys, "/data/theirs/tile.png: Permission denied; choose another path or fix its permissions"
+    )
+
+    def raced(argv):  # a file appearing where a stage's own code makes one: a bug or a race, not the user's
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), "/runs/a/checkpoints/step_0000002.pt")
+
+    with pytest.raises(FileExistsError):
+        run_cli(raced)
 
 
 def test_an_output_in_a_read_only_folder_is_one_line_naming_it(sample_data, trained, read_only_folder, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import timm
@@ -123,6 +125,10 @@ def test_a_file_that_is_no_checkpoint_is_refused_without_advising_an_unsafe_load
     with pytest.raises(UserError, match=r"objects.pt: it holds a \S+_NotWeights object, which a safe load") as err:
         encoder.load(pickled)
     assert "weights_only" not in str(err.value) and "False" not in str(err.value)
+    plain = tmp_path / "plain.pt"  # a pickle, but not torch's: damaged or foreign, not "unsafe"
+    plain.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(UserError, match="plain.pt: damaged, or not a PyTorch checkpoint"):
+        encoder.load(plain)
 
 
 def test_checkpoint_without_encoder_entry_is_refused(tmp_path):

@@ -170,8 +170,32 @@ def test_unreadable_test_images_are_told_and_too_many_refuse_the_scores(amibr_sm
         run_cli(classify.main, ["--eval", str(run), "--test", f"folder:{test}", "--out", str(tmp_path / "two.json")])
         == 2
     )
-    assert_one_line_error(capsys, "2 of 96 test images cannot be read, more than train.max_skipped_fraction=0.02")
+    assert_one_line_error(
+        capsys, "2 of 96 test images cannot be read, more than the run allows (train.max_skipped_fraction=0.02)"
+    )
     assert not (tmp_path / "two.json").exists()
+
+
+def test_a_run_refused_for_unreadable_test_images_is_scored_once_they_are_repaired(
+    amibr_small, tiny_ref, tmp_path, capsys
+):
+    test = tmp_path / "test"
+    shutil.copytree(amibr_small, test)
+    broken = sorted((test / "normal").glob("*.png"))[:2]
+    for path in broken:
+        path.write_bytes(b"")
+    run = tmp_path / "run"
+    argv = ["--ckpt", str(tiny_ref), "--train", f"folder:{amibr_small}", "--test", f"folder:{test}", "--out", str(run),
+            "train.epochs=1", *SMALL]  # fmt: skip
+    assert run_cli(classify.main, argv) == 2
+    assert_one_line_error(capsys, "2 of 96 test images cannot be read", "the trained run is kept")
+    assert not (run / "results.json").exists() and (run / "selection.json").is_file()
+    validated = (run / "validation.jsonl").read_text()
+    for path in broken:
+        shutil.copy(amibr_small / "normal" / path.name, path)
+    assert run_cli(classify.main, argv) == 0
+    assert read_results(run / "results.json")["dataset"]["n_test"] == 96
+    assert (run / "validation.jsonl").read_text() == validated  # scored, not trained again
 
 
 def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tiny_ref, sample_data, tmp_path, capsys):

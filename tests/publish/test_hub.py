@@ -249,7 +249,7 @@ def test_card_takes_each_evaluation_task_title_and_scores_from_its_results_file(
 
 def test_card_names_the_published_split_each_row_was_scored_on(trained, tmp_path):
     results = read_results(trained["results"][0])
-    rows = {"testA/gland": {"dice": 0.81}, "testB/gland": {"dice": 0.77}}
+    rows = {"testA/gland": {"dice": 0.81}, "testB/gland": {"dice": 0.77}, "fraction_0.5/testB/gland": {"dice": 0.7}}
     named = write_results(
         tmp_path / "glas.json",
         {**results, "task": "segmentation", "title": "U-Net", "metrics": rows,
@@ -261,6 +261,7 @@ def test_card_names_the_published_split_each_row_was_scored_on(trained, tmp_path
     assert {(r.metric_config, r.dataset_split) for r in card.data.eval_results} == {
         (f"{results['probe']}/testA/gland", "testA"),
         (f"{results['probe']}/testB/gland", "testB"),
+        (f"{results['probe']}/fraction_0.5/testB/gland", "testB"),  # a series' row, under its run's name
     }
     assert "### U-Net on amibr, its published test splits" in card.text
 

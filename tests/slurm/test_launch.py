@@ -92,7 +92,12 @@ def test_a_fine_tuning_command_is_checked_by_its_stage_and_then_submitted(stage,
     request = ["--dry-run", "--gpus-per-node", "1", "--logs", str(tmp_path / "logs")]
     assert run_cli(launch.main, [*request, *command]) == 0
     assert "#SBATCH --gpus-per-node=1" in sbatch_lines(capsys.readouterr().out)
-    for bad, named in ((["optim.lrr=1"], "lrr"), (["--no-such-flag"], "--no-such-flag"), (["--eval"], "--eval")):
+    cases = [(["optim.lrr=1"], "lrr"), (["--no-such-flag"], "--no-such-flag"), (["--eval"], "--eval")]
+    cases += {
+        "finetune.classify": [(["--fractions", "0"], "--fractions must lie in (0, 1]"), (["--seeds", "0"], "--seeds")],
+        "finetune.detect": [(["--fractions", "1.5"], "--fractions"), (["--head", "maskrcnn"], "detect.instances")],
+    }.get(stage, [])  # the stage's own checks of its flags, as its main makes them
+    for bad, named in cases:
         assert run_cli(launch.main, [*request, *command, *bad]) == 2
         assert stage in (err := one_line_error(capsys)) and named in err
     assert not (tmp_path / "logs").exists() and not (tmp_path / "ft").exists()
@@ -101,7 +106,10 @@ def test_a_fine_tuning_command_is_checked_by_its_stage_and_then_submitted(stage,
 def test_jobs_that_would_write_one_place_fail_before_submission(tiles, tmp_path, capsys):
     twice = [*pretrain_argv(tiles, tmp_path / "run"), *pretrain_argv(tiles, tmp_path / "run", "seed=1")]
     assert run_cli(launch.main, ["--cluster", "local", "--logs", str(tmp_path / "logs"), *twice]) == 2
-    assert f"--out {tmp_path / 'run'} is named by two commands" in one_line_error(capsys)
+    assert f"--out {tmp_path / 'run'} of ssl_path.pretrain and --out {tmp_path / 'run'}" in one_line_error(capsys)
+    nested = [*pretrain_argv(tiles, tmp_path / "run"), *pretrain_argv(tiles, tmp_path / "run" / "inner", "seed=1")]
+    assert run_cli(launch.main, ["--cluster", "local", "--logs", str(tmp_path / "logs"), *nested]) == 2
+    assert "one holds the other" in one_line_error(capsys)
     logs_in_run = [
         "--cluster",
         "local",

@@ -294,7 +294,7 @@ def test_file_size_limit_on_json_and_a_checkpoint_names_the_file_and_leaves_none
         from safetensors.torch import save_file
         from ssl_path.core.io import atomic_path
         from ssl_path.encoder.checkpoint import save_checkpoint
-        def save_weights(path):  # as an export writes them: safetensors' Rust writer, into an atomic path
+        def save_weights(path):  # safetensors' Rust writer (the export's, through timm), into an atomic path
             with atomic_path(path) as tmp:
                 save_file({{"w": torch.zeros(100_000)}}, str(tmp))
         seen = []
