@@ -78,6 +78,18 @@ def make_public(path: str | os.PathLike) -> None:
 
 
 @contextmanager
+def _refused_as(target: Path) -> Iterator[None]:
+    """Making or renaming into ``target``'s place: a place the system refuses is the user's one line,
+    naming ``target`` (not the temporary file beside it)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in PATH_REFUSED:
+            raise UserError(path_refused(err, target)) from None
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
@@ -87,23 +99,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp_path: Path | None = None
     try:
-        try:
+        with _refused_as(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as err:
-            if err.errno in PATH_REFUSED:
-                raise UserError(path_refused(err, path)) from None
-            raise
         os.close(fd)
         tmp_path = Path(tmp)
         make_public(tmp_path)
         yield tmp_path
-        try:
+        with _refused_as(path):
             os.replace(tmp_path, path)
-        except OSError as err:
-            if err.errno in PATH_REFUSED:
-                raise UserError(path_refused(err, path)) from None
-            raise
     except Exception as err:
         code = _no_room(err)
         if code is None or isinstance(err, DiskFullError):
@@ -179,11 +183,10 @@ def atomic_dir(
     """
     out = check_out_dir(out, overwrite, inputs)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        with _refused_as(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as err:
-        if err.errno in PATH_REFUSED:
-            raise UserError(path_refused(err, out)) from None
         code = _no_room(err)
         if code is None:
             raise
@@ -191,7 +194,7 @@ def atomic_dir(
     make_public(tmp)
     try:
         yield tmp
-        try:
+        with _refused_as(out):
             if out.exists():
                 # Renames only: a kill between them leaves the old folder whole beside its place.
                 previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
@@ -200,10 +203,6 @@ def atomic_dir(
                 shutil.rmtree(previous)
             else:
                 os.replace(tmp, out)
-        except OSError as err:
-            if err.errno in PATH_REFUSED:
-                raise UserError(path_refused(err, out)) from None
-            raise
     except Exception as err:
         if isinstance(err, DiskFullError):
             where, code = err.path, err.errno
