@@ -242,7 +242,7 @@ HEAD = stage.Head(
 
 
 def run_name(fraction: float, seed: int) -> str:
-    return f"fraction_{fraction:g}/seed_{seed}"
+    return f"{stage.fraction_name(fraction)}/seed_{seed}"
 
 
 def run_fractions(request: stage.Request, fractions: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:

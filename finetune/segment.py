@@ -496,7 +496,7 @@ HEAD = stage.Head(
 
 
 def check_command(argv: Sequence[str] | None = None) -> None:
-    stage.check_config(HEAD, stage.request_from(HEAD, stage.parse_arguments(stage.build_parser(HEAD), argv)))
+    stage.check_config(HEAD, stage.parse_request(HEAD, argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -139,12 +139,17 @@ def check_config(head: Head, request: Request) -> None:
         resolve_config(request.config, head.name, head.config, request.overrides)
 
 
+def fraction_name(fraction: float) -> str:
+    """The run directory of a label fraction in a series."""
+    return f"fraction_{fraction:g}"
+
+
 def fraction_runs(fractions: Sequence[float]) -> dict[str, float]:
     """Each label fraction of a series by its run's name; fractions that print alike (0.5, 0.5000001)
     would share a run directory, so they are one run."""
     runs: dict[str, float] = {}
     for fraction in fractions:
-        runs.setdefault(f"fraction_{fraction:g}", fraction)
+        runs.setdefault(fraction_name(fraction), fraction)
     return runs
 
 
@@ -543,8 +548,13 @@ def leave_one_domain_out(request: Request) -> list[tuple[str, Request]]:
     return runs
 
 
+def parse_request(head: Head, argv: Sequence[str] | None) -> Request:
+    """The checked request of a stage that adds no flags of its own, before any data is read."""
+    return request_from(head, parse_arguments(build_parser(head), argv))
+
+
 def main(head: Head, argv: Sequence[str] | None = None) -> int:
-    return run(head, request_from(head, parse_arguments(build_parser(head), argv)))
+    return run(head, parse_request(head, argv))
 
 
 def run(head: Head, request: Request) -> int:
