@@ -224,6 +224,10 @@ def check_set(cfg: DetectConfig, data: LabelledSet, flag: str) -> None:
     if dropped:
         print(f"warning: {flag} {data.source}: {dropped} box(es) without area dropped "
               f"({data.info.get('degenerate_by_class', {})})", file=sys.stderr)  # fmt: skip
+    clipped = data.info.get("boxes_clipped", 0)
+    if clipped:
+        print(f"warning: {flag} {data.source}: {clipped} box(es) reached past their image (by the size its "
+              "annotation gives) and were clipped to it", file=sys.stderr)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- images at scale

@@ -278,6 +278,21 @@ def test_voc_drops_a_zero_area_box_and_counts_it(sample_data: Path, tmp_path: Pa
     assert ds.box_counts() == {"Platelets": 31, "RBC": 496, "WBC": 32}  # the sample's, the flat box left out
 
 
+def test_voc_clips_a_box_past_the_image_and_drops_one_outside_it(sample_data: Path, tmp_path: Path) -> None:
+    """The sample's images are 640 x 480 (their XML says so): a box reaching to x 9000 ends at the edge."""
+    root = tmp_path / "BCCD"
+    shutil.copytree(sample_data / "bccd" / "BCCD", root)
+    xml = root / "Annotations" / "BloodImage_00000.xml"
+    past = "<object><name>WBC</name><bndbox><xmin>600</xmin><ymin>-5</ymin><xmax>9000</xmax><ymax>90</ymax></bndbox></object>"
+    outside = "<object><name>RBC</name><bndbox><xmin>700</xmin><ymin>50</ymin><xmax>760</xmax><ymax>90</ymax></bndbox></object>"
+    xml.write_text(xml.read_text().replace("</annotation>", past + outside + "</annotation>"))
+    ds = read_voc(root)
+    first = next(r for r in ds if Path(r.path).name == "BloodImage_00000.jpg")
+    assert Box(600, 0, 640, 90, "WBC") in first.boxes and not any(b.x1 > 640 for b in first.boxes)
+    assert ds.info["boxes_clipped"] == 2 and ds.info["degenerate_by_class"] == {"RBC": 1}
+    assert ds.box_counts() == {"Platelets": 31, "RBC": 496, "WBC": 33}
+
+
 def test_voc_split_option(shared_data: Path) -> None:
     sizes = {s: len(read_voc(shared_data / "bccd", split=s)) for s in ("train", "val", "trainval", "test")}
     assert sizes == {"train": 205, "val": 87, "trainval": 292, "test": 72}
@@ -319,6 +334,7 @@ def test_coco_reads_back_bccd_converted_from_voc(tmp_path: Path, sample_data: Pa
             annotations.append(ann)
     annotations[0]["segmentation"] = [[260, 177, 491, 177, 491, 376]]
     annotations.append({"id": 99999, "image_id": 1, "category_id": 2, "bbox": [10, 10, 0, 5]})
+    annotations.append({"id": 99998, "image_id": 2, "category_id": 3, "bbox": [600, 400, 100, 100]})  # past the edge
     cats = [{"id": i, "name": n} for n, i in categories.items()]
     (tmp_path / "bccd.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": cats}))
     # Images are looked up beside the json, then in images/ beside it.
@@ -327,8 +343,9 @@ def test_coco_reads_back_bccd_converted_from_voc(tmp_path: Path, sample_data: Pa
     ds = read_coco(tmp_path / "bccd.json")
     assert ds.classes == sample_bccd.classes and len(ds) == len(sample_bccd)
     assert [Path(r.path).name for r in ds] == [Path(r.path).name for r in sample_bccd]
-    assert [r.boxes for r in ds] == [r.boxes for r in sample_bccd]
-    assert ds.info["degenerate_by_class"] == {"RBC": 1}
+    assert [r.boxes for r in ds][2:] == [r.boxes for r in sample_bccd][2:] and ds[0].boxes == sample_bccd[0].boxes
+    assert ds[1].boxes == (*sample_bccd[1].boxes, Box(600, 400, 640, 480, "WBC"))  # clipped to 640 x 480
+    assert ds.info["degenerate_by_class"] == {"RBC": 1} and ds.info["boxes_clipped"] == 1
     assert ds[0].meta["segmentations"][0] == [[260, 177, 491, 177, 491, 376]]
     assert len(read_spec(f"coco:{tmp_path}?images={sample_data / 'bccd' / 'BCCD' / 'JPEGImages'}")) == 30
 
@@ -358,6 +375,9 @@ def _midog_json(tmp_path: Path, amibr: Path) -> tuple[Path, dict[str, list[tuple
     annotations.append({"bbox": [100, 200, 150, 250], "category_id": 2, "image_id": 250, "id": 90001})
     annotations.append({"bbox": [300, 300, 300, 350], "category_id": 2, "image_id": 250, "id": 90002})  # no area
     expected["250"].append((125.0, 225.0, "not mitotic figure"))
+    # A figure at the image's edge: its box is not clipped, so its centre stays the annotated point.
+    annotations.append({"bbox": [7200, 5400, 7250, 5450], "category_id": 2, "image_id": 250, "id": 90003})
+    expected["250"].append((7225.0, 5425.0, "not mitotic figure"))
     categories = [{"id": 1, "name": "mitotic figure"}, {"id": 2, "name": "not mitotic figure"}]
     file = tmp_path / "MIDOG.json"
     file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
@@ -375,7 +395,7 @@ def test_midog_points_boxes_scanners_and_unannotated_images(tmp_path: Path, amib
         assert [tuple(p) for p in r.points] == expected[r.group]
         assert all(b.width == 50 and b.height == 50 for b in r.boxes)
         assert [Point(*b.center, b.label) for b in r.boxes] == list(r.points)
-    assert ds.box_counts() == {"mitotic figure": 10, "not mitotic figure": 1}
+    assert ds.box_counts() == {"mitotic figure": 10, "not mitotic figure": 2}
 
     # MIDOG++ lists per-slide scanner and train/test split in a table (its spelling "Hamammatsu XR" included).
     table = tmp_path / "datasets_xvalidation.csv"

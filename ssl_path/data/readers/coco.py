@@ -22,8 +22,9 @@ def read_coco(path: str | os.PathLike, *, images: str | os.PathLike | None = Non
     """A COCO json (or a folder holding exactly one) as one record per image with its boxes.
 
     ``images`` is the image folder (relative to the json's folder unless absolute); by default an
-    image is looked up beside the json, then in ``images/`` beside it. Boxes without area are
-    dropped and counted in ``info``; polygons, where present, are kept in ``meta['segmentations']``
+    image is looked up beside the json, then in ``images/`` beside it. Boxes reaching past their
+    image (by its ``width`` and ``height``) are clipped to it, and boxes without area dropped; both
+    are counted in ``info``; polygons, where present, are kept in ``meta['segmentations']``
     aligned with ``boxes``. Classes are the category names in category-id order.
     """
     file = json_file(path, "coco")
@@ -35,8 +36,12 @@ def read_coco(path: str | os.PathLike, *, images: str | os.PathLike | None = Non
         x, y, w, h = ann["bbox"]
         return Box(x, y, x + w, y + h, categories[ann["category_id"]])
 
-    records, dropped = _image_records(data, file, roots, categories, to_box, "coco", keep_segmentation=True)
-    info = {"degenerate_boxes_dropped": sum(dropped.values()), "degenerate_by_class": dict(dropped)}
+    records, dropped, clipped = _image_records(data, file, roots, categories, to_box, "coco", keep_segmentation=True)
+    info = {
+        "degenerate_boxes_dropped": sum(dropped.values()),
+        "degenerate_by_class": dict(dropped),
+        "boxes_clipped": clipped,
+    }
     source = spec_string("coco", file, images=str(images) if images is not None else None)
     return LabelledSet(records, list(categories.values()), name=file.stem, source=source, info=info)
 
@@ -107,8 +112,10 @@ def _image_records(
     to_box: Callable[[dict[str, Any]], Box],
     reader: str,
     keep_segmentation: bool = False,
-) -> tuple[list[Record], dict[str, int]]:
-    """One record per json image (json order) with its non-degenerate boxes; also the dropped count per class."""
+    clip: bool = True,
+) -> tuple[list[Record], dict[str, int], int]:
+    """One record per json image (json order) with its non-degenerate boxes, with ``clip`` clipped to
+    the image where the json gives its size; also the dropped count per class and the number clipped."""
     by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for ann in data.get("annotations", []):
         by_image[ann.get("image_id")].append(ann)
@@ -119,10 +126,12 @@ def _image_records(
 
     records: list[Record] = []
     dropped: defaultdict[str, int] = defaultdict(int)
+    clipped = 0
     for entry in data["images"]:
         if "file_name" not in entry or "id" not in entry:
             raise UserError(f"{reader}: {file}: an image entry lacks 'file_name' or 'id': {entry}")
         boxes, segmentations = [], []
+        width, height = _positive(entry.get("width")), _positive(entry.get("height"))
         for ann in by_image.get(entry["id"], []):
             if ann.get("category_id") not in categories:
                 raise UserError(
@@ -132,6 +141,10 @@ def _image_records(
                 box = to_box(ann)
             except (KeyError, TypeError, ValueError):
                 raise UserError(f"{reader}: {file}: annotation {ann.get('id')} has no 4-number 'bbox'") from None
+            if clip and width and height:
+                inside = box.clipped(width, height)
+                clipped += inside != box
+                box = inside
             if box.is_degenerate:
                 dropped[box.label] += 1
                 continue
@@ -142,4 +155,9 @@ def _image_records(
             meta["segmentations"] = segmentations
         image = _find_image(str(entry["file_name"]), roots, file, entry["id"], reader)
         records.append(Record(path=str(image), boxes=tuple(boxes), meta=meta))
-    return records, dict(dropped)
+    return records, dict(dropped), clipped
+
+
+def _positive(value: Any) -> float | None:
+    """An image side as the json gives it, where it is a positive number."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None

@@ -80,8 +80,15 @@ def read_midog(
         x0, y0, x1, y1 = ann["bbox"]
         return Box(x0, y0, x1, y1, categories[ann["category_id"]])
 
-    raw, dropped = _image_records(
-        {**data, "images": kept}, file, image_roots(file, images), categories, to_box, "midog"
+    raw, dropped, _ = _image_records(
+        # Not clipped: a box's centre is the figure's annotated point, also at the image's edge.
+        {**data, "images": kept},
+        file,
+        image_roots(file, images),
+        categories,
+        to_box,
+        "midog",
+        clip=False,
     )
     records = [_with_slide_fields(record, table) for record in raw]
     info = {

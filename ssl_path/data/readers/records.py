@@ -35,6 +35,16 @@ class Box(NamedTuple):
         """True when the box has no area (x1 <= x0 or y1 <= y0)."""
         return self.x1 <= self.x0 or self.y1 <= self.y0
 
+    def clipped(self, width: float, height: float) -> Box:
+        """The part of the box inside a ``width`` x ``height`` image (no area if none is)."""
+        return Box(
+            min(max(self.x0, 0.0), width),
+            min(max(self.y0, 0.0), height),
+            min(max(self.x1, 0.0), width),
+            min(max(self.y1, 0.0), height),
+            self.label,
+        )
+
 
 class Point(NamedTuple):
     """A labelled location in pixels, e.g. a mitotic figure's centre."""

@@ -27,9 +27,10 @@ def read_voc(path: str | os.PathLike, *, split: str | None = None) -> LabelledSe
     """A VOC folder (or a folder holding exactly one, e.g. ``bccd/`` -> ``bccd/BCCD``) as image records with boxes.
 
     ``split`` keeps the ids listed in ``ImageSets/Main/<split>.txt`` (train, val, trainval, test...).
-    Every record's ``split`` is train, val or test where those lists exist. Boxes without area
-    are dropped and counted in ``info``; coordinates are VOC's own (1-based pixels). Classes are
-    the box names over the whole set, sorted, so they agree between splits.
+    Every record's ``split`` is train, val or test where those lists exist. Boxes reaching past the
+    image (by the size its annotation gives) are clipped to it, and boxes without area dropped; both
+    are counted in ``info``. Coordinates are VOC's own (1-based pixels). Classes are the box names
+    over the whole set, sorted, so they agree between splits.
     """
     root = _voc_root(existing_dir(path, "voc"))
     xmls = sorted((root / "Annotations").glob("*.xml"), key=lambda p: natural_key(p.name))
@@ -37,11 +38,13 @@ def read_voc(path: str | os.PathLike, *, split: str | None = None) -> LabelledSe
         raise UserError(f"voc: no .xml files in {root / 'Annotations'}")
     split_of = {image_id: name for name in RECORD_SPLITS for image_id in _split_ids(root, name, required=False)}
     dropped: Counter[str] = Counter()
+    clipped = 0
     records = {}
     for xml in xmls:
-        record, degenerate = _parse(xml, root)
+        record, degenerate, fitted = _parse(xml, root)
         records[xml.stem] = dataclasses.replace(record, split=split_of.get(xml.stem))
         dropped.update(degenerate)
+        clipped += fitted
     classes = sorted({b.label for r in records.values() for b in r.boxes} | set(dropped))
     if split is not None:
         wanted = _split_ids(root, split, required=True)
@@ -54,7 +57,11 @@ def read_voc(path: str | os.PathLike, *, split: str | None = None) -> LabelledSe
         chosen = [record for image_id, record in records.items() if image_id in listed]
     else:
         chosen = list(records.values())
-    info = {"degenerate_boxes_dropped": sum(dropped.values()), "degenerate_by_class": dict(dropped)}
+    info = {
+        "degenerate_boxes_dropped": sum(dropped.values()),
+        "degenerate_by_class": dict(dropped),
+        "boxes_clipped": clipped,
+    }
     return LabelledSet(chosen, classes, name=root.name, source=spec_string("voc", root, split=split), info=info)
 
 
@@ -85,8 +92,9 @@ def _split_ids(root: Path, split: str, required: bool) -> list[str]:
     return [line.split()[0] for line in file.read_text().splitlines() if line.strip()]
 
 
-def _parse(xml: Path, root: Path) -> tuple[Record, Counter[str]]:
-    """One annotation file: its record (non-degenerate boxes only) and the degenerate boxes per class."""
+def _parse(xml: Path, root: Path) -> tuple[Record, Counter[str], int]:
+    """One annotation file: its record (boxes clipped to the image, non-degenerate ones only), the
+    degenerate boxes per class, and how many boxes were clipped."""
     try:
         tree = ET.parse(xml).getroot()
     except ET.ParseError as err:
@@ -94,6 +102,8 @@ def _parse(xml: Path, root: Path) -> tuple[Record, Counter[str]]:
     boxes: list[Box] = []
     difficult: list[bool] = []
     degenerate: Counter[str] = Counter()
+    clipped = 0
+    size = {key: _int(tree.findtext(f"size/{key}")) for key in ("width", "height")}
     for number, obj in enumerate(tree.iter("object"), start=1):
         name = (obj.findtext("name") or "").strip()
         bndbox = obj.find("bndbox")
@@ -105,16 +115,19 @@ def _parse(xml: Path, root: Path) -> tuple[Record, Counter[str]]:
             raise UserError(f"voc: {xml}: object {number} lacks a name or a numeric bndbox")
         x0, y0, x1, y1 = coords
         box = Box(x0, y0, x1, y1, name)
+        if size["width"] and size["height"]:
+            inside = box.clipped(size["width"], size["height"])
+            clipped += inside != box
+            box = inside
         if box.is_degenerate:
             degenerate[name] += 1
             continue
         boxes.append(box)
         difficult.append((obj.findtext("difficult") or "0").strip() == "1")
-    size = {key: _int(tree.findtext(f"size/{key}")) for key in ("width", "height")}
     meta: dict[str, Any] = {"id": xml.stem, **size}
     if any(difficult):
         meta["difficult"] = difficult
-    return Record(path=str(_image_of(xml, tree, root)), boxes=tuple(boxes), meta=meta), degenerate
+    return Record(path=str(_image_of(xml, tree, root)), boxes=tuple(boxes), meta=meta), degenerate, clipped
 
 
 def _image_of(xml: Path, tree: ET.Element, root: Path) -> Path:
