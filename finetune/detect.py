@@ -228,6 +228,10 @@ def check_set(cfg: DetectConfig, data: LabelledSet, flag: str) -> None:
     if clipped:
         print(f"warning: {flag} {data.source}: {clipped} box(es) reached past their image (by the size its "
               "annotation gives) and were clipped to it", file=sys.stderr)  # fmt: skip
+    unlisted = data.info.get("listed_without_annotation", [])
+    if unlisted:
+        print(f"warning: {flag} {data.source}: its split lists name {len(unlisted)} image(s) without an "
+              f"annotation, e.g. {unlisted[0]!r}; they are not in the set", file=sys.stderr)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- images at scale

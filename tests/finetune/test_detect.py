@@ -358,13 +358,19 @@ def test_leave_one_domain_out_tests_each_organ_on_a_detector_trained_without_it(
     assert run_cli(detect.main, argv) == 2  # a finished series is never trained again
 
 
-def test_detect_warns_of_clipped_boxes(sample_data: Path, tmp_path: Path, capsys) -> None:
+def test_detect_warns_of_clipped_boxes_and_listed_images_without_annotation(
+    sample_data: Path, tmp_path: Path, capsys
+) -> None:
     root = tmp_path / "BCCD"
     shutil.copytree(sample_data / "bccd" / "BCCD", root)
     xml = root / "Annotations" / "BloodImage_00003.xml"
     past = "<object><name>WBC</name><bndbox><xmin>600</xmin><ymin>10</ymin><xmax>700</xmax><ymax>90</ymax></bndbox></object>"
     xml.write_text(xml.read_text().replace("</annotation>", past + "</annotation>"))
+    with (root / "ImageSets" / "Main" / "train.txt").open("a") as listed:
+        listed.write("BloodImage_99999\n")
     detect.check_set(DetectConfig(), read_spec(f"voc:{root}"), "--train")
-    assert "--train voc:" in (err := capsys.readouterr().err) and "1 box(es) reached past their image" in err
+    err = capsys.readouterr().err
+    assert "--train voc:" in err and "1 box(es) reached past their image" in err
+    assert "split lists name 1 image(s) without an annotation, e.g. 'BloodImage_99999'" in err
     detect.check_set(DetectConfig(), read_spec(f"voc:{sample_data / 'bccd'}"), "--train")
-    assert "reached past" not in capsys.readouterr().err
+    assert capsys.readouterr().err == ""

@@ -29,7 +29,7 @@ def read_voc(path: str | os.PathLike, *, split: str | None = None) -> LabelledSe
     ``split`` keeps the ids listed in ``ImageSets/Main/<split>.txt`` (train, val, trainval, test...).
     Every record's ``split`` is train, val or test where those lists exist. Boxes reaching past the
     image (by the size its annotation gives) are clipped to it, and boxes without area dropped; both
-    are counted in ``info``. Coordinates are VOC's own (1-based pixels). Classes are the box names
+    are counted in ``info``, as are ids a split list names that have no annotation. Coordinates are VOC's own (1-based pixels). Classes are the box names
     over the whole set, sorted, so they agree between splits.
     """
     root = _voc_root(existing_dir(path, "voc"))
@@ -61,6 +61,8 @@ def read_voc(path: str | os.PathLike, *, split: str | None = None) -> LabelledSe
         "degenerate_boxes_dropped": sum(dropped.values()),
         "degenerate_by_class": dict(dropped),
         "boxes_clipped": clipped,
+        # ids a split list names without an Annotations/<id>.xml: the split is smaller than its list says
+        "listed_without_annotation": sorted(i for i in split_of if i not in records),
     }
     return LabelledSet(chosen, classes, name=root.name, source=spec_string("voc", root, split=split), info=info)
 
