@@ -22,6 +22,7 @@ import json
 import platform
 import random
 import re
+import shutil
 import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -296,10 +297,17 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
     }
     write_json(out / SELECTION, selection)
     rows, skipped = {}, _training_skips(out) + [(p, r) for p, r in best.get("skipped", [])]
+    _clear_figures(head, out)  # of an earlier scoring that was refused: they show images as they were
     for name, test_set in tests.items():
         scored, missed = head.evaluate(cfg.head, task, test_set, selection, out, name)
-        # "repair", not "drop": a test split carved from --train would be drawn anew without them
-        check_test_skips(test_set, missed, cfg, "; the trained run is kept: repair them and run the same command again")
+        try:
+            # "repair", not "drop": a test split carved from --train would be drawn anew without them
+            check_test_skips(
+                test_set, missed, cfg, "; the trained run is kept: repair them and run the same command again"
+            )
+        except UserError:
+            _clear_figures(head, out)  # figures of refused scores would pass for the run's
+            raise
         rows.update({f"{name}/{key}" if len(tests) > 1 else key: row for key, row in scored.items()})
         skipped += missed
     encoder = {"ref": request.ckpt, "hash": trained_from}
@@ -308,6 +316,11 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
     print_scores(rows)
     print(f"wrote {out / RESULTS}")
     return results
+
+
+def _clear_figures(head: Head, out: Path) -> None:
+    for figure in head.figures:
+        shutil.rmtree(out / figure, ignore_errors=True)
 
 
 def check_test_skips(

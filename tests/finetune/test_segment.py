@@ -170,6 +170,28 @@ def test_segment_trains_selects_scores_and_predicts_on_wbc(shared_data, tmp_path
     assert mask.shape == (120, 120) and set(np.unique(mask).tolist()) <= {0, 128, 255}
 
 
+def test_refused_test_scores_leave_no_figures_and_a_repaired_set_is_scored(shared_data, tmp_path, capsys):
+    train = small_wbc(shared_data, tmp_path / "train", n=8)
+    test = small_wbc(shared_data, tmp_path / "test", n=4)
+    broken = test / "Dataset 1" / "002.bmp"
+    whole = broken.read_bytes()
+    broken.write_bytes(whole[:200])
+    run = tmp_path / "run"
+    argv = [
+        "--ckpt", str(tiny_checkpoint(tmp_path / "tiny.pt")), "--train", f"wbc_seg:{train}",
+        "--test", f"wbc_seg:{test}", "--out", str(run), "--no-progress", "segment.crop=64",
+        "segment.decoder_channels=[16, 8]", "segment.stem_channels=8", "segment.overlays=4", "train.batch_size=4",
+        "train.epochs=1", "train.num_workers=0", "optim.lr=0.01", "train.max_skipped_fraction=0",
+    ]  # fmt: skip
+    assert run_cli(segment.main, argv) == 2
+    assert_one_line_error(capsys, "1 of 4 test images cannot be read", "repair them")
+    assert not (run / "overlays").exists() and not (run / "results.json").exists()
+    broken.write_bytes(whole)
+    assert run_cli(segment.main, argv) == 0
+    assert read_results(run / "results.json")["dataset"]["n_skipped"] == 0
+    assert len(list((run / "overlays").glob("test_*.png"))) == 4
+
+
 def test_glas_layout_scores_glands_by_their_mask_ids(shared_data, tmp_path):
     """A GlaS-layout set (train_N / testA_N / testB_N with instance masks and Grade.csv) made from
     MoNuSeg crops, whose nuclei stand in for glands: the named split gives two test sets, each scored
