@@ -37,7 +37,7 @@ from finetune.config import INPUTS, FinetuneConfig, resolve_config
 from finetune.data import batch_layout, epoch_stream, split_sets
 from finetune.task import VALIDATION_LOG, VALIDATION_PNG, HeadTask, best_path, fit, load_best, load_encoder
 from ssl_path.core.cli import Parser, add_out, add_overwrite, add_progress, make_parser, resolve_device
-from ssl_path.core.config import dump_yaml, read_yaml
+from ssl_path.core.config import dump_yaml, overridden, read_yaml
 from ssl_path.core.distributed import barrier, from_rank_0, init_distributed
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path, check_out_file, refuse_out_over_inputs, write_json
@@ -156,7 +156,7 @@ def fraction_runs(fractions: Sequence[float]) -> dict[str, float]:
 
 def refuse_flag_and_override(value: str | None, flag: str, key: str, overrides: Sequence[str]) -> None:
     """A flag that is short for an override, given together with that override: one would be dropped."""
-    if value is not None and any(o.split("=", 1)[0] == key for o in overrides):
+    if value is not None and overridden(overrides, key):
         raise UserError(f"{flag} and {key}=... set the same thing; give one")
 
 

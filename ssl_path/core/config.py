@@ -87,6 +87,16 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
+def overridden(overrides: Sequence[str], dotted: str) -> bool:
+    """Whether ``overrides`` set ``dotted``: by its own key (``a.b=v``) or inside a section's (``a={b: v}``)."""
+    node: Any = apply_overrides({}, overrides)
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     """Build dataclass ``cls`` from a mapping, validating keys and converting types."""
     if not isinstance(data, dict):

@@ -273,8 +273,9 @@ def test_sets_a_detector_cannot_use_are_one_line(sample_data, tmp_path, capsys):
     assert_one_line_error(capsys, "'Eosinophil' is not a class", "Platelets, RBC, WBC")
     assert run_cli(detect.main, [*base, "--head", "maskrcnn"]) == 2
     assert_one_line_error(capsys, "maskrcnn", "detect.instances")
-    assert run_cli(detect.main, [*base, "--head", "fcos", "detect.head=retinanet"]) == 2
-    assert_one_line_error(capsys, "--head and detect.head=... set the same thing")
+    for override in ("detect.head=retinanet", "detect={head: retinanet}"):
+        assert run_cli(detect.main, [*base, "--head", "fcos", override]) == 2
+        assert_one_line_error(capsys, "--head and detect.head=... set the same thing")
     assert run_cli(detect.main, [*base, "detect.overlays=-1"]) == 2
     assert_one_line_error(capsys, "overlays >= 0")
     nuclei = tmp_path / "nuclei"
