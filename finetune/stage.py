@@ -36,7 +36,7 @@ from torch import nn
 from finetune.config import INPUTS, FinetuneConfig, resolve_config
 from finetune.data import batch_layout, epoch_stream, split_sets
 from finetune.task import VALIDATION_LOG, VALIDATION_PNG, HeadTask, best_path, fit, load_best, load_encoder
-from ssl_path.core.cli import Parser, add_out, add_overwrite, add_progress, make_parser, resolve_device
+from ssl_path.core.cli import Parser, add_out, add_overwrite, add_progress, make_parser, out_file, resolve_device
 from ssl_path.core.config import dump_yaml, overridden, read_yaml
 from ssl_path.core.distributed import barrier, from_rank_0, init_distributed
 from ssl_path.core.errors import UserError, run_cli
@@ -107,7 +107,7 @@ def build_parser(head: Head) -> Parser:
         "--train", metavar="SPEC", help="labelled training set, a data SPEC: READER:PATH[?option=value&...]"
     )
     parser.add_argument("--test", metavar="SPEC", help="test set (default: the set's named split, or a held-out share)")
-    add_out(parser, help="run directory (with --eval: the results.json to write)", required=False)
+    add_out(parser, help="run directory (with --eval: the results.json to write)", required=False, type=str)
     parser.add_argument("--eval", type=Path, metavar="RUN_DIR", help="score the trained run RUN_DIR on --test")
     parser.add_argument(
         "--config", default=head.default_config, help="shipped config name or YAML (default %(default)s)"
@@ -182,7 +182,8 @@ def request_from(head: Head, args: argparse.Namespace) -> Request:
         ckpt=args.ckpt,
         train=args.train,
         test=args.test,
-        out=args.out,
+        # with --eval a file, where a trailing / would be dropped unseen
+        out=None if args.out is None else out_file(args.out) if args.eval is not None else Path(args.out),
         config=args.config,
         overrides=overrides,
         evaluate=args.eval,

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from probes.features import DEFAULT_CACHE, POOLS, FeatureSet, extract_features
-from ssl_path.core.cli import add_device, add_out, add_overwrite, add_progress, add_seed, resolve_device
+from ssl_path.core.cli import add_device, add_out, add_overwrite, add_progress, add_seed, out_file, resolve_device
 from ssl_path.core.errors import UserError
 from ssl_path.core.io import check_out_file
 from ssl_path.data.readers import LabelledSet, parse_spec, read_spec
@@ -330,7 +330,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser, seed_help: str) -> argp
         help="redraws of the test set (whole slides/patients where it has them) for the 95 %% CIs; "
         "0: none (default %(default)s)",
     )
-    add_out(p, help="write results.json here", required=False)
+    add_out(p, help="write results.json here", required=False, type=out_file)
     add_overwrite(p)
     add_seed(p, help=seed_help)
     return p

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ssl_path.core.cli import add_out, add_overwrite, make_parser
+from ssl_path.core.cli import add_out, add_overwrite, make_parser, out_file
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import check_out_file
 from ssl_path.data.stain import METHODS
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strength", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="strengths in [0, 1]")
     parser.add_argument("--rows", type=int, default=4, help="at most this many images of a folder")
     parser.add_argument("--max-side", type=int, default=512, help="downscale images to this longer side first")
-    add_out(parser, help="PNG to write")
+    add_out(parser, help="PNG to write", type=out_file)
     add_overwrite(parser)
     args = parser.parse_args(argv)
     if args.rows < 1 or args.max_side < 16:

@@ -11,9 +11,10 @@ a stage turns it into plain values.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import torch
 
@@ -34,8 +35,22 @@ def make_parser(prog: str, description: str) -> Parser:
     return Parser(prog=prog, description=description)
 
 
-def add_out(parser: argparse.ArgumentParser, help: str, required: bool = True, metavar: str | None = None) -> None:
-    parser.add_argument("--out", required=required, type=Path, metavar=metavar, help=help)
+def add_out(
+    parser: argparse.ArgumentParser,
+    help: str,
+    required: bool = True,
+    metavar: str | None = None,
+    type: Callable[[str], object] = Path,
+) -> None:
+    """``--out``: a folder by default; ``type=out_file`` for a file."""
+    parser.add_argument("--out", required=required, type=type, metavar=metavar, help=help)
+
+
+def out_file(text: str) -> Path:
+    """An output file as typed; a trailing separator, which Path drops, means a folder: refused."""
+    if text.endswith(("/", os.sep)):
+        raise UserError(f"--out {text} ends in {text[-1]}, so it names a folder; name the file to write in it")
+    return Path(text)
 
 
 def add_overwrite(

@@ -21,8 +21,9 @@ from pretrain_helpers import TINY, make_tiles
 from probe_helpers import assert_one_line_error, probe_args
 from sample_helpers import SAMPLE_SLIDE
 
+from finetune import classify
 from probes import embed, fewshot, knn
-from ssl_path import hub, shards
+from ssl_path import hub, shards, stain_preview
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import write_json
 from ssl_path.data.manifest import MANIFEST
@@ -155,6 +156,21 @@ def test_probe_results_never_land_in_the_set_or_the_run_they_read(trained, sampl
         assert run_cli(knn.main, [*argv, "--out", str(out), "--overwrite"]) == 2
         assert_one_line_error(capsys, "the input")
     assert (snapshot(trained), snapshot(data)) == before
+
+
+def test_a_results_file_typed_as_a_folder_is_refused(trained, sample_data, tmp_path, capsys):
+    """``--out kdir/`` would otherwise write a file named kdir: Path drops the trailing slash."""
+    data = user_images(sample_data, tmp_path / "images")
+    argv = probe_args(f"folder:{data}", f"folder:{data}", tmp_path)
+    argv[argv.index("--ckpt") + 1] = str(trained)
+    assert run_cli(knn.main, [*argv, "--out", f"{tmp_path / 'kdir'}/"]) == 2
+    assert_one_line_error(capsys, "kdir/ ends in /, so it names a folder")
+    png = f"{tmp_path / 'preview.png'}/"
+    assert run_cli(stain_preview.main, ["--data", str(data), "--reference", str(data), "--out", png]) == 2
+    assert_one_line_error(capsys, "preview.png/ ends in /")
+    assert run_cli(classify.main, ["--eval", str(trained), "--test", f"folder:{data}", "--out", f"{tmp_path}/"]) == 2
+    assert_one_line_error(capsys, "ends in /, so it names a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
 def test_pretrain_out_inside_or_holding_its_shards_is_refused(trained, capsys):
