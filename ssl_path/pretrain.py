@@ -39,11 +39,13 @@ from ssl_path.core.distributed import DistInfo, barrier, init_distributed
 from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path, refuse_out_over_inputs, write_json
 from ssl_path.data.loader import SKIPPED, Skip, check_shards, shard_dataset, shard_loader, shard_urls
+from ssl_path.data.manifest import data_locations, find_manifests
 from ssl_path.encoder import encoder_state
 from ssl_path.encoder.checkpoint import CHECKPOINT_DIR, checkpoint_path, read_checkpoint, read_training_checkpoint
-from ssl_path.encoder.identity import RANDOM_INIT_SEED
+from ssl_path.encoder.identity import RANDOM_INIT_SEED, file_digest
 from ssl_path.methods import PretrainingMethod, methods
 from ssl_path.methods.backbone import ModelConfig, build_vit, encoder_kwargs
+from ssl_path.publish.records import RUN_MANIFESTS, RUN_RECORD
 from ssl_path.training.config import OptimConfig, TrainConfig
 from ssl_path.training.figures import draw_panels
 from ssl_path.training.loop import SKIPS_LOG, StreamFactory, TrainingDiverged, train
@@ -51,7 +53,7 @@ from ssl_path.training.metrics_log import LOSS_PNG, METRICS
 from ssl_path.training.run_dir import CONFIG_FILE
 from ssl_path.training.run_dir import check_run_dir as check_any_run_dir
 
-RUN_FILE = "run.json"
+RUN_FILE = RUN_RECORD
 FIGURE_IMAGES = 6  # the first readable tiles of the run's shards, in shard order
 # What a run writes into its run dir; a folder holding anything else is not one.
 RUN_DIR_ENTRIES = (
@@ -147,6 +149,8 @@ def run(
             {
                 # absolute, so that the export and the figures find them from any folder
                 "data": [_absolute(d) for d in data] if isinstance(data, (list, tuple)) else _absolute(data),
+                # what the model card's data summary will be checked against, wherever the shards move
+                RUN_MANIFESTS: [file_digest(m) for m in find_manifests(data_locations(data))[0]],
                 "command": " ".join(sys.argv),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(),

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from ssl_path.core.errors import UserError
 from ssl_path.data.images import as_rgb_tensor
-from ssl_path.data.manifest import MANIFEST, manifest_path, manifest_urls, read_manifest
+from ssl_path.data.manifest import MANIFEST, data_locations, manifest_path, manifest_urls, read_manifest
 
 Mode = Literal["train", "eval"]
 IMAGE_KEYS = ("img.jpg", "img.jpeg", "img.png", "jpg", "jpeg", "png", "img.webp", "webp")
@@ -89,12 +89,7 @@ class StreamPosition:
 
 def shard_urls(data: str | Path | Sequence[str | Path]) -> list[str]:
     """Expand a ``--data`` value to the list of shard files it names."""
-    items = [data] if isinstance(data, (str, Path)) else list(data)
-    urls: list[str] = []
-    for item in items:
-        for part in str(item).split("::"):
-            if part:
-                urls.extend(_expand_one(part))
+    urls = [url for part in data_locations(data) for url in _expand_one(part)]
     if not urls:
         raise UserError(f"--data {data!s}: names no shards")
     return urls
@@ -102,14 +97,12 @@ def shard_urls(data: str | Path | Sequence[str | Path]) -> list[str]:
 
 def shard_total(data: str | Path | Sequence[str | Path]) -> int | None:
     """Total sample count from the manifests, or None when any part has no manifest."""
-    items = [data] if isinstance(data, (str, Path)) else list(data)
     total = 0
-    for item in items:
-        for part in str(item).split("::"):
-            manifest = manifest_path(Path(part))
-            if manifest is None:
-                return None
-            total += int(read_manifest(manifest)["total"])
+    for part in data_locations(data):
+        manifest = manifest_path(Path(part))
+        if manifest is None:
+            return None
+        total += int(read_manifest(manifest)["total"])
     return total
 
 

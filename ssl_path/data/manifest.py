@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ssl_path.core.errors import UserError
 
@@ -24,6 +24,27 @@ def manifest_path(path: Path) -> Path | None:
     if path.is_file() and path.name == MANIFEST:
         return path
     return None
+
+
+def data_locations(data: Any) -> list[str]:
+    """The shard locations of a ``--data`` value: ``::``-joined parts of a path, or of each in a list."""
+    items = [data] if isinstance(data, (str, Path)) else list(data) if isinstance(data, (list, tuple)) else []
+    return [part for item in items for part in str(item).split("::") if part]
+
+
+def find_manifests(locations: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """The manifest of each shard location (a folder, a manifest, or a .tar or brace pattern in a
+    folder), each once, and the locations that have none."""
+    found: list[Path] = []
+    missing: list[str] = []
+    for location in locations:
+        path = Path(location.split("{")[0])  # a brace pattern or a .tar lies in its shard folder
+        manifest = manifest_path(path) or manifest_path(path.parent)
+        if manifest is None:
+            missing.append(location)
+        elif manifest.resolve() not in {m.resolve() for m in found}:
+            found.append(manifest)
+    return found, missing
 
 
 def read_manifest(manifest: Path) -> dict[str, Any]:

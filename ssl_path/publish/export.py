@@ -27,7 +27,7 @@ from ssl_path.encoder.refs import checkpoint_file
 from ssl_path.encoder.state import model_from_entry, published_kwargs
 from ssl_path.evaluation.results import read_results
 from ssl_path.publish.card import build_card, tested_on
-from ssl_path.publish.records import training_record
+from ssl_path.publish.records import RUN_RECORD, training_record
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -112,6 +112,11 @@ def export(
             f"--shards {record.data_missing[0]}: no shard manifest there (a folder written by ssl_path.shards, "
             "its manifest.json, or a shard in that folder)"
         )
+    if record.data_changed:
+        differ = f"{', '.join(record.data_changed)} differ from the manifests the run started on (its {RUN_RECORD})"
+        if shards:
+            raise UserError(f"--shards: {differ}; give the shards this run trained on")
+        print(f"warning: {differ}; the card will not describe the training data", file=sys.stderr)
     for location in record.data_missing:
         print(
             f"warning: no shard manifest found for {location}; the card will not describe the training data",

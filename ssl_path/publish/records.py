@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ssl_path.data.manifest import manifest_path, read_manifest
+from ssl_path.data.manifest import data_locations, find_manifests, read_manifest
+from ssl_path.encoder.identity import file_digest
 
 RUN_RECORD = "run.json"
+RUN_MANIFESTS = "manifests"  # run.json's sha256 of each shard manifest the run started on
 
 
 @dataclass
@@ -28,6 +30,7 @@ class TrainingRecord:
     run: dict[str, Any] = field(default_factory=dict)  # run.json, without host and command
     data: dict[str, Any] | None = None  # the shard manifest's summary
     data_missing: list[str] = field(default_factory=list)  # shard locations whose manifest was not found
+    data_changed: list[str] = field(default_factory=list)  # manifests found, not those run.json recorded
 
 
 def training_record(
@@ -51,9 +54,13 @@ def training_record(
         config=config,
         run={k: run[k] for k in ("started", "world_size", "device", "torch") if k in run},
     )
-    locations = list(shards) if shards else _data_locations(run.get("data"))
-    manifests, record.data_missing = _find_manifests(locations)
-    if manifests:
+    locations = list(shards) if shards else data_locations(run.get("data"))
+    manifests, record.data_missing = find_manifests(locations)
+    trained_on = run.get(RUN_MANIFESTS)
+    if manifests and isinstance(trained_on, list):  # runs before it was recorded are taken at their word
+        if sorted(file_digest(m) for m in manifests) != sorted(trained_on):
+            record.data_changed = [str(m) for m in manifests]
+    if manifests and not record.data_changed:
         record.data = data_summary(manifests)
     return record
 
@@ -77,25 +84,6 @@ def _read_run_record(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
-
-
-def _data_locations(data: Any) -> list[str]:
-    parts = data if isinstance(data, list) else [data] if isinstance(data, str) else []
-    return [piece for part in parts for piece in str(part).split("::") if piece]
-
-
-def _find_manifests(locations: Sequence[str]) -> tuple[list[Path], list[str]]:
-    """The manifest of each shard location (a folder, a manifest, or a .tar or brace pattern in a folder)."""
-    found: list[Path] = []
-    missing: list[str] = []
-    for location in locations:
-        path = Path(location.split("{")[0])  # a brace pattern or a .tar lies in its shard folder
-        manifest = manifest_path(path) or manifest_path(path.parent)
-        if manifest is None:
-            missing.append(location)
-        elif manifest.resolve() not in {m.resolve() for m in found}:
-            found.append(manifest)
-    return found, missing
 
 
 def data_summary(manifests: Sequence[Path]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from probes import fewshot, knn
 from ssl_path import encoder, hub
 from ssl_path.core.errors import run_cli
+from ssl_path.data.manifest import MANIFEST
 from ssl_path.data.transforms import as_rgb_tensor, eval_transform
 from ssl_path.encoder.checkpoint import read_checkpoint
 from ssl_path.evaluation.metrics import SCORES
@@ -444,6 +446,19 @@ def test_moved_shards_are_named_by_shards_or_reported_missing(trained, sample_da
     _one_line_error(capsys, "--shards", "typo", "no shard manifest")
     assert not (tmp_path / "c").exists()
 
+    # Shards tiled otherwise than the run's (here: their manifest says 96 px) would make the card lie.
+    other = Path(shutil.copytree(trained["shards"], tmp_path / "other"))
+    manifest = json.loads((other / MANIFEST).read_text())
+    (other / MANIFEST).write_text(json.dumps({**manifest, "params": {**manifest["params"], "tile_size": 96}}))
+    argv = ["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "d"), "--shards", str(other)]
+    assert run_cli(hub.main, argv) == 2
+    _one_line_error(capsys, "--shards", str(other / MANIFEST), "differ from the manifests the run started on")
+    assert not (tmp_path / "d").exists()
+    (run_dir / "run.json").write_text(json.dumps({**record, "data": str(other)}))  # re-tiled where the run read
+    assert run_cli(hub.main, ["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "e")]) == 0
+    assert "differ from the manifests the run started on" in capsys.readouterr().err
+    assert "manifest was not available" in (tmp_path / "e" / "README.md").read_text()
+
 
 def test_a_relative_data_path_is_recorded_whole_so_that_export_finds_it_from_anywhere(trained, tmp_path, monkeypatch):
     shards = trained["shards"]
@@ -462,8 +477,9 @@ def test_the_card_tells_which_images_had_no_pixel_size_under_mpp(trained, tmp_pa
     slide = SAMPLE_DATA / "slide" / "CMU-1-Small-Region.svs"  # 0.499 µm/px
     params = TilingParams(tile_size=64, min_tissue=0.0, samples_per_shard=40, max_tiles_per_source=20, mpp=0.5)
     make_shards([*patches, slide], tmp_path / "shards", params, progress=False)
+    run(resolve_config("dinov2_tiny_cpu", TINY), tmp_path / "shards", tmp_path / "run", max_steps=1, progress=False)
     out = tmp_path / "export"
-    argv = ["export", "--ckpt", str(trained["run"]), "--out", str(out), "--shards", str(tmp_path / "shards")]
+    argv = ["export", "--ckpt", str(tmp_path / "run"), "--out", str(out)]
     assert run_cli(hub.main, argv) == 0
     text = " ".join((out / "README.md").read_text().split())
     assert (
