@@ -107,11 +107,11 @@ class LinearHead(nn.Module):
 
 
 def check(cfg: ClassifyConfig, data: LabelledSet, flag: str) -> None:
+    unlabelled = sum(label is None for label in data.labels())
+    if unlabelled:  # first: they may be why the set has a class too few
+        raise UserError(f"{flag} {data.source}: {unlabelled} images have no label; every image needs one")
     if len(data.classes) < 2:
         raise UserError(f"{flag} {data.source}: {len(data.classes)} class; classification needs at least 2")
-    unlabelled = sum(label is None for label in data.labels())
-    if unlabelled:
-        raise UserError(f"{flag} {data.source}: {unlabelled} images have no label; every image needs one")
 
 
 def _size(cfg: ClassifyConfig, info: EncoderInfo) -> int:

@@ -84,13 +84,14 @@ def align_labels(test: FeatureSet, classes: Sequence[str], probe: str = "kNN") -
 def check_sets(train: LabelledSet, test: LabelledSet, train_spec: str, test_spec: str, probe: str = "kNN") -> None:
     """Refuse sets a probe cannot use, before any encoder is built: fewer than two classes, an
     empty training class, unlabeled images, or test labels the training set does not have."""
-    if len(train.classes) < 2:
-        names = ", ".join(train.classes)
-        raise UserError(f"--train {train_spec}: {len(train.classes)} class ({names}); {probe} needs at least 2")
+    # Unlabelled rows first: they may be why a set has a class too few.
     for flag, spec, data in (("--train", train_spec, train), ("--test", test_spec, test)):
         unlabeled = sum(label is None for label in data.labels())
         if unlabeled:
             raise UserError(f"{flag} {spec}: {unlabeled} images have no label; {probe} needs a label on each")
+    if len(train.classes) < 2:
+        names = ", ".join(train.classes)
+        raise UserError(f"--train {train_spec}: {len(train.classes)} class ({names}); {probe} needs at least 2")
     empty = [name for name, n in train.class_counts().items() if n == 0]
     if empty:
         raise UserError(

@@ -261,6 +261,15 @@ def test_bad_requests_are_one_line(extra, fragment, amibr_small, tiny_ref, tmp_p
     assert not (tmp_path / "r").exists()
 
 
+def test_unlabelled_rows_are_named_before_a_class_too_few(amibr_small, tiny_ref, tmp_path, capsys):
+    images = sorted(amibr_small.rglob("*.png"))[:4]
+    table = tmp_path / "labels.csv"
+    table.write_text("path,label\n" + "".join(f"{p},{'normal' if i < 2 else ''}\n" for i, p in enumerate(images)))
+    argv = ["--ckpt", str(tiny_ref), "--train", f"csv:{table}", "--out", str(tmp_path / "r"), *SMALL]
+    assert run_cli(classify.main, argv) == 2
+    assert_one_line_error(capsys, "2 images have no label")
+
+
 def _ddp_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"

@@ -339,6 +339,12 @@ def test_cli_bad_inputs_are_one_line_errors(specs, sample_data, tmp_path, capsys
         shutil.copy(path, one_class)
     assert cli(common(str(one_class.parent), test, tmp_path)) == 2
     assert_one_line_error(capsys, "1 class", "at least 2")
+    # A CSV whose other class lost its labels: the missing labels are what is wrong, not the one class.
+    images = sorted((sample_data / "amibr" / "patches" / "normal").glob("*.png"))[:4]
+    table = tmp_path / "labels.csv"
+    table.write_text("path,label\n" + "".join(f"{p},{'normal' if i < 2 else ''}\n" for i, p in enumerate(images)))
+    assert cli(common(f"csv:{table}", test, tmp_path)) == 2
+    assert_one_line_error(capsys, "2 images have no label")
 
     out = tmp_path / "results.json"
     out.write_text("{}")
