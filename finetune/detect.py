@@ -224,14 +224,18 @@ def check_set(cfg: DetectConfig, data: LabelledSet, flag: str) -> None:
     if dropped:
         print(f"warning: {flag} {data.source}: {dropped} box(es) without area dropped "
               f"({data.info.get('degenerate_by_class', {})})", file=sys.stderr)  # fmt: skip
-    clipped = data.info.get("boxes_clipped", 0)
+    clipped, outside = data.info.get("boxes_clipped", 0), data.info.get("boxes_outside_image", 0)
     if clipped:
         print(f"warning: {flag} {data.source}: {clipped} box(es) reached past their image (by the size its "
               "annotation gives) and were clipped to it", file=sys.stderr)  # fmt: skip
+    if outside:
+        print(f"warning: {flag} {data.source}: {outside} box(es) lay wholly outside their image (by the size "
+              "its annotation gives) and were dropped", file=sys.stderr)  # fmt: skip
     unlisted = data.info.get("listed_without_annotation", [])
     if unlisted:
-        print(f"warning: {flag} {data.source}: its split lists name {len(unlisted)} image(s) without an "
-              f"annotation, e.g. {unlisted[0]!r}; they are not in the set", file=sys.stderr)  # fmt: skip
+        (listing, image_id), more = unlisted[0], f" ({len(unlisted)} such ids in all)" if len(unlisted) > 1 else ""
+        print(f"warning: {flag} {data.source}: ImageSets/Main/{listing} lists {image_id!r}, which has no "
+              f"annotation{more}; it is in no split", file=sys.stderr)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- images at scale

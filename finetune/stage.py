@@ -43,7 +43,7 @@ from ssl_path.core.errors import UserError, run_cli
 from ssl_path.core.io import atomic_path, check_out_file, refuse_out_over_inputs, write_json
 from ssl_path.data.readers import LabelledSet, parse_spec, read_spec, with_filters
 from ssl_path.encoder import EncoderInfo
-from ssl_path.encoder.checkpoint import CHECKPOINT_DIR, checkpoint_path
+from ssl_path.encoder.checkpoint import CHECKPOINT_DIR, RUN_RECORD, checkpoint_path
 from ssl_path.encoder.identity import encoder_hash
 from ssl_path.evaluation.results import make_results, read_results, write_results
 from ssl_path.evaluation.splits import sample_subset
@@ -51,7 +51,7 @@ from ssl_path.training.loop import SKIPS_LOG, TrainingDiverged
 from ssl_path.training.metrics_log import LOSS_PNG, METRICS, read_metrics
 from ssl_path.training.run_dir import CONFIG_FILE, check_run_dir
 
-RUN_FILE = "run.json"
+RUN_FILE = RUN_RECORD
 SELECTION = "selection.json"
 RESULTS = "results.json"
 
@@ -298,19 +298,18 @@ def train_run(head: Head, request: Request) -> dict[str, Any] | None:
     }
     write_json(out / SELECTION, selection)
     rows, skipped = {}, _training_skips(out) + [(p, r) for p, r in best.get("skipped", [])]
-    _clear_figures(head, out)  # of an earlier scoring that was refused: they show images as they were
-    for name, test_set in tests.items():
-        scored, missed = head.evaluate(cfg.head, task, test_set, selection, out, name)
-        try:
+    _clear_figures(head, out)  # of an earlier scoring that stopped: they show images as they were
+    try:
+        for name, test_set in tests.items():
+            scored, missed = head.evaluate(cfg.head, task, test_set, selection, out, name)
             # "repair", not "drop": a test split carved from --train would be drawn anew without them
-            check_test_skips(
-                test_set, missed, cfg, "; the trained run is kept: repair them and run the same command again"
-            )
-        except UserError:
-            _clear_figures(head, out)  # figures of refused scores would pass for the run's
-            raise
-        rows.update({f"{name}/{key}" if len(tests) > 1 else key: row for key, row in scored.items()})
-        skipped += missed
+            then = "; the trained run is kept: repair them and run the same command again"
+            check_test_skips(test_set, missed, cfg, then)
+            rows.update({f"{name}/{key}" if len(tests) > 1 else key: row for key, row in scored.items()})
+            skipped += missed
+    except BaseException:  # refused scores, or a stop: their figures would pass for the run's
+        _clear_figures(head, out)
+        raise
     encoder = {"ref": request.ckpt, "hash": trained_from}
     results = _results(head, cfg, encoder, train_set, val_set, tests, split, rows, selection, skipped)
     write_results(out / RESULTS, results, overwrite=True)

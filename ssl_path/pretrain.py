@@ -41,11 +41,17 @@ from ssl_path.core.io import atomic_path, refuse_out_over_inputs, write_json
 from ssl_path.data.loader import SKIPPED, Skip, check_shards, shard_dataset, shard_loader, shard_urls
 from ssl_path.data.manifest import data_locations, find_manifests
 from ssl_path.encoder import encoder_state
-from ssl_path.encoder.checkpoint import CHECKPOINT_DIR, checkpoint_path, read_checkpoint, read_training_checkpoint
+from ssl_path.encoder.checkpoint import (
+    CHECKPOINT_DIR,
+    RUN_MANIFESTS,
+    RUN_RECORD,
+    checkpoint_path,
+    read_checkpoint,
+    read_training_checkpoint,
+)
 from ssl_path.encoder.identity import RANDOM_INIT_SEED, file_digest
 from ssl_path.methods import PretrainingMethod, methods
 from ssl_path.methods.backbone import ModelConfig, build_vit, encoder_kwargs
-from ssl_path.publish.records import RUN_MANIFESTS, RUN_RECORD
 from ssl_path.training.config import OptimConfig, TrainConfig
 from ssl_path.training.figures import draw_panels
 from ssl_path.training.loop import SKIPS_LOG, StreamFactory, TrainingDiverged, train
@@ -136,6 +142,9 @@ def run(
         raise UserError(f"train: {err}") from None
     config = cfg.to_dict()
     fresh = check_run_dir(out, config)
+    manifests = [file_digest(m) for m in find_manifests(data_locations(data))[0]]
+    if not fresh:
+        _refuse_other_data(out, data, manifests)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     # Built before anything is written: a config that builds no method leaves the run dir as it was.
@@ -149,8 +158,8 @@ def run(
             {
                 # absolute, so that the export and the figures find them from any folder
                 "data": [_absolute(d) for d in data] if isinstance(data, (list, tuple)) else _absolute(data),
-                # what the model card's data summary will be checked against, wherever the shards move
-                RUN_MANIFESTS: [file_digest(m) for m in find_manifests(data_locations(data))[0]],
+                # what a resume and the model card's data summary are checked against, wherever the shards move
+                RUN_MANIFESTS: manifests,
                 "command": " ".join(sys.argv),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(),
@@ -180,6 +189,20 @@ def run(
     if dist_info.is_main and method.figure:
         draw_figure(out, urls)  # from the checkpoint: the same under every strategy, FSDP included
     return trained
+
+
+def _refuse_other_data(out: Path, data: Any, manifests: list[str]) -> None:
+    """A run resumed on other shards than it started on: its stream position and its card would be wrong."""
+    try:
+        record = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        record = {}
+    started_on = record.get(RUN_MANIFESTS) if isinstance(record, dict) else None  # absent in older runs
+    if isinstance(started_on, list) and sorted(started_on) != sorted(manifests):
+        raise UserError(
+            f"--data {data}: not the shards {out} started on (their manifests differ from those its {RUN_FILE} "
+            "records); resume it on those, or give another --out"
+        )
 
 
 def draw_figure(run_dir: Path, data: Any = None) -> Path:

@@ -47,10 +47,11 @@ def add_out(
 
 
 def out_file(text: str) -> Path:
-    """An output file as typed; a trailing separator, which Path drops, means a folder: refused."""
-    if text.endswith(("/", os.sep)):
-        raise UserError(f"--out {text} ends in {text[-1]}, so it names a folder; name the file to write in it")
-    return Path(text)
+    """An output file as typed; a trailing separator or ``/.``, which Path drops, means a folder: refused."""
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or os.path.basename(text) != path.name:
+        raise UserError(f"--out {text} names a folder (Path would make it {path}); name the file to write in it")
+    return path
 
 
 def add_overwrite(

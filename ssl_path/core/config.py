@@ -88,13 +88,18 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def overridden(overrides: Sequence[str], dotted: str) -> bool:
-    """Whether ``overrides`` set ``dotted``: by its own key (``a.b=v``) or inside a section's (``a={b: v}``)."""
-    node: Any = apply_overrides({}, overrides)
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    """Whether any of ``overrides`` sets ``dotted``: by its own key (``a.b=v``) or inside a section's
+    (``a={b: v}``); each on its own, as a later section's would hide an earlier key's."""
+
+    def sets(override: str) -> bool:
+        node: Any = apply_overrides({}, [override])
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    return any(sets(override) for override in overrides)
 
 
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:

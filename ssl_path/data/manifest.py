@@ -7,6 +7,8 @@ skipped with its reason. The stream reads shard lists from it; the model card re
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,9 +29,16 @@ def manifest_path(path: Path) -> Path | None:
 
 
 def data_locations(data: Any) -> list[str]:
-    """The shard locations of a ``--data`` value: ``::``-joined parts of a path, or of each in a list."""
-    items = [data] if isinstance(data, (str, Path)) else list(data) if isinstance(data, (list, tuple)) else []
-    return [part for item in items for part in str(item).split("::") if part]
+    """The shard locations of a ``--data`` value: ``::``-joined parts of a path, or of each of several;
+    none of anything else (a run record's ``data`` may hold anything)."""
+    if isinstance(data, (str, os.PathLike)):
+        items = [data]
+    elif isinstance(data, Iterable) and not isinstance(data, (Mapping, bytes)):
+        items = list(data)
+    else:
+        items = []
+    texts = [os.fspath(item) if isinstance(item, (str, os.PathLike)) else str(item) for item in items]
+    return [part for text in texts for part in str(text).split("::") if part]
 
 
 def find_manifests(locations: Sequence[str]) -> tuple[list[Path], list[str]]:

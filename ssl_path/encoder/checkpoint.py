@@ -22,6 +22,8 @@ from ssl_path.core.io import atomic_path
 
 FORMAT = "ssl-path/checkpoint/v1"
 CHECKPOINT_DIR = "checkpoints"
+RUN_RECORD = "run.json"  # beside checkpoints/: how the run was started (command, data, host, device)
+RUN_MANIFESTS = "manifests"  # the run record's sha256 of each shard manifest its data named at the start
 LAST = "last.pt"
 SUFFIXES = (".pt", ".pth")
 # How a file torch.save wrote begins: its zip format (torch >= 1.6), or a pickle's protocol opcode (older)

@@ -20,14 +20,14 @@ from timm.models import save_for_hf
 
 from ssl_path.core.errors import UserError, first_line
 from ssl_path.core.io import atomic_dir, check_out_dir, make_public, write_json
-from ssl_path.encoder.checkpoint import encoder_entry, read_checkpoint
+from ssl_path.encoder.checkpoint import RUN_RECORD, encoder_entry, read_checkpoint
 from ssl_path.encoder.identity import encoder_hash, file_digest
 from ssl_path.encoder.info import encoder_info
 from ssl_path.encoder.refs import checkpoint_file
 from ssl_path.encoder.state import model_from_entry, published_kwargs
 from ssl_path.evaluation.results import read_results
 from ssl_path.publish.card import build_card, tested_on
-from ssl_path.publish.records import RUN_RECORD, training_record
+from ssl_path.publish.records import TrainingRecord, training_record
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -112,11 +112,11 @@ def export(
             f"--shards {record.data_missing[0]}: no shard manifest there (a folder written by ssl_path.shards, "
             "its manifest.json, or a shard in that folder)"
         )
-    if record.data_changed:
-        differ = f"{', '.join(record.data_changed)} differ from the manifests the run started on (its {RUN_RECORD})"
-        if shards:
-            raise UserError(f"--shards: {differ}; give the shards this run trained on")
-        print(f"warning: {differ}; the card will not describe the training data", file=sys.stderr)
+    other_data = _other_data(record)
+    if other_data and shards:
+        raise UserError(f"--shards: {other_data}; give the shards this run started on")
+    if other_data:
+        print(f"warning: {other_data}; the card will not describe the training data", file=sys.stderr)
     for location in record.data_missing:
         print(
             f"warning: no shard manifest found for {location}; the card will not describe the training data",
@@ -152,6 +152,15 @@ def export(
             make_public(file)
         write_file_list(tmp)
     return out
+
+
+def _other_data(record: TrainingRecord) -> str | None:
+    """What differs between the shard manifests found and those the run's record says it started on."""
+    if record.data_foreign:
+        return f"{record.data_foreign[0]} is not a shard manifest this run started on (by the sha256 its {RUN_RECORD} holds)"
+    if record.data_absent and not record.data_missing:  # a missing location is warned of on its own
+        return f"{record.data_absent} of the shard manifests this run started on are not among those found"
+    return None
 
 
 def write_file_list(folder: Path) -> list[dict[str, Any]]:

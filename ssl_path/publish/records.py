@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ssl_path.data.manifest import data_locations, find_manifests, read_manifest
+from ssl_path.encoder.checkpoint import RUN_MANIFESTS, RUN_RECORD
 from ssl_path.encoder.identity import file_digest
-
-RUN_RECORD = "run.json"
-RUN_MANIFESTS = "manifests"  # run.json's sha256 of each shard manifest the run started on
 
 
 @dataclass
@@ -30,7 +28,10 @@ class TrainingRecord:
     run: dict[str, Any] = field(default_factory=dict)  # run.json, without host and command
     data: dict[str, Any] | None = None  # the shard manifest's summary
     data_missing: list[str] = field(default_factory=list)  # shard locations whose manifest was not found
-    data_changed: list[str] = field(default_factory=list)  # manifests found, not those run.json recorded
+    # Against the manifests run.json recorded at the run's start: those found that it did not record,
+    # and how many it recorded that were not found.
+    data_foreign: list[str] = field(default_factory=list)
+    data_absent: int = 0
 
 
 def training_record(
@@ -54,13 +55,13 @@ def training_record(
         config=config,
         run={k: run[k] for k in ("started", "world_size", "device", "torch") if k in run},
     )
-    locations = list(shards) if shards else data_locations(run.get("data"))
-    manifests, record.data_missing = find_manifests(locations)
+    manifests, record.data_missing = find_manifests(data_locations(shards if shards else run.get("data")))
     trained_on = run.get(RUN_MANIFESTS)
     if manifests and isinstance(trained_on, list):  # runs before it was recorded are taken at their word
-        if sorted(file_digest(m) for m in manifests) != sorted(trained_on):
-            record.data_changed = [str(m) for m in manifests]
-    if manifests and not record.data_changed:
+        digests = {str(m): file_digest(m) for m in manifests}
+        record.data_foreign = [m for m, digest in digests.items() if digest not in trained_on]
+        record.data_absent = sum((Counter(trained_on) - Counter(digests.values())).values())
+    if manifests and not record.data_foreign and not record.data_absent:
         record.data = data_summary(manifests)
     return record
 

@@ -164,12 +164,15 @@ def test_a_results_file_typed_as_a_folder_is_refused(trained, sample_data, tmp_p
     argv = probe_args(f"folder:{data}", f"folder:{data}", tmp_path)
     argv[argv.index("--ckpt") + 1] = str(trained)
     assert run_cli(knn.main, [*argv, "--out", f"{tmp_path / 'kdir'}/"]) == 2
-    assert_one_line_error(capsys, "kdir/ ends in /, so it names a folder")
+    assert_one_line_error(capsys, "kdir/ names a folder")
+    assert run_cli(knn.main, [*argv, "--out", f"{tmp_path / 'kdir'}/."]) == 2
+    assert_one_line_error(capsys, "kdir/. names a folder")
     png = f"{tmp_path / 'preview.png'}/"
     assert run_cli(stain_preview.main, ["--data", str(data), "--reference", str(data), "--out", png]) == 2
-    assert_one_line_error(capsys, "preview.png/ ends in /")
-    assert run_cli(classify.main, ["--eval", str(trained), "--test", f"folder:{data}", "--out", f"{tmp_path}/"]) == 2
-    assert_one_line_error(capsys, "ends in /, so it names a folder")
+    assert_one_line_error(capsys, "preview.png/ names a folder")
+    scores = f"{tmp_path / 'scores'}/"
+    assert run_cli(classify.main, ["--eval", str(trained), "--test", f"folder:{data}", "--out", scores]) == 2
+    assert_one_line_error(capsys, "scores/ names a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 

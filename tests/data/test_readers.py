@@ -289,7 +289,8 @@ def test_voc_clips_a_box_past_the_image_and_drops_one_outside_it(sample_data: Pa
     ds = read_voc(root)
     first = next(r for r in ds if Path(r.path).name == "BloodImage_00000.jpg")
     assert Box(600, 0, 640, 90, "WBC") in first.boxes and not any(b.x1 > 640 for b in first.boxes)
-    assert ds.info["boxes_clipped"] == 2 and ds.info["degenerate_by_class"] == {"RBC": 1}
+    assert (ds.info["boxes_clipped"], ds.info["boxes_outside_image"], ds.info["degenerate_by_class"]) == (1, 1, {})
+    assert read_voc(root, split="test").info["boxes_clipped"] == 0  # BloodImage_00000 is in val: counted there
     assert ds.box_counts() == {"Platelets": 31, "RBC": 496, "WBC": 33}
 
 
@@ -376,8 +377,8 @@ def _midog_json(tmp_path: Path, amibr: Path) -> tuple[Path, dict[str, list[tuple
     annotations.append({"bbox": [300, 300, 300, 350], "category_id": 2, "image_id": 250, "id": 90002})  # no area
     expected["250"].append((125.0, 225.0, "not mitotic figure"))
     # A figure at the image's edge: its box is not clipped, so its centre stays the annotated point.
-    annotations.append({"bbox": [7200, 5400, 7250, 5450], "category_id": 2, "image_id": 250, "id": 90003})
-    expected["250"].append((7225.0, 5425.0, "not mitotic figure"))
+    annotations.append({"bbox": [7180, 5380, 7230, 5430], "category_id": 2, "image_id": 250, "id": 90003})
+    expected["250"].append((7205.0, 5405.0, "not mitotic figure"))
     categories = [{"id": 1, "name": "mitotic figure"}, {"id": 2, "name": "not mitotic figure"}]
     file = tmp_path / "MIDOG.json"
     file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))

@@ -244,6 +244,7 @@ def test_a_trained_run_scores_another_set_and_predicts_a_folder(amibr_small, tin
         (["--mode", "half"], "encoder.mode must be frozen, last-N"),
         (["--mode", "frozen", "encoder.mode=full"], "--mode and encoder.mode=... set the same thing"),
         (["--mode", "frozen", "encoder={mode: full}"], "--mode and encoder.mode=... set the same thing"),
+        (["--mode", "frozen", "encoder.mode=full", "encoder={lora_rank: 4}"], "--mode and encoder.mode=..."),
         (["classify.balance=oversample"], "classify.balance must be one of"),
         (["train.steps_per_epoch=3"], "set by the training set"),
         (["--mode", "lora", "encoder.lora_targets=[q]"], "names no linear layer"),

@@ -366,12 +366,14 @@ def test_detect_warns_of_clipped_boxes_and_listed_images_without_annotation(
     shutil.copytree(sample_data / "bccd" / "BCCD", root)
     xml = root / "Annotations" / "BloodImage_00003.xml"
     past = "<object><name>WBC</name><bndbox><xmin>600</xmin><ymin>10</ymin><xmax>700</xmax><ymax>90</ymax></bndbox></object>"
-    xml.write_text(xml.read_text().replace("</annotation>", past + "</annotation>"))
+    outside = past.replace("600", "650")
+    xml.write_text(xml.read_text().replace("</annotation>", past + outside + "</annotation>"))
     with (root / "ImageSets" / "Main" / "train.txt").open("a") as listed:
         listed.write("BloodImage_99999\n")
     detect.check_set(DetectConfig(), read_spec(f"voc:{root}"), "--train")
     err = capsys.readouterr().err
-    assert "--train voc:" in err and "1 box(es) reached past their image" in err
-    assert "split lists name 1 image(s) without an annotation, e.g. 'BloodImage_99999'" in err
+    assert "--train voc:" in err and "1 box(es) reached past their image" in err and "without area" not in err
+    assert "1 box(es) lay wholly outside their image (by the size its annotation gives) and were dropped" in err
+    assert "ImageSets/Main/train.txt lists 'BloodImage_99999', which has no annotation; it is in no split" in err
     detect.check_set(DetectConfig(), read_spec(f"voc:{sample_data / 'bccd'}"), "--train")
     assert capsys.readouterr().err == ""

@@ -187,9 +187,12 @@ def test_refused_test_scores_leave_no_figures_and_a_repaired_set_is_scored(share
     assert_one_line_error(capsys, "1 of 4 test images cannot be read", "repair them")
     assert not (run / "overlays").exists() and not (run / "results.json").exists()
     broken.write_bytes(whole)
+    stale = run / "overlays" / "test_gone.png"  # of an image since taken out of the set
+    stale.parent.mkdir()
+    stale.write_bytes(b"")
     assert run_cli(segment.main, argv) == 0
     assert read_results(run / "results.json")["dataset"]["n_skipped"] == 0
-    assert len(list((run / "overlays").glob("test_*.png"))) == 4
+    assert sorted(p.name for p in (run / "overlays").iterdir()) == [f"test_{i:03d}.png" for i in range(1, 5)]
 
 
 def test_glas_layout_scores_glands_by_their_mask_ids(shared_data, tmp_path):

@@ -452,12 +452,41 @@ def test_moved_shards_are_named_by_shards_or_reported_missing(trained, sample_da
     (other / MANIFEST).write_text(json.dumps({**manifest, "params": {**manifest["params"], "tile_size": 96}}))
     argv = ["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "d"), "--shards", str(other)]
     assert run_cli(hub.main, argv) == 2
-    _one_line_error(capsys, "--shards", str(other / MANIFEST), "differ from the manifests the run started on")
+    _one_line_error(capsys, "--shards", str(other / MANIFEST), "is not a shard manifest this run started on")
     assert not (tmp_path / "d").exists()
+    # The run's own and other shards: the card would describe more than the run saw.
+    argv[-1:] = [str(trained["shards"]), str(other)]
+    assert run_cli(hub.main, argv) == 2
+    _one_line_error(capsys, "--shards", str(other / MANIFEST), "is not a shard manifest this run started on")
     (run_dir / "run.json").write_text(json.dumps({**record, "data": str(other)}))  # re-tiled where the run read
     assert run_cli(hub.main, ["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "e")]) == 0
-    assert "differ from the manifests the run started on" in capsys.readouterr().err
-    assert "manifest was not available" in (tmp_path / "e" / "README.md").read_text()
+    assert "is not a shard manifest this run started on" in capsys.readouterr().err
+    card = " ".join((tmp_path / "e" / "README.md").read_text().split())
+    assert "the shards found when the encoder was exported were not those its run started on" in card
+
+
+def test_shards_are_described_only_when_they_are_all_the_run_started_on(trained, tmp_path, capsys):
+    """A run on two shard folders, one of them given alone; a run started on shards without a manifest."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    last = run_dir / "checkpoints" / "last.pt"
+    os.link(trained["run"] / "checkpoints" / "last.pt", last)
+    record = json.loads((trained["run"] / "run.json").read_text())
+    checkpoint = read_checkpoint(last)
+    for started_on, found in ((record["manifests"], 0), ([*record["manifests"], "0" * 64], 1)):
+        (run_dir / "run.json").write_text(json.dumps({**record, "manifests": started_on}))
+        described = training_record(checkpoint, last)
+        assert (described.data is not None, described.data_absent) == (found == 0, found)
+    (run_dir / "run.json").write_text(json.dumps({**record, "manifests": []}))  # bare .tar shards
+    assert training_record(checkpoint, last, [str(trained["shards"])]).data_foreign == [
+        str(trained["shards"] / MANIFEST)
+    ]
+    out = tmp_path / "export"
+    (run_dir / "run.json").write_text(json.dumps({**record, "manifests": [*record["manifests"], "0" * 64]}))
+    argv = ["export", "--ckpt", str(run_dir), "--out", str(out), "--shards", str(trained["shards"])]
+    assert run_cli(hub.main, argv) == 2
+    _one_line_error(capsys, "--shards: 1 of the shard manifests this run started on are not among those found")
+    assert not out.exists()
 
 
 def test_a_relative_data_path_is_recorded_whole_so_that_export_finds_it_from_anywhere(trained, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ one that holds anything a run does not write is still refused.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pretrain_helpers import TINY, make_tiles, pretrain_cli
 
 from ssl_path.core.config import read_yaml
 from ssl_path.core.errors import UserError
+from ssl_path.data.manifest import MANIFEST
 from ssl_path.encoder.checkpoint import checkpoint_path
 from ssl_path.pretrain import check_run_dir, resolve_config, run
 
@@ -107,3 +109,18 @@ def test_a_folder_a_run_did_not_make_is_refused(runs, tmp_path):
     assert (mine / "notes.txt").read_text() == "mine\n"
     assert check_run_dir(tmp_path / "new", config) is True
     assert check_run_dir(runs["tiny"], config) is False
+
+
+def test_a_run_resumes_on_its_own_shards_wherever_they_lie_and_not_on_others(runs, tiles, tmp_path):
+    out = Path(shutil.copytree(runs["tiny"], tmp_path / "run"))
+    cfg = resolve_config("dinov2_tiny_cpu", TINY)
+    moved = Path(shutil.copytree(tiles, tmp_path / "moved"))  # the same shards, elsewhere
+    run(cfg, moved, out, max_steps=2, progress=False)
+    assert torch.load(checkpoint_path(out), weights_only=True)["step"] == 2
+    other = Path(shutil.copytree(tiles, tmp_path / "other"))
+    manifest = json.loads((other / MANIFEST).read_text())
+    (other / MANIFEST).write_text(json.dumps({**manifest, "total": manifest["total"] - 1}))
+    before = snapshot(out)
+    with pytest.raises(UserError, match=r"--data .*other: not the shards .*run started on"):
+        run(cfg, other, out, max_steps=3, progress=False)
+    assert snapshot(out) == before

@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 from ssl_path.core.errors import UserError
 from ssl_path.data.images import TILE_SUFFIXES
+from ssl_path.data.readers.records import Box
 
 
 def is_image(path: Path) -> bool:
@@ -154,3 +157,24 @@ def _option_text(value: object) -> str:
     if isinstance(value, (list, tuple, set, frozenset)):
         return ",".join(str(v) for v in value)
     return str(value)
+
+
+def fit_in_image(box: Box, width: float, height: float, fits: Counter[str]) -> Box | None:
+    """``box`` clipped to a ``width`` x ``height`` image (counted in ``fits["clipped"]``), or None where
+    none of it lies inside (counted in ``fits["outside"]``). A box without area is the caller's to drop."""
+    inside = box.clipped(width, height)
+    if inside.is_degenerate:
+        fits["outside"] += 1
+        return None
+    fits["clipped"] += inside != box
+    return inside
+
+
+def box_info(degenerate: Mapping[str, int], fits: Mapping[str, int]) -> dict[str, Any]:
+    """What a box reader tells in ``LabelledSet.info``: the boxes it dropped or clipped, and why."""
+    return {
+        "degenerate_boxes_dropped": sum(degenerate.values()),
+        "degenerate_by_class": dict(degenerate),
+        "boxes_clipped": fits.get("clipped", 0),
+        "boxes_outside_image": fits.get("outside", 0),
+    }

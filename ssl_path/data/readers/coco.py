@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ssl_path.core.errors import UserError
-from ssl_path.data.readers._common import absolute, existing_dir, spec_string
+from ssl_path.data.readers._common import absolute, box_info, existing_dir, fit_in_image, spec_string
 from ssl_path.data.readers.records import Box, LabelledSet, Record
 
 
@@ -36,12 +36,8 @@ def read_coco(path: str | os.PathLike, *, images: str | os.PathLike | None = Non
         x, y, w, h = ann["bbox"]
         return Box(x, y, x + w, y + h, categories[ann["category_id"]])
 
-    records, dropped, clipped = _image_records(data, file, roots, categories, to_box, "coco", keep_segmentation=True)
-    info = {
-        "degenerate_boxes_dropped": sum(dropped.values()),
-        "degenerate_by_class": dict(dropped),
-        "boxes_clipped": clipped,
-    }
+    records, dropped, fits = _image_records(data, file, roots, categories, to_box, "coco", keep_segmentation=True)
+    info = box_info(dropped, fits)
     source = spec_string("coco", file, images=str(images) if images is not None else None)
     return LabelledSet(records, list(categories.values()), name=file.stem, source=source, info=info)
 
@@ -113,9 +109,10 @@ def _image_records(
     reader: str,
     keep_segmentation: bool = False,
     clip: bool = True,
-) -> tuple[list[Record], dict[str, int], int]:
+) -> tuple[list[Record], dict[str, int], Counter[str]]:
     """One record per json image (json order) with its non-degenerate boxes, with ``clip`` clipped to
-    the image where the json gives its size; also the dropped count per class and the number clipped."""
+    the image where the json gives its size (:func:`fit_in_image`); also the boxes without area per class
+    and the counts of the clipping."""
     by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for ann in data.get("annotations", []):
         by_image[ann.get("image_id")].append(ann)
@@ -126,7 +123,7 @@ def _image_records(
 
     records: list[Record] = []
     dropped: defaultdict[str, int] = defaultdict(int)
-    clipped = 0
+    fits: Counter[str] = Counter()
     for entry in data["images"]:
         if "file_name" not in entry or "id" not in entry:
             raise UserError(f"{reader}: {file}: an image entry lacks 'file_name' or 'id': {entry}")
@@ -141,13 +138,13 @@ def _image_records(
                 box = to_box(ann)
             except (KeyError, TypeError, ValueError):
                 raise UserError(f"{reader}: {file}: annotation {ann.get('id')} has no 4-number 'bbox'") from None
-            if clip and width and height:
-                inside = box.clipped(width, height)
-                clipped += inside != box
-                box = inside
             if box.is_degenerate:
                 dropped[box.label] += 1
                 continue
+            if clip and width and height:
+                box = fit_in_image(box, width, height, fits)
+                if box is None:
+                    continue
             boxes.append(box)
             segmentations.append(ann.get("segmentation"))
         meta = {"id": entry["id"], "width": entry.get("width"), "height": entry.get("height")}
@@ -155,7 +152,7 @@ def _image_records(
             meta["segmentations"] = segmentations
         image = _find_image(str(entry["file_name"]), roots, file, entry["id"], reader)
         records.append(Record(path=str(image), boxes=tuple(boxes), meta=meta))
-    return records, dict(dropped), clipped
+    return records, dict(dropped), fits
 
 
 def _positive(value: Any) -> float | None:

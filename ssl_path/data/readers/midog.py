@@ -16,6 +16,7 @@ from typing import Any
 from ssl_path.core.errors import UserError
 from ssl_path.data.readers._common import (
     as_bool,
+    box_info,
     existing_file,
     read_table,
     require_columns,
@@ -64,7 +65,8 @@ def read_midog(
     table (columns ``slide``, ``scanner``, optional ``dataset``/``tumor``/``species``, e.g.
     MIDOG++'s ``datasets_xvalidation.csv``), which wins where it lists an id; ``dataset``
     becomes the split. Images without any annotation (MIDOG 2021's unlabelled scanner) are left
-    out unless ``keep_unannotated``; their number is in ``info``. ``images`` as for COCO.
+    out unless ``keep_unannotated``; their number is in ``info``. ``images`` as for COCO. Boxes are
+    kept as given, also where they reach past the image: their centres are the annotated points.
     """
     keep_unannotated = as_bool(keep_unannotated, "keep_unannotated", "midog")
     file = json_file(path, "midog")
@@ -80,7 +82,7 @@ def read_midog(
         x0, y0, x1, y1 = ann["bbox"]
         return Box(x0, y0, x1, y1, categories[ann["category_id"]])
 
-    raw, dropped, _ = _image_records(
+    raw, dropped, fits = _image_records(
         # Not clipped: a box's centre is the figure's annotated point, also at the image's edge.
         {**data, "images": kept},
         file,
@@ -92,8 +94,7 @@ def read_midog(
     )
     records = [_with_slide_fields(record, table) for record in raw]
     info = {
-        "degenerate_boxes_dropped": sum(dropped.values()),
-        "degenerate_by_class": dropped,
+        **box_info(dropped, fits),
         "unannotated_images": unannotated,
         "unannotated_images_kept": keep_unannotated,
     }

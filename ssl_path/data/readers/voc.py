@@ -11,7 +11,9 @@ from typing import Any
 
 from ssl_path.core.errors import UserError
 from ssl_path.data.readers._common import (
+    box_info,
     existing_dir,
+    fit_in_image,
     natural_key,
     spec_string,
     subfolders,
@@ -27,25 +29,25 @@ def read_voc(path: str | os.PathLike, *, split: str | None = None) -> LabelledSe
     """A VOC folder (or a folder holding exactly one, e.g. ``bccd/`` -> ``bccd/BCCD``) as image records with boxes.
 
     ``split`` keeps the ids listed in ``ImageSets/Main/<split>.txt`` (train, val, trainval, test...).
-    Every record's ``split`` is train, val or test where those lists exist. Boxes reaching past the
-    image (by the size its annotation gives) are clipped to it, and boxes without area dropped; both
-    are counted in ``info``, as are ids a split list names that have no annotation. Coordinates are VOC's own (1-based pixels). Classes are the box names
-    over the whole set, sorted, so they agree between splits.
+    Every record's ``split`` is train, val or test where those lists exist; without ``split``, the ids
+    those lists name that have no annotation are in ``info`` (with ``split``, one in its list is an
+    error). Boxes without area are dropped, and boxes reaching past the image (by the size its
+    annotation gives) clipped to it; both are counted in ``info``, over the records returned.
+    Coordinates are VOC's own (1-based pixels). Classes are the box names over the whole set,
+    sorted, so they agree between splits.
     """
     root = _voc_root(existing_dir(path, "voc"))
     xmls = sorted((root / "Annotations").glob("*.xml"), key=lambda p: natural_key(p.name))
     if not xmls:
         raise UserError(f"voc: no .xml files in {root / 'Annotations'}")
     split_of = {image_id: name for name in RECORD_SPLITS for image_id in _split_ids(root, name, required=False)}
-    dropped: Counter[str] = Counter()
-    clipped = 0
-    records = {}
+    records, degenerate, fits = {}, {}, {}
     for xml in xmls:
-        record, degenerate, fitted = _parse(xml, root)
+        record, degenerate[xml.stem], fits[xml.stem] = _parse(xml, root)
         records[xml.stem] = dataclasses.replace(record, split=split_of.get(xml.stem))
-        dropped.update(degenerate)
-        clipped += fitted
-    classes = sorted({b.label for r in records.values() for b in r.boxes} | set(dropped))
+    boxless = {name for counts in degenerate.values() for name in counts}
+    classes = sorted({b.label for r in records.values() for b in r.boxes} | boxless)
+    unlisted = []
     if split is not None:
         wanted = _split_ids(root, split, required=True)
         unknown = [image_id for image_id in wanted if image_id not in records]
@@ -54,17 +56,18 @@ def read_voc(path: str | os.PathLike, *, split: str | None = None) -> LabelledSe
                 f"voc: {_split_file(root, split)} lists {unknown[0]!r}, which has no Annotations/{unknown[0]}.xml"
             )
         listed = set(wanted)
-        chosen = [record for image_id, record in records.items() if image_id in listed]
+        kept = [image_id for image_id in records if image_id in listed]
     else:
-        chosen = list(records.values())
+        kept = list(records)
+        # a split carved from record.split is smaller than its list says
+        unlisted = [(f"{name}.txt", image_id) for image_id, name in split_of.items() if image_id not in records]
     info = {
-        "degenerate_boxes_dropped": sum(dropped.values()),
-        "degenerate_by_class": dict(dropped),
-        "boxes_clipped": clipped,
-        # ids a split list names without an Annotations/<id>.xml: the split is smaller than its list says
-        "listed_without_annotation": sorted(i for i in split_of if i not in records),
+        **box_info(sum((degenerate[i] for i in kept), Counter()), sum((fits[i] for i in kept), Counter())),
+        "listed_without_annotation": unlisted,
     }
-    return LabelledSet(chosen, classes, name=root.name, source=spec_string("voc", root, split=split), info=info)
+    return LabelledSet(
+        [records[i] for i in kept], classes, name=root.name, source=spec_string("voc", root, split=split), info=info
+    )
 
 
 def _voc_root(folder: Path) -> Path:
@@ -94,9 +97,9 @@ def _split_ids(root: Path, split: str, required: bool) -> list[str]:
     return [line.split()[0] for line in file.read_text().splitlines() if line.strip()]
 
 
-def _parse(xml: Path, root: Path) -> tuple[Record, Counter[str], int]:
-    """One annotation file: its record (boxes clipped to the image, non-degenerate ones only), the
-    degenerate boxes per class, and how many boxes were clipped."""
+def _parse(xml: Path, root: Path) -> tuple[Record, Counter[str], Counter[str]]:
+    """One annotation file: its record (boxes with area, clipped to the image), the boxes without
+    area per class, and the counts of the clipping (:func:`fit_in_image`)."""
     try:
         tree = ET.parse(xml).getroot()
     except ET.ParseError as err:
@@ -104,7 +107,7 @@ def _parse(xml: Path, root: Path) -> tuple[Record, Counter[str], int]:
     boxes: list[Box] = []
     difficult: list[bool] = []
     degenerate: Counter[str] = Counter()
-    clipped = 0
+    fits: Counter[str] = Counter()
     size = {key: _int(tree.findtext(f"size/{key}")) for key in ("width", "height")}
     for number, obj in enumerate(tree.iter("object"), start=1):
         name = (obj.findtext("name") or "").strip()
@@ -117,19 +120,19 @@ def _parse(xml: Path, root: Path) -> tuple[Record, Counter[str], int]:
             raise UserError(f"voc: {xml}: object {number} lacks a name or a numeric bndbox")
         x0, y0, x1, y1 = coords
         box = Box(x0, y0, x1, y1, name)
-        if size["width"] and size["height"]:
-            inside = box.clipped(size["width"], size["height"])
-            clipped += inside != box
-            box = inside
         if box.is_degenerate:
             degenerate[name] += 1
             continue
+        if size["width"] and size["height"]:
+            box = fit_in_image(box, size["width"], size["height"], fits)
+            if box is None:
+                continue
         boxes.append(box)
         difficult.append((obj.findtext("difficult") or "0").strip() == "1")
     meta: dict[str, Any] = {"id": xml.stem, **size}
     if any(difficult):
         meta["difficult"] = difficult
-    return Record(path=str(_image_of(xml, tree, root)), boxes=tuple(boxes), meta=meta), degenerate, clipped
+    return Record(path=str(_image_of(xml, tree, root)), boxes=tuple(boxes), meta=meta), degenerate, fits
 
 
 def _image_of(xml: Path, tree: ET.Element, root: Path) -> Path:
