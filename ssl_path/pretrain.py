@@ -47,6 +47,7 @@ from ssl_path.encoder.checkpoint import (
     RUN_RECORD,
     checkpoint_path,
     read_checkpoint,
+    read_run_record,
     read_training_checkpoint,
 )
 from ssl_path.encoder.identity import RANDOM_INIT_SEED, file_digest
@@ -193,11 +194,7 @@ def run(
 
 def _refuse_other_data(out: Path, data: Any, manifests: list[str]) -> None:
     """A run resumed on other shards than it started on: its stream position and its card would be wrong."""
-    try:
-        record = json.loads((out / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        record = {}
-    started_on = record.get(RUN_MANIFESTS) if isinstance(record, dict) else None  # absent in older runs
+    started_on = read_run_record(out).get(RUN_MANIFESTS)  # absent in runs started before it was recorded
     if isinstance(started_on, list) and sorted(started_on) != sorted(manifests):
         raise UserError(
             f"--data {data}: not the shards {out} started on (their manifests differ from those its {RUN_FILE} "
@@ -243,9 +240,7 @@ def load_run(run_dir: Path) -> tuple[PretrainConfig, PretrainingMethod, dict[str
     checkpoint = read_training_checkpoint(checkpoint_path(run_dir))
     method = methods()[cfg.method].build(cfg.method_cfg, cfg.model, cfg.train, cfg.seed, torch.device("cpu"))
     method.load_state_dict(checkpoint["model"])
-    run_file = run_dir / RUN_FILE
-    record = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    return cfg, method, record
+    return cfg, method, read_run_record(run_dir)
 
 
 def random_init_checkpoint(run_dir: Path, path: Path) -> Path:

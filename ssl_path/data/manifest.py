@@ -38,7 +38,7 @@ def data_locations(data: Any) -> list[str]:
     else:
         items = []
     texts = [os.fspath(item) if isinstance(item, (str, os.PathLike)) else str(item) for item in items]
-    return [part for text in texts for part in str(text).split("::") if part]
+    return [part for text in texts for part in text.split("::") if part]
 
 
 def find_manifests(locations: Sequence[str]) -> tuple[list[Path], list[str]]:

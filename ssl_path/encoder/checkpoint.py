@@ -9,6 +9,7 @@ leaves the previous checkpoint whole; they are read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -43,6 +44,15 @@ def checkpoint_path(run_dir: str | os.PathLike) -> Path:
 def kept_path(run_dir: str | os.PathLike, step: int) -> Path:
     """A retained checkpoint of a run directory at ``step``."""
     return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:07d}.pt"
+
+
+def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run dir's :data:`RUN_RECORD` as a dict; {} where it is missing, unreadable or not an object."""
+    try:
+        record = json.loads((Path(run_dir) / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -3,7 +3,6 @@ encoder was trained: :func:`training_record`, read by the model card."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ssl_path.data.manifest import data_locations, find_manifests, read_manifest
-from ssl_path.encoder.checkpoint import RUN_MANIFESTS, RUN_RECORD
+from ssl_path.encoder.checkpoint import RUN_MANIFESTS, read_run_record
 from ssl_path.encoder.identity import file_digest
 
 
@@ -44,7 +43,7 @@ def training_record(
     """
     config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else None
     train = (config or {}).get("train", {})
-    run = _read_run_record(checkpoint_path.parent.parent / RUN_RECORD)
+    run = read_run_record(checkpoint_path.parent.parent)
     world_size = int(run.get("world_size") or checkpoint.get("data", {}).get("world_size") or 1)
     record = TrainingRecord(
         method=checkpoint.get("method") or (config or {}).get("method"),
@@ -75,16 +74,6 @@ def _planned_steps(train: dict[str, Any]) -> int | None:
     if isinstance(epochs, (int, float)) and isinstance(per_epoch, int):
         return int(round(epochs * per_epoch))
     return None
-
-
-def _read_run_record(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def data_summary(manifests: Sequence[Path]) -> dict[str, Any]:
