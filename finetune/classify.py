@@ -157,7 +157,7 @@ def predict(
             probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
             rows.append(np.asarray(batch["target"])[keep])
     if not rows:
-        raise UserError(f"{data.source}: no readable image to score")
+        raise stage.no_readable_image(data, skipped)
     return np.concatenate(rows), np.concatenate(probs), skipped
 
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,8 +42,8 @@ def split_sets(
     if test is not None:
         trainable, tests, split = data, {"test": test}, {"method": "given", "test": test.source}
     elif "train" in data.splits() and set(data.splits()) - {"train", VAL}:
-        trainable = data.filter(split="train")
-        tests = {name: data.filter(split=name) for name in data.splits() if name not in ("train", VAL)}
+        trainable = _named_split(data, "train")
+        tests = {name: _named_split(data, name) for name in data.splits() if name not in ("train", VAL)}
         split = {"method": "named", "source": data.source, "tests": sorted(tests)}
     else:
         train_idx, test_idx = _carve(data, test_fraction, seed, "test")
@@ -55,13 +56,18 @@ def split_sets(
             "seed": seed,
         }
     if split["method"] == "named" and VAL in data.splits():  # a published validation split (VOC's val) as published
-        fit, val = trainable, data.filter(split=VAL)
+        fit, val = trainable, _named_split(data, VAL)
         split.update(validation="named")
     else:
         fit_idx, val_idx = _carve(trainable, val_fraction, seed, "validation")
         fit, val = trainable.select(fit_idx), trainable.select(val_idx)
     split.update(n_train=len(fit), n_val=len(val), n_test={k: len(v) for k, v in tests.items()})
     return fit, val, tests, split
+
+
+def _named_split(data: LabelledSet, split: str) -> LabelledSet:
+    """A published split, named for what it is: a set's messages say which of its test sets they mean."""
+    return replace(data.filter(split=split), name=f"{data.name}/{split}")
 
 
 def _carve(data: LabelledSet, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:

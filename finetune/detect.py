@@ -555,7 +555,7 @@ def evaluate(
     threshold = chosen_threshold(selection)
     found = _predictions(task, data, cfg, classes)
     if not found["truth"]:
-        raise UserError(f"{data.source}: no readable image to score")
+        raise stage.no_readable_image(data, found["skipped"])
     truth, predicted = _scored(found["truth"], found["predicted"], keep)
     domains = [r.domain for r in found["records"]]
     rows = detection_report(

@@ -377,7 +377,7 @@ def evaluate(
     post = _postprocessors(selection, cfg)
     preds, truths, kept, skipped = _predictions(task, data, cfg)
     if not preds:
-        raise UserError(f"{data.source}: no readable image to score")
+        raise stage.no_readable_image(data, skipped)
     preds = [np.stack([post[i](p[i]) for i in range(len(post))]) for p in preds]
     scores = segmentation_metrics(preds, truths, cfg.names)
     rows: dict[str, Any] = {}

@@ -341,6 +341,14 @@ def check_test_skips(
     print(f"warning: {told} and are left out of its scores; first {path}: {reason}", file=sys.stderr)
 
 
+def no_readable_image(data: LabelledSet, skipped: Sequence[tuple[str, str]]) -> UserError:
+    """The refusal of a set none of whose images can be read, named by the set it is (a test set of
+    several, or the validation split) and by the first image's reason."""
+    path, reason = skipped[0] if skipped else ("", "it holds no image")
+    first = f"; first {path}: {reason}" if path else f": {reason}"
+    return UserError(f"{data.name}: no readable image to score, of {len(data)} ({data.source}){first}")
+
+
 def _refuse_another_encoder(out: Path, ckpt: str, trained_from: str) -> None:
     """A resumable run dir trained from another encoder than ``ckpt``'s, refused in words rather than as a
     config difference of hashes; a run dir with no checkpoint yet starts again whatever it held."""

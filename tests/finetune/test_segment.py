@@ -195,10 +195,10 @@ def test_refused_test_scores_leave_no_figures_and_a_repaired_set_is_scored(share
     assert sorted(p.name for p in (run / "overlays").iterdir()) == [f"test_{i:03d}.png" for i in range(1, 5)]
 
 
-def test_glas_layout_scores_glands_by_their_mask_ids(shared_data, tmp_path):
+def test_glas_layout_scores_glands_by_their_mask_ids(shared_data, tmp_path, capsys):
     """A GlaS-layout set (train_N / testA_N / testB_N with instance masks and Grade.csv) made from
     MoNuSeg crops, whose nuclei stand in for glands: the named split gives two test sets, each scored
-    per object against the stored ids."""
+    per object against the stored ids; a refused second test set leaves no figures of the first."""
     from skimage.measure import label
 
     source = shared_data / "monuseg_kumar_norm"
@@ -217,6 +217,14 @@ def test_glas_layout_scores_glands_by_their_mask_ids(shared_data, tmp_path):
             "segment_glas", "--out", str(tmp_path / "run"), "--no-progress", "segment.crop=32",
             "segment.decoder_channels=[8, 8]", "segment.stem_channels=8", "segment.overlays=1", "train.batch_size=4",
             "train.epochs=1", "train.num_workers=0", "select.val_every=1"]  # fmt: skip
+    # the second test set refused after the first drew its overlays: none may pass for the run's
+    broken = root / "testB_1.bmp"
+    whole = broken.read_bytes()
+    broken.write_bytes(whole[:200])
+    assert run_cli(segment.main, argv) == 2
+    assert_one_line_error(capsys, "glas/testB: no readable image to score, of 1", f"first {broken}: ")
+    assert not (tmp_path / "run" / "overlays").exists() and not (tmp_path / "run" / "results.json").exists()
+    broken.write_bytes(whole)
     assert run_cli(segment.main, argv) == 0
     results = read_results(tmp_path / "run" / "results.json")
     assert results["split"]["method"] == "named" and results["dataset"]["tests"] == {"testA": 1, "testB": 1}
