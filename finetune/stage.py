@@ -344,8 +344,7 @@ def check_test_skips(
 def no_readable_image(data: LabelledSet, skipped: Sequence[tuple[str, str]]) -> UserError:
     """The refusal of a set none of whose images can be read, named by the set it is (a test set of
     several, or the validation split) and by the first image's reason."""
-    path, reason = skipped[0] if skipped else ("", "it holds no image")
-    first = f"; first {path}: {reason}" if path else f": {reason}"
+    first = f"; first {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
     return UserError(f"{data.name}: no readable image to score, of {len(data)} ({data.source}){first}")
 
 
